@@ -1,0 +1,155 @@
+"""Process-group setup for the three ways pretrain.py is launched.
+
+- `torchrun` (H100/H200 nodes, SLURM): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT are set by torchrun.
+- `mpirun … python pretrain.py --use-mpi` (ABCI): OpenMPI sets OMPI_COMM_WORLD_*; MASTER_ADDR/PORT come
+  from the job script (`-x MASTER_ADDR -x MASTER_PORT`) or, if absent, rank 0 picks them and mpi4py
+  broadcasts them.
+- plain `python pretrain.py`: one process. A process group is still created (in memory) so that the
+  FSDP code path is the same whatever the world size.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+class LaunchError(RuntimeError):
+    """The launcher's environment is incomplete or inconsistent."""
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+    launcher: str  # "torchrun", "mpirun" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // self.local_world_size)
+
+
+def _int_env(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise LaunchError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _ranks_from_environment(use_mpi: bool) -> tuple[int, int, int, int, str]:
+    if use_mpi:
+        if "OMPI_COMM_WORLD_RANK" not in os.environ:
+            raise LaunchError(
+                "--use-mpi was given but OMPI_COMM_WORLD_RANK is not set: launch with OpenMPI's "
+                "`mpirun -np N … python pretrain.py --use-mpi`, or drop --use-mpi for torchrun/python"
+            )
+        rank = _int_env("OMPI_COMM_WORLD_RANK")
+        world = _int_env("OMPI_COMM_WORLD_SIZE")
+        local_rank = _int_env("OMPI_COMM_WORLD_LOCAL_RANK")
+        local_world = _int_env("OMPI_COMM_WORLD_LOCAL_SIZE")
+        return rank, world, local_rank, local_world, "mpirun"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = _int_env("RANK"), _int_env("WORLD_SIZE")
+        local_rank = _int_env("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
+        local_world = _int_env("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in os.environ else world
+        return rank, world, local_rank, local_world, "torchrun"
+    if "OMPI_COMM_WORLD_SIZE" in os.environ and os.environ["OMPI_COMM_WORLD_SIZE"] != "1":
+        raise LaunchError("started by mpirun with several processes but without --use-mpi: add --use-mpi")
+    return 0, 1, 0, 1, "single"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _agree_on_master_via_mpi() -> None:
+    """Rank 0 proposes its host and a free port; every rank adopts them."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise LaunchError(
+            "MASTER_ADDR/MASTER_PORT are not set and mpi4py is not installed: export them in the job "
+            "script (mpirun -x MASTER_ADDR -x MASTER_PORT) or `pip install mpi4py`"
+        ) from None
+    comm = MPI.COMM_WORLD
+    proposal = (socket.gethostname(), _free_port()) if comm.Get_rank() == 0 else None
+    addr, port = comm.bcast(proposal, root=0)
+    os.environ.setdefault("MASTER_ADDR", addr)
+    os.environ.setdefault("MASTER_PORT", str(port))
+
+
+def init_distributed(use_mpi: bool = False, device_type: str | None = None, timeout_minutes: int = 30) -> DistributedContext:
+    """Create the default process group (NCCL on GPU, gloo on CPU) and pick this rank's device."""
+    rank, world, local_rank, local_world, launcher = _ranks_from_environment(use_mpi)
+    if not 0 <= rank < world:
+        raise LaunchError(f"rank {rank} is outside world size {world}")
+
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise LaunchError(
+                f"local rank {local_rank} has no GPU: this node shows {torch.cuda.device_count()} "
+                "GPU(s); start at most that many processes per node"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if dist.is_initialized():
+        pass
+    elif world == 1:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        if use_mpi and ("MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ):
+            _agree_on_master_via_mpi()
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:
+            raise LaunchError(f"{' and '.join(missing)} not set for a {world}-process run")
+        dist.init_process_group(
+            backend, init_method="env://", rank=rank, world_size=world, timeout=timeout,
+            **({"device_id": device} if backend == "nccl" else {}),
+        )
+    ctx = DistributedContext(rank, world, local_rank, local_world, device, backend, launcher)
+    logger.info(
+        "distributed: launcher=%s world_size=%d nodes=%d backend=%s device=%s",
+        launcher, world, ctx.num_nodes, backend, device,
+    )
+    return ctx
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_ranks_agree(ok: bool, device: torch.device) -> bool:
+    """True only when `ok` holds on every rank; lets a check that fails on one rank stop all of them
+    (instead of rank 0 raising while the others hang in the next collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([0 if ok else 1], device=device, dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0

@@ -1,0 +1,344 @@
+"""Builds mamba-ssm's unmodified ``MambaLMHeadModel``: presets, config files, meta-device init, checkpoints.
+
+mamba-ssm is imported lazily, after ``kotomamba.kernels`` has installed a kernel backend (the
+default one for this machine when the caller did not select one), because ``import mamba_ssm``
+fails on machines without its CUDA extensions.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from kotomamba.kernels import ensure_kernel_backend
+
+if TYPE_CHECKING:
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+
+class ModelConfigError(ValueError):
+    """A model preset, config file or override is unknown or invalid."""
+
+
+class CheckpointError(ValueError):
+    """A base-model directory cannot be loaded."""
+
+
+_MAMBA1_LM = {
+    "d_intermediate": 0,
+    "ssm_cfg": {"layer": "Mamba1", "d_state": 16, "d_conv": 4, "expand": 2},
+    "attn_layer_idx": [],
+    "attn_cfg": {},
+    "rms_norm": True,
+    "residual_in_fp32": True,
+    "fused_add_norm": True,
+    "pad_vocab_size_multiple": 8,
+    "tie_embeddings": True,
+}
+# The state-spaces/mamba2-* config.json files use pad_vocab_size_multiple 16 (50277 -> 50288 rows).
+_MAMBA2_LM = {
+    **_MAMBA1_LM,
+    "ssm_cfg": {"layer": "Mamba2", "d_state": 128, "d_conv": 4, "expand": 2, "headdim": 64},
+    "pad_vocab_size_multiple": 16,
+}
+
+# d_model / n_layer from the public checkpoints' config.json files:
+#   https://huggingface.co/state-spaces/mamba-{130m,370m,790m,1.4b,2.8b}/blob/main/config.json
+#   https://huggingface.co/state-spaces/mamba2-{130m,370m,780m,1.3b,2.7b}/blob/main/config.json
+# The other values are those files' (and mamba-ssm's module defaults, spelled out here).
+MODEL_PRESETS: dict[str, dict] = {
+    "130m": {"d_model": 768, "n_layer": 24, **_MAMBA1_LM},
+    "370m": {"d_model": 1024, "n_layer": 48, **_MAMBA1_LM},
+    "790m": {"d_model": 1536, "n_layer": 48, **_MAMBA1_LM},
+    "1.4b": {"d_model": 2048, "n_layer": 48, **_MAMBA1_LM},
+    "2.8b": {"d_model": 2560, "n_layer": 64, **_MAMBA1_LM},
+    "mamba2-130m": {"d_model": 768, "n_layer": 24, **_MAMBA2_LM},
+    "mamba2-370m": {"d_model": 1024, "n_layer": 48, **_MAMBA2_LM},
+    "mamba2-780m": {"d_model": 1536, "n_layer": 48, **_MAMBA2_LM},
+    "mamba2-1.3b": {"d_model": 2048, "n_layer": 48, **_MAMBA2_LM},
+    "mamba2-2.7b": {"d_model": 2560, "n_layer": 64, **_MAMBA2_LM},
+}
+
+# Config keys holding keyword dicts; overrides are merged into them instead of replacing them.
+_DICT_KEYS = ("ssm_cfg", "attn_cfg")
+
+
+def _mamba_config_class():
+    ensure_kernel_backend()
+    from mamba_ssm.models.config_mamba import MambaConfig
+
+    return MambaConfig
+
+
+def _lm_head_model_class():
+    ensure_kernel_backend()
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    return MambaLMHeadModel
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+
+
+def load_model_config(model: str, vocab_size: int, overrides: dict | None = None) -> MambaConfig:
+    """The MambaConfig for a preset name, a mamba-ssm config.json, or a directory holding one.
+
+    ``vocab_size`` is the tokenizer's; MambaLMHeadModel pads the embedding to a multiple of
+    ``pad_vocab_size_multiple`` itself. ``overrides`` replace top-level keys, except that
+    ``ssm_cfg`` / ``attn_cfg`` overrides are merged into the existing dicts.
+    """
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
+        raise ModelConfigError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    if model in MODEL_PRESETS:
+        values, source = copy.deepcopy(MODEL_PRESETS[model]), f"preset {model!r}"
+    elif Path(model).exists():
+        values, source = _read_config_json(model)
+    else:
+        raise ModelConfigError(
+            f"--model {model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor an existing "
+            f"config.json or directory containing one"
+        )
+    values["vocab_size"] = vocab_size
+    for key, value in (overrides or {}).items():
+        if key in _DICT_KEYS and isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    return _make_config(values, source)
+
+
+def _config_json_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "config.json" if path.is_dir() else path
+
+
+def _read_config_json(path: str | Path) -> tuple[dict, str]:
+    config_path = _config_json_path(path)
+    try:
+        values = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise ModelConfigError(f"no model config at {config_path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ModelConfigError(f"cannot read model config {config_path}: {error}") from None
+    except json.JSONDecodeError as error:
+        raise ModelConfigError(
+            f"{config_path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg})"
+        ) from None
+    if not isinstance(values, dict):
+        raise ModelConfigError(f"{config_path}: expected a JSON object of MambaConfig fields")
+    return values, str(config_path)
+
+
+def _make_config(values: dict, source: str) -> MambaConfig:
+    config_class = _mamba_config_class()
+    known = {field.name for field in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ModelConfigError(f"{source}: unknown MambaConfig key(s) {unknown}; known keys: {sorted(known)}")
+    for key in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
+        value = values.get(key, getattr(config_class, key, None))
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ModelConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
+    ssm_cfg = values.get("ssm_cfg") or {}
+    if not isinstance(ssm_cfg, dict):
+        raise ModelConfigError(f"{source}: ssm_cfg must be an object, got {ssm_cfg!r}")
+    layer = ssm_cfg.get("layer", "Mamba1")
+    # mamba-ssm's create_block only builds these two mixers (Mamba3 is not wired into MambaLMHeadModel).
+    if layer not in ("Mamba1", "Mamba2"):
+        raise ModelConfigError(f"{source}: ssm_cfg.layer must be 'Mamba1' or 'Mamba2', got {layer!r}")
+    return config_class(**values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building and initialization
+
+
+def build_model(config: MambaConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                on_meta: bool = False, seed: int | None = None) -> MambaLMHeadModel:
+    """mamba-ssm's MambaLMHeadModel, initialized by its own constructor.
+
+    With ``on_meta`` the parameters live on the meta device (no memory, no initialization; ``device``
+    and ``seed`` are then unused); turn them into real tensors, initialized exactly as with
+    ``seed``, with ``materialize_and_init(model, device, seed)``.
+    """
+    model_class = _lm_head_model_class()
+    if on_meta:
+        return model_class(config, device="meta", dtype=dtype)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return model_class(config, device=device, dtype=dtype)
+
+
+def materialize_and_init(model: MambaLMHeadModel, device: torch.device | str, seed: int) -> MambaLMHeadModel:
+    """Allocate a meta-device model on ``device`` and initialize it exactly as mamba-ssm's constructor.
+
+    Equal, bit for bit, to ``build_model(config, device, dtype, seed=seed)``: the RNG is consumed
+    in the constructor's order with the same operations. The embedding, final norm and lm_head
+    are re-initialized in place by their own ``reset_parameters``; each layer is rebuilt one at a
+    time with mamba-ssm's ``create_block`` (so Mamba/Mamba2/MHA/MLP run their own init code) and
+    copied over; then mamba-ssm's ``_init_weights`` passes and ``tie_weights`` run as in
+    MixerModel.__init__ and MambaLMHeadModel.__init__.
+    """
+    from mamba_ssm.models.mixer_seq_simple import _init_weights, create_block
+
+    if any(not parameter.is_meta for parameter in model.parameters()):
+        raise ValueError("materialize_and_init expects a model built with build_model(..., on_meta=True)")
+    _materialize(model, device)
+    config = model.config
+    backbone = model.backbone
+    factory_kwargs = {"device": device, "dtype": backbone.embedding.weight.dtype}
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        backbone.embedding.reset_parameters()
+        for layer_idx, layer in enumerate(backbone.layers):
+            # Same arguments as MixerModel.__init__ passes (it leaves norm_epsilon at its 1e-5 default).
+            fresh = create_block(
+                config.d_model,
+                d_intermediate=config.d_intermediate,
+                ssm_cfg=config.ssm_cfg,
+                attn_layer_idx=config.attn_layer_idx,
+                attn_cfg=config.attn_cfg,
+                norm_epsilon=1e-5,
+                rms_norm=config.rms_norm,
+                residual_in_fp32=config.residual_in_fp32,
+                fused_add_norm=config.fused_add_norm,
+                layer_idx=layer_idx,
+                **factory_kwargs,
+            )
+            _copy_tensors(fresh, layer)
+            del fresh
+        backbone.norm_f.reset_parameters()
+        n_residuals_per_layer = 1 if config.d_intermediate == 0 else 2
+        backbone.apply(partial(_init_weights, n_layer=config.n_layer, n_residuals_per_layer=n_residuals_per_layer))
+        model.lm_head.reset_parameters()
+        model.apply(partial(_init_weights, n_layer=config.n_layer))
+    model.tie_weights()
+    return model
+
+
+def _materialize(model: nn.Module, device: torch.device | str) -> None:
+    """to_empty(), keeping the Python attributes mamba-ssm puts on parameters (_no_reinit, _no_weight_decay).
+
+    to_empty() replaces every meta Parameter by a new object, which drops those attributes and
+    unties lm_head from the embedding (callers re-tie).
+    """
+    attributes = {name: dict(vars(p)) for name, p in model.named_parameters(remove_duplicate=False)}
+    model.to_empty(device=device)
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        vars(parameter).update(attributes[name])
+
+
+def _copy_tensors(source: nn.Module, target: nn.Module) -> None:
+    for name, tensor in source.named_parameters():
+        target.get_parameter(name).copy_(tensor)
+    for name, tensor in source.named_buffers():
+        target.get_buffer(name).copy_(tensor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Continual pretraining
+
+
+def load_base_model(dir: str, vocab_size: int, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> MambaLMHeadModel:
+    """A MambaLMHeadModel on ``device`` from ``dir``/config.json and model.safetensors or pytorch_model.bin.
+
+    The model keeps the checkpoint's vocabulary; a tokenizer with more tokens than the embedding
+    has rows is an error.
+    """
+    directory = Path(dir)
+    if not directory.is_dir():
+        raise CheckpointError(f"base model directory {directory} does not exist")
+    values, source = _read_config_json(directory)
+    if "vocab_size" not in values:
+        raise CheckpointError(f"{source} has no vocab_size")
+    config = _make_config(values, source)
+    model = build_model(config, on_meta=True, dtype=dtype)
+    embedding_rows = model.backbone.embedding.num_embeddings
+    if vocab_size > embedding_rows:
+        raise CheckpointError(
+            f"tokenizer has {vocab_size} tokens but the base model in {directory} has only {embedding_rows} "
+            f"embedding rows (vocab_size {config.vocab_size} padded to a multiple of {config.pad_vocab_size_multiple})"
+        )
+    weights_path, state_dict = _read_weights(directory)
+    _materialize(model, device)
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise CheckpointError(f"{weights_path} does not match {source}: {error}") from None
+    if config.tie_embeddings:
+        missing = [key for key in missing if key != "lm_head.weight"]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights_path} does not match {source}: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )
+    model.tie_weights()
+    return model
+
+
+def _read_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    safetensors_path = directory / "model.safetensors"
+    bin_path = directory / "pytorch_model.bin"
+    try:
+        if safetensors_path.exists():
+            from safetensors.torch import load_file
+
+            return safetensors_path, load_file(str(safetensors_path), device="cpu")
+        if bin_path.exists():
+            return bin_path, torch.load(bin_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # every reader failure becomes one readable message
+        path = safetensors_path if safetensors_path.exists() else bin_path
+        raise CheckpointError(f"cannot read weights {path}: {error}") from None
+    raise CheckpointError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter bookkeeping
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameter elements (tied embeddings counted once); works on meta models."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+_NO_DECAY_LEAF_NAMES = ("A_log", "D")
+
+
+def no_weight_decay_parameter_names(model: nn.Module) -> set[str]:
+    """Names of parameters to train without weight decay.
+
+    Biases (any name ending in "bias": .bias, dt_bias, Mamba-3's B_bias/C_bias), norm weights,
+    A_log, D, and everything mamba-ssm marks ``_no_weight_decay = True``. Names are used as well as
+    the attribute because FSDP flattening and to_empty() drop parameter attributes.
+    """
+    norm_types = _norm_module_types()
+    names = set()
+    for module_name, module in model.named_modules():
+        for leaf_name, parameter in module.named_parameters(recurse=False):
+            full_name = f"{module_name}.{leaf_name}" if module_name else leaf_name
+            if (
+                leaf_name.endswith("bias")
+                or leaf_name in _NO_DECAY_LEAF_NAMES
+                or isinstance(module, norm_types)
+                or getattr(parameter, "_no_weight_decay", False)
+            ):
+                names.add(full_name)
+    # A tied lm_head.weight is the embedding weight: keep only names model.named_parameters() yields.
+    return names & {name for name, _ in model.named_parameters()}
+
+
+def _norm_module_types() -> tuple[type, ...]:
+    ensure_kernel_backend()
+    from mamba_ssm.ops.triton.layer_norm import RMSNorm
+    from mamba_ssm.ops.triton.layernorm_gated import LayerNorm as GatedLayerNorm
+    from mamba_ssm.ops.triton.layernorm_gated import RMSNorm as GatedRMSNorm
+
+    return (nn.LayerNorm, RMSNorm, GatedRMSNorm, GatedLayerNorm)

@@ -1,0 +1,284 @@
+"""AdamW parameter groups, the Megatron learning-rate schedule and global gradient-norm clipping.
+
+The training loop drives these pieces in this order for every iteration, where ``iteration`` is the
+number of optimizer steps already taken (0 for the first step, Megatron's ``iteration`` before its
+increment)::
+
+    lr = schedule.lr_at(iteration)
+    apply_lr(optimizer, lr)           # BEFORE optimizer.step(): the lr logged is the lr applied
+    grad_norm = clip_grad_norm(model.parameters(), max_norm)
+    optimizer.step()
+
+All functions work on plain modules and on FSDP2 (``fully_shard``) modules whose parameters and
+gradients are DTensors.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+# Parameter names (last dotted component) that never get weight decay: mamba-ssm's SSM parameters.
+SSM_NO_DECAY_NAMES = frozenset({"A_log", "D", "dt_bias"})
+
+# Wrapper prefixes that activation checkpointing, FSDP1 and torch.compile insert into parameter names.
+_WRAPPER_NAME_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
+
+
+class OptimizerConfigError(ValueError):
+    """A learning-rate schedule or optimizer setting is invalid; the message names the flag."""
+
+
+def normalize_parameter_name(name: str) -> str:
+    """The parameter name without wrapper prefixes, e.g. ``layers.0._checkpoint_wrapped_module.mixer.D``
+    becomes ``layers.0.mixer.D``, so names match those of the unwrapped model and its checkpoints."""
+    for part in _WRAPPER_NAME_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def marked_no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Normalized names of parameters carrying mamba-ssm's ``_no_weight_decay = True`` marker.
+
+    FSDP2's ``fully_shard`` replaces every parameter with a new DTensor parameter and drops such
+    attributes, so call this BEFORE sharding and pass the result to ``parameter_groups`` afterwards.
+    """
+    return {
+        normalize_parameter_name(name)
+        for name, parameter in model.named_parameters()
+        if getattr(parameter, "_no_weight_decay", False)
+    }
+
+
+def _is_no_decay(name: str, parameter: torch.Tensor, extra_names: set[str]) -> bool:
+    last_part = name.rsplit(".", 1)[-1]
+    return (
+        parameter.ndim <= 1  # norm weights, biases, D, dt_bias (global shape, also for DTensors)
+        or last_part.endswith("bias")  # also Mamba-3's multi-dimensional B_bias / C_bias
+        or last_part in SSM_NO_DECAY_NAMES  # Mamba-1's A_log is 2-D
+        or getattr(parameter, "_no_weight_decay", False)
+        or name in extra_names
+        or last_part in extra_names
+    )
+
+
+def parameter_groups(
+    model: nn.Module, weight_decay: float, no_decay_names: set[str] | None = None
+) -> list[dict]:
+    """AdamW parameter groups: one with ``weight_decay`` and one with 0.0 (empty groups are left out).
+
+    No decay for 1-D parameters (norm weights, biases), any parameter whose name ends in ``bias``,
+    mamba-ssm's ``A_log``/``D``/``dt_bias``, parameters marked ``_no_weight_decay = True`` and the
+    names in ``no_decay_names`` (normalized full names or last name components, see
+    ``marked_no_weight_decay_names``). Embeddings keep weight decay, as in Megatron. A tied lm_head
+    weight is listed once (``named_parameters`` deduplicates shared parameters). Frozen parameters
+    are left out. Each group carries ``param_names`` (normalized) for logging and tests.
+    """
+    extra_names = set(no_decay_names or ())
+    decay: tuple[list, list] = ([], [])
+    no_decay: tuple[list, list] = ([], [])
+    for raw_name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        name = normalize_parameter_name(raw_name)
+        params, names = no_decay if _is_no_decay(name, parameter, extra_names) else decay
+        params.append(parameter)
+        names.append(name)
+    groups = []
+    for (params, names), group_weight_decay in ((decay, weight_decay), (no_decay, 0.0)):
+        if params:
+            groups.append({"params": params, "param_names": names, "weight_decay": group_weight_decay})
+    if not groups:
+        raise OptimizerConfigError(f"{type(model).__name__} has no trainable parameters to optimize")
+    return groups
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    fused: bool | None = None,
+    no_decay_names: set[str] | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over ``parameter_groups(model, ...)``.
+
+    ``fused=None`` picks the fused CUDA kernel when every parameter lives on a CUDA device (it
+    supports DTensor parameters) and otherwise leaves torch's default (foreach on accelerators,
+    a per-parameter loop on CPU).
+    """
+    if lr < 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1 or eps <= 0 or weight_decay < 0:
+        raise OptimizerConfigError(
+            f"invalid AdamW setting: --lr {lr}, --adam-beta1 {betas[0]}, --adam-beta2 {betas[1]}, "
+            f"--adam-eps {eps}, --weight-decay {weight_decay} (need lr >= 0, 0 <= beta < 1, "
+            "eps > 0, weight decay >= 0)"
+        )
+    groups = parameter_groups(model, weight_decay, no_decay_names)
+    if fused is None:
+        fused = all(p.device.type == "cuda" for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+
+
+@dataclass
+class LRSchedule:
+    """Megatron-LM's ``OptimizerParamScheduler`` learning rate, counted in iterations.
+
+    ``lr_at(i)`` is the lr for the optimizer step taken when ``i`` steps are already done:
+    linear warmup ``warmup_init_lr + (max_lr - warmup_init_lr) * i / warmup_iters`` while
+    ``i <= warmup_iters`` (so the very first step uses ``warmup_init_lr``, 0 by default, exactly as
+    Megatron); then ``style``:
+
+    * ``constant``: ``max_lr`` forever (Megatron checks this before the ``decay_iters`` cut-off);
+    * ``linear`` / ``cosine``: ``min_lr + (max_lr - min_lr) * coeff`` with ratio
+      ``(i - warmup_iters) / (decay_iters - warmup_iters)`` and coeff ``1 - ratio`` /
+      ``0.5 * (cos(pi * ratio) + 1)``;
+    * ``inverse-square-root``: ``max(min_lr, max_lr * sqrt(max(warmup_iters, 1) / max(i, 1)))``;
+    * ``WSD``: ``max_lr`` until the last ``wsd_decay_iters`` before ``decay_iters``, then decays
+      with ``wsd_decay_style``: ``exponential`` (``2 * 0.5**ratio - 1``), ``linear``, ``cosine`` or
+      ``minus_sqrt`` (``1 - sqrt(ratio)``), ratio measured over the last ``wsd_decay_iters``;
+    * after ``decay_iters``: ``min_lr``.
+
+    Deliberate difference: Megatron counts steps in samples (iterations x global batch size) when
+    the schedule is given in iterations; the ratios are the same as long as the global batch size
+    is constant, which kotomamba requires (no batch-size ramp-up). ``wsd_decay_style`` defaults to
+    Megatron's ``--lr-wsd-decay-style`` default, ``exponential``.
+    """
+
+    max_lr: float
+    min_lr: float
+    warmup_iters: int
+    decay_iters: int
+    style: str = "cosine"
+    wsd_decay_iters: int | None = None
+    wsd_decay_style: str = "exponential"
+    warmup_init_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.style.lower() == "wsd":
+            self.style = "WSD"
+        if self.style not in LR_DECAY_STYLES:
+            raise OptimizerConfigError(
+                f"--lr-decay-style {self.style!r} is not one of {', '.join(LR_DECAY_STYLES)}"
+            )
+        if not 0.0 <= self.min_lr <= self.max_lr:
+            raise OptimizerConfigError(
+                f"need 0 <= --min-lr ({self.min_lr}) <= --lr ({self.max_lr})"
+            )
+        if not 0.0 <= self.warmup_init_lr <= self.max_lr:
+            raise OptimizerConfigError(
+                f"need 0 <= --lr-warmup-init ({self.warmup_init_lr}) <= --lr ({self.max_lr})"
+            )
+        if self.decay_iters <= 0 or not 0 <= self.warmup_iters < self.decay_iters:
+            raise OptimizerConfigError(
+                f"need 0 <= --lr-warmup-iters ({self.warmup_iters}) < --lr-decay-iters "
+                f"({self.decay_iters})"
+            )
+        if self.style == "WSD":
+            if self.wsd_decay_iters is None or not 0 < self.wsd_decay_iters <= self.decay_iters:
+                raise OptimizerConfigError(
+                    f"--lr-decay-style WSD needs 0 < --lr-wsd-decay-iters ({self.wsd_decay_iters}) "
+                    f"<= --lr-decay-iters ({self.decay_iters})"
+                )
+            if self.wsd_decay_style not in WSD_DECAY_STYLES:
+                raise OptimizerConfigError(
+                    f"--lr-wsd-decay-style {self.wsd_decay_style!r} is not one of "
+                    f"{', '.join(WSD_DECAY_STYLES)}"
+                )
+
+    def lr_at(self, iteration: int) -> float:
+        """Learning rate for the step taken after ``iteration`` completed steps."""
+        if iteration < 0:
+            raise OptimizerConfigError(f"iteration must be >= 0, got {iteration}")
+        if self.warmup_iters > 0 and iteration <= self.warmup_iters:
+            return self.warmup_init_lr + (self.max_lr - self.warmup_init_lr) * iteration / self.warmup_iters
+        if self.style == "constant":
+            return self.max_lr
+        if iteration > self.decay_iters:
+            return self.min_lr
+        if self.style == "inverse-square-root":
+            lr = self.max_lr * math.sqrt(max(self.warmup_iters, 1) / max(iteration, 1))
+            return max(self.min_lr, lr)
+        decay_ratio = (iteration - self.warmup_iters) / (self.decay_iters - self.warmup_iters)
+        if self.style == "linear":
+            coeff = 1.0 - decay_ratio
+        elif self.style == "cosine":
+            coeff = 0.5 * (math.cos(math.pi * decay_ratio) + 1.0)
+        else:
+            coeff = self._wsd_coeff(iteration)
+        return self.min_lr + coeff * (self.max_lr - self.min_lr)
+
+    def _wsd_coeff(self, iteration: int) -> float:
+        anneal_start = self.decay_iters - self.wsd_decay_iters
+        if iteration <= anneal_start:
+            return 1.0
+        ratio = (iteration - anneal_start) / self.wsd_decay_iters
+        if self.wsd_decay_style == "exponential":
+            return 2.0 * 0.5**ratio - 1.0
+        if self.wsd_decay_style == "linear":
+            return 1.0 - ratio
+        if self.wsd_decay_style == "cosine":
+            return 0.5 * (math.cos(math.pi * ratio) + 1.0)
+        return 1.0 - math.sqrt(ratio)
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set ``lr`` on every parameter group; call it before ``optimizer.step()``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def clip_grad_norm(
+    parameters: Iterable[torch.Tensor] | torch.Tensor,
+    max_norm: float | None,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    """Global L2 norm of all gradients, then scale them by ``max_norm / (norm + 1e-6)`` if below 1.
+
+    Gradients may be FSDP2 DTensor shards (their norm is reduced across the mesh, so every rank
+    gets the true global norm), plain tensors (assumed replicated, counted once) or a mix of both.
+    A non-finite norm is returned as is and nothing is clipped: the loop skips that step.
+    ``max_norm`` None or 0 only computes the norm. Returns a 0-dim fp32 plain tensor on the
+    gradients' device.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    # DTensor norms of different meshes cannot be stacked, so sum squares per mesh.
+    grads_by_mesh: dict[object, list[torch.Tensor]] = {}
+    for grad in grads:
+        mesh = grad.device_mesh if isinstance(grad, DTensor) else None
+        grads_by_mesh.setdefault(mesh, []).append(grad)
+    device = _local(grads[0]).device
+    squared_sum = torch.zeros((), dtype=torch.float32, device=device)
+    for mesh, mesh_grads in grads_by_mesh.items():
+        norm = torch.nn.utils.get_total_norm(mesh_grads, norm_type=2.0, foreach=foreach)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squared_sum = squared_sum + norm.to(device=device, dtype=torch.float32) ** 2
+    total_norm = squared_sum.sqrt()
+    if max_norm:
+        norm_value = float(total_norm)
+        if math.isfinite(norm_value):
+            clip_coefficient = max_norm / (norm_value + 1e-6)
+            if clip_coefficient < 1.0:
+                local_grads = [_local(g) for g in grads]
+                if foreach is False:
+                    for grad in local_grads:
+                        grad.mul_(clip_coefficient)
+                else:
+                    torch._foreach_mul_(local_grads, clip_coefficient)
+    return total_norm

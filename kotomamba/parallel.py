@@ -1,0 +1,155 @@
+"""Activation checkpointing and FSDP (`fully_shard`) for mamba-ssm's MambaLMHeadModel, in that order.
+
+One FSDP unit per mamba-ssm `Block`; the embedding, the final norm and the tied `lm_head` share the
+root unit. The sharding strategies users know from FSDP1 map onto FSDP2 as follows:
+
+| --sharding-strategy | device mesh                  | reshard_after_forward |
+|---------------------|------------------------------|-----------------------|
+| FULL_SHARD          | 1-D (world)                  | True                  |
+| SHARD_GRAD_OP       | 1-D (world)                  | False                 |
+| HYBRID_SHARD        | 2-D (nodes, GPUs per node)   | True                  |
+| NO_SHARD            | 2-D (world, 1): replicate    | True (nothing to free)|
+
+mamba-ssm's fp32-sensitive parameters (`A_log`, `D`, `dt_bias`/`dt_proj.bias`) are kept out of
+FSDP's low-precision cast when the compute dtype is not fp32: FSDP2 casts every parameter of a unit to
+one dtype, and rounding `A_log` to bf16 perturbs A = -exp(A_log) by up to ~0.5%. They are few (about
+0.2% of a 2.8B model), so they stay replicated in fp32 and their gradients are averaged by
+`sync_replicated_gradients` (see `ShardedModel`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from kotomamba.distributed import DistributedContext
+
+logger = logging.getLogger(__name__)
+
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+# Parameter names (last component) that the selective-scan kernels read in fp32.
+FP32_SENSITIVE_PARAMETERS = ("A_log", "D", "dt_bias")
+FP32_SENSITIVE_SUFFIXES = ("dt_proj.bias",)
+
+
+@dataclass
+class ShardedModel:
+    """The sharded model plus what the training loop needs to drive it correctly."""
+
+    module: nn.Module
+    mesh: DeviceMesh
+    data_parallel_size: int
+    replicated_parameters: list[nn.Parameter] = field(default_factory=list)
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        """Skip gradient reduction on non-final micro-steps of gradient accumulation."""
+        self.module.set_requires_gradient_sync(enabled)
+
+    def sync_replicated_gradients(self) -> None:
+        """Average the gradients of the fp32 parameters FSDP does not manage, like FSDP averages its own."""
+        grads = [p.grad for p in self.replicated_parameters if p.grad is not None]
+        if not grads or dist.get_world_size() == 1:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def build_mesh(ctx: DistributedContext, strategy: str) -> DeviceMesh:
+    if strategy not in SHARDING_STRATEGIES:
+        raise ValueError(f"--sharding-strategy {strategy!r} is not one of {', '.join(SHARDING_STRATEGIES)}")
+    device_type = ctx.device.type
+    if strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
+        return init_device_mesh(device_type, (ctx.world_size,), mesh_dim_names=("shard",))
+    if strategy == "NO_SHARD":
+        return init_device_mesh(device_type, (ctx.world_size, 1), mesh_dim_names=("replicate", "shard"))
+    if ctx.world_size % ctx.local_world_size:
+        raise ValueError(
+            f"--sharding-strategy HYBRID_SHARD needs the same number of processes on every node: "
+            f"world size {ctx.world_size} is not a multiple of {ctx.local_world_size} per node"
+        )
+    return init_device_mesh(
+        device_type, (ctx.num_nodes, ctx.local_world_size), mesh_dim_names=("replicate", "shard")
+    )
+
+
+def is_fp32_sensitive(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in FP32_SENSITIVE_PARAMETERS or name.endswith(FP32_SENSITIVE_SUFFIXES)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """mamba-ssm's residual blocks (`model.backbone.layers`), whatever mixer they hold."""
+    try:
+        return list(model.backbone.layers)
+    except AttributeError:
+        raise TypeError(f"{type(model).__name__} is not a mamba-ssm MambaLMHeadModel (no backbone.layers)") from None
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each Block's activations in backward. The composable API keeps parameter names unchanged."""
+    from torch.distributed._composable import checkpoint
+
+    for block in transformer_blocks(model):
+        checkpoint(block)
+
+
+def parallelize(
+    model: nn.Module,
+    ctx: DistributedContext,
+    strategy: str = "FULL_SHARD",
+    param_dtype: torch.dtype = torch.float32,
+    reduce_dtype: torch.dtype = torch.float32,
+    activation_checkpointing: bool = False,
+    cpu_offload: bool = False,
+) -> ShardedModel:
+    """Apply activation checkpointing, then FSDP: one unit per Block, the rest in the root."""
+    mesh = build_mesh(ctx, strategy)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+
+    replicated: list[nn.Parameter] = []
+    if param_dtype != torch.float32:
+        replicated = [p for name, p in model.named_parameters() if is_fp32_sensitive(name)]
+    ignored = set(replicated)
+
+    mp_policy = MixedPrecisionPolicy(
+        param_dtype=None if param_dtype == torch.float32 else param_dtype,
+        reduce_dtype=reduce_dtype,
+    )
+    common = dict(
+        mesh=mesh,
+        mp_policy=mp_policy,
+        offload_policy=CPUOffloadPolicy() if cpu_offload else None,
+    )
+    if common["offload_policy"] is None:
+        del common["offload_policy"]
+    reshard = strategy != "SHARD_GRAD_OP"
+    blocks = transformer_blocks(model)
+    for i, block in enumerate(blocks):
+        block_ignored = {p for p in block.parameters() if p in ignored}
+        # The last block's parameters are needed again at once by backward: keeping them saves an all-gather.
+        fully_shard(
+            block,
+            reshard_after_forward=reshard and i < len(blocks) - 1,
+            ignored_params=block_ignored or None,
+            **common,
+        )
+    fully_shard(model, reshard_after_forward=reshard, ignored_params=ignored or None, **common)
+
+    dp = ctx.world_size
+    logger.info(
+        "FSDP: strategy=%s mesh=%s units=%d param_dtype=%s reduce_dtype=%s fp32-replicated params=%d "
+        "activation_checkpointing=%s cpu_offload=%s",
+        strategy, tuple(mesh.shape), len(blocks) + 1, param_dtype, reduce_dtype,
+        sum(p.numel() for p in replicated), activation_checkpointing, cpu_offload,
+    )
+    return ShardedModel(model, mesh, dp, replicated)

@@ -1,0 +1,296 @@
+"""Precision presets (bf16 / fp16 / fp32), their FSDP2 mixed-precision policy and loss scaling.
+
+Presets (``--precision``), all keeping fp32 master weights (FSDP2 keeps the sharded parameters in
+the dtype the model was built in, fp32, and the optimizer updates those):
+
+* ``bf16``: FSDP2 all-gathers bf16 copies of the parameters, so forward and backward run in bf16;
+  gradients are reduce-scattered in fp32. No loss scaling (bf16 has fp32's exponent range).
+* ``fp16`` (V100, no bf16): kotomamba's V100 recipe. Parameters stay fp32 in FSDP2 and compute runs
+  under ``torch.autocast(dtype=float16)``; gradients are reduce-scattered in fp16 (half the
+  traffic on V100's slower links); dynamic loss scaling keeps small gradients representable, and
+  an fp16 overflow in the reduction shows up as inf, so the step is skipped and the scale backs off.
+* ``fp32``: everything fp32.
+* ``auto``: ``bf16`` where supported, else ``fp16``.
+
+``--param-dtype`` / ``--reduce-dtype`` override the preset's FSDP2 dtypes. Compute runs in the
+preset's ``compute_dtype``; when the parameters are not already in that dtype the loop wraps forward
+in ``autocast_context(policy, device_type)``.
+
+mamba-ssm parameters that should stay fp32: ``A_log``, ``D`` and ``dt_bias`` (Mamba-1: ``dt_proj.bias``).
+mamba-ssm builds Mamba-1's ``A_log``/``D`` in fp32 whatever the model dtype, and its kernels upcast
+all of them before use: ``A = -torch.exp(self.A_log.float())`` and ``self.D.float()`` in
+``mamba_simple.py``/``mamba2.py``, ``delta_bias.float()`` in ``selective_scan_interface.py``, and the
+Triton SSD kernels load A, dt_bias and D with ``.to(tl.float32)`` (``ssd_chunk_state.py``,
+``ssd_chunk_scan.py``). So fp32 values cost nothing extra. FSDP2 casts every parameter of one
+``fully_shard`` unit to that unit's ``param_dtype``: under ``bf16`` a unit holding a whole mixer
+feeds the kernels bf16-rounded copies (``A_log`` to about 0.4% relative error). The optimizer
+still updates the fp32 master copies, so training accumulates in fp32. To feed exact fp32 values,
+shard the mixer's linear/conv submodules as their own units with ``fsdp_mixed_precision(policy)``
+and the mixer itself (then owning only A_log, D, dt_bias) with
+``fsdp_mixed_precision(policy, keep_fp32=True)``; ``FP32_PARAMETER_NAMES`` lists the names.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+FP32_PARAMETER_NAMES = ("A_log", "D", "dt_bias")
+
+_DTYPE_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+# preset -> (param_dtype, reduce_dtype, compute_dtype)
+_PRESETS = {
+    "bf16": (torch.bfloat16, torch.float32, torch.bfloat16),
+    "fp16": (torch.float32, torch.float16, torch.float16),
+    "fp32": (torch.float32, torch.float32, torch.float32),
+}
+
+
+class PrecisionConfigError(ValueError):
+    """A precision flag is invalid or unsupported on this device; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """Resolved precision settings.
+
+    ``param_dtype``: dtype FSDP2 all-gathers parameters in (what forward/backward see).
+    ``reduce_dtype``: dtype of the gradient reduce-scatter / all-reduce.
+    ``compute_dtype``: dtype of matmuls; autocast is used when it differs from ``param_dtype``.
+    ``use_loss_scaling``: fp16 is involved, so the loop needs a ``DynamicLossScaler``.
+    """
+
+    name: str
+    param_dtype: torch.dtype
+    reduce_dtype: torch.dtype
+    compute_dtype: torch.dtype
+    use_loss_scaling: bool
+
+    @property
+    def uses_autocast(self) -> bool:
+        return self.compute_dtype != self.param_dtype
+
+
+def _parse_dtype(value: str | torch.dtype, flag: str) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        dtype = value
+    else:
+        dtype = _DTYPE_NAMES.get(value.lower())
+        if dtype is None:
+            raise PrecisionConfigError(
+                f"{flag} {value!r} is not one of fp32, bf16, fp16 (or float32, bfloat16, float16)"
+            )
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise PrecisionConfigError(f"{flag} {dtype} is not one of float32, bfloat16, float16")
+    return dtype
+
+
+def resolve_precision(
+    preset: str,
+    param_dtype: str | torch.dtype | None = None,
+    reduce_dtype: str | torch.dtype | None = None,
+    device_type: str = "cpu",
+) -> PrecisionPolicy:
+    """The ``PrecisionPolicy`` for ``--precision preset`` with optional dtype overrides.
+
+    ``auto`` is ``bf16`` where the device supports it (CPU, Ampere and newer) and ``fp16`` on
+    older CUDA GPUs (V100).
+
+    Raises ``PrecisionConfigError`` for unknown names, for a ``--param-dtype`` that is neither fp32
+    nor the compute dtype (autocast cannot turn fp16 parameters into bf16 compute cleanly), and for
+    bf16 on a CUDA device without bf16 support (V100: use ``--precision fp16``).
+    """
+    if preset == "auto":
+        preset = "fp16" if device_type == "cuda" and not torch.cuda.is_bf16_supported() else "bf16"
+    if preset not in _PRESETS:
+        raise PrecisionConfigError(
+            f"--precision {preset!r} is not one of auto, {', '.join(_PRESETS)}"
+        )
+    preset_param, preset_reduce, compute_dtype = _PRESETS[preset]
+    resolved_param = preset_param if param_dtype is None else _parse_dtype(param_dtype, "--param-dtype")
+    resolved_reduce = (
+        preset_reduce if reduce_dtype is None else _parse_dtype(reduce_dtype, "--reduce-dtype")
+    )
+    if resolved_param not in (torch.float32, compute_dtype):
+        raise PrecisionConfigError(
+            f"--param-dtype {resolved_param} does not fit --precision {preset} (compute in "
+            f"{compute_dtype}): use float32 or {compute_dtype}"
+        )
+    uses_bf16 = torch.bfloat16 in (resolved_param, resolved_reduce, compute_dtype)
+    if uses_bf16 and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise PrecisionConfigError(
+            f"--precision {preset} needs bfloat16, which {torch.cuda.get_device_name()} does not "
+            "support: use --precision fp16"
+        )
+    uses_fp16 = torch.float16 in (resolved_param, resolved_reduce, compute_dtype)
+    return PrecisionPolicy(
+        name=preset,
+        param_dtype=resolved_param,
+        reduce_dtype=resolved_reduce,
+        compute_dtype=compute_dtype,
+        use_loss_scaling=uses_fp16,
+    )
+
+
+def fsdp_mixed_precision(policy: PrecisionPolicy, keep_fp32: bool = False):
+    """FSDP2 ``MixedPrecisionPolicy`` for ``policy``, or None when everything is fp32.
+
+    ``keep_fp32=True`` gives the policy for units that must compute with fp32 parameters (the
+    mixer unit owning only ``A_log``/``D``/``dt_bias``); gradients are still reduced in
+    ``policy.reduce_dtype``. Outputs are not cast (``output_dtype=None``): casting would apply at
+    every unit boundary; the loss upcasts logits to fp32 itself.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    param_dtype = torch.float32 if keep_fp32 else policy.param_dtype
+    if param_dtype == torch.float32 and policy.reduce_dtype == torch.float32:
+        return None
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=policy.reduce_dtype)
+
+
+def autocast_context(policy: PrecisionPolicy, device_type: str):
+    """``torch.autocast`` to ``policy.compute_dtype`` when parameters are in another dtype, else a no-op."""
+    if not policy.uses_autocast:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=policy.compute_dtype)
+
+
+def _found_non_finite_and_unscale(
+    parameters: Iterable[torch.Tensor], inverse_scale: float | None, process_group
+) -> bool:
+    """Unscale gradients in place (when ``inverse_scale`` is given) and agree on non-finite values.
+
+    Works on each gradient's local shard: every rank checks its own shard, then a MAX all-reduce
+    of the flag makes every rank take the same decision.
+    """
+    local_grads = []
+    for parameter in parameters:
+        grad = parameter.grad
+        if grad is not None:
+            local_grads.append(grad.to_local() if isinstance(grad, DTensor) else grad)
+    device = local_grads[0].device if local_grads else torch.device("cpu")
+    found_inf = torch.zeros((), dtype=torch.float32, device=device)
+    for grad in local_grads:
+        if inverse_scale is not None:
+            grad.mul_(inverse_scale)
+        found_inf = torch.maximum(found_inf, (~torch.isfinite(grad)).any().float().to(device))
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend(process_group) == "nccl" and device.type != "cuda":
+            found_inf = found_inf.cuda()
+        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=process_group)
+    return bool(found_inf.item() > 0)
+
+
+class DynamicLossScaler:
+    """Megatron's ``DynamicGradScaler`` for fp16 training.
+
+    Multiply the loss by ``scale`` before backward; ``unscale_and_check`` divides the gradients by
+    ``scale`` and reports (identically on every rank) whether any is inf/nan, in which case the loop
+    skips ``optimizer.step()``. ``update(found_inf)``: every overflow resets the growth counter and
+    uses up one unit of ``hysteresis``; once hysteresis is used up each further overflow multiplies
+    the scale by ``backoff_factor`` (not below ``min_scale``). After ``growth_interval`` clean steps
+    in a row the scale grows by ``growth_factor`` and hysteresis is refilled.
+    """
+
+    def __init__(
+        self,
+        initial_scale: float = 2.0**16,
+        min_scale: float = 1.0,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 1000,
+        hysteresis: int = 2,
+    ) -> None:
+        if not 0.0 < min_scale <= initial_scale:
+            raise PrecisionConfigError(
+                f"need 0 < --min-loss-scale ({min_scale}) <= --initial-loss-scale ({initial_scale})"
+            )
+        if growth_factor <= 1.0 or not 0.0 < backoff_factor < 1.0:
+            raise PrecisionConfigError(
+                f"need loss-scale growth factor > 1 ({growth_factor}) and 0 < backoff factor < 1 "
+                f"({backoff_factor})"
+            )
+        if growth_interval <= 0 or hysteresis <= 0:
+            raise PrecisionConfigError(
+                f"need --loss-scale-window ({growth_interval}) > 0 and --hysteresis ({hysteresis}) > 0"
+            )
+        self.scale = float(initial_scale)
+        self.min_scale = float(min_scale)
+        self.growth_factor = float(growth_factor)
+        self.backoff_factor = float(backoff_factor)
+        self.growth_interval = growth_interval
+        self.hysteresis = hysteresis
+        self._growth_tracker = 0
+        self._hysteresis_tracker = hysteresis
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale
+
+    def unscale_and_check(self, parameters: Iterable[torch.Tensor], process_group=None) -> bool:
+        """Divide gradients by ``scale`` in place; True when any rank saw an inf/nan gradient."""
+        return _found_non_finite_and_unscale(parameters, 1.0 / self.scale, process_group)
+
+    def update(self, found_inf: bool) -> None:
+        if found_inf:
+            self._growth_tracker = 0
+            self._hysteresis_tracker -= 1
+            if self._hysteresis_tracker <= 0:
+                self.scale = max(self.scale * self.backoff_factor, self.min_scale)
+            return
+        self._growth_tracker += 1
+        if self._growth_tracker == self.growth_interval:
+            self._growth_tracker = 0
+            self._hysteresis_tracker = self.hysteresis
+            self.scale *= self.growth_factor
+
+    def state_dict(self) -> dict:
+        return {
+            "scale": self.scale,
+            "growth_tracker": self._growth_tracker,
+            "hysteresis_tracker": self._hysteresis_tracker,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        scale = state_dict["scale"]
+        # Megatron checkpoints store the scale as a 1-element tensor.
+        self.scale = float(scale.item() if isinstance(scale, torch.Tensor) else scale)
+        self._growth_tracker = int(state_dict["growth_tracker"])
+        self._hysteresis_tracker = int(state_dict["hysteresis_tracker"])
+
+
+class NoLossScaler:
+    """Same surface as ``DynamicLossScaler`` for bf16/fp32: scale 1, gradients untouched, but
+    non-finite gradients are still detected on all ranks so the loop can skip the step."""
+
+    scale = 1.0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def unscale_and_check(self, parameters: Iterable[torch.Tensor], process_group=None) -> bool:
+        return _found_non_finite_and_unscale(parameters, None, process_group)
+
+    def update(self, found_inf: bool) -> None:
+        """Nothing to adapt."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing to restore."""
+
+
+def build_loss_scaler(policy: PrecisionPolicy, **dynamic_options) -> DynamicLossScaler | NoLossScaler:
+    """``DynamicLossScaler(**dynamic_options)`` when ``policy`` needs loss scaling, else ``NoLossScaler``."""
+    return DynamicLossScaler(**dynamic_options) if policy.use_loss_scaling else NoLossScaler()

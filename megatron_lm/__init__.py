@@ -1,0 +1,1 @@
+"""Megatron-LM compatible data layer: indexed datasets, GPT sample order, blending, tokenizers."""

@@ -1,0 +1,24 @@
+"""Tokenizers with Megatron-LM's `--tokenizer-type` names behind one small interface."""
+from megatron_lm.tokenizer.tokenizer import (
+    TOKENIZER_TYPES,
+    GPTSentencePieceTokenizer,
+    HuggingFaceTokenizer,
+    Llama2Tokenizer,
+    NullTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    TokenizerError,
+    build_tokenizer,
+)
+
+__all__ = [
+    "TOKENIZER_TYPES",
+    "GPTSentencePieceTokenizer",
+    "HuggingFaceTokenizer",
+    "Llama2Tokenizer",
+    "NullTokenizer",
+    "SentencePieceTokenizer",
+    "Tokenizer",
+    "TokenizerError",
+    "build_tokenizer",
+]

@@ -1,0 +1,27 @@
+"""Pretrain or continually pretrain a mamba-ssm language model with PyTorch FSDP.
+
+    python pretrain.py --help
+    torchrun --nproc-per-node 8 pretrain.py --model 1.4b --data-path PREFIX ...
+    mpirun -np 16 --npernode 4 python pretrain.py --use-mpi --fp16 ...
+"""
+from __future__ import annotations
+
+import sys
+
+from kotomamba.arguments import ArgumentError, parse_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except ArgumentError as error:
+        print(f"pretrain.py: error: {error}", file=sys.stderr)
+        return 2
+    from kotomamba.train import pretrain
+
+    pretrain(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

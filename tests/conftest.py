@@ -1,0 +1,139 @@
+"""Shared fixtures: tiny tokenizers trained on the fly and a small mixed Japanese/English corpus.
+
+Everything is session-scoped and takes well under a second to build.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+_JAPANESE = [
+    "吾輩は猫である。名前はまだ無い。",
+    "東京は日本の首都で、人口が多い都市です。",
+    "今日は天気が良いので、公園を散歩しました。",
+    "機械学習のモデルを大規模なデータで事前学習する。",
+    "状態空間モデルは長い系列を効率よく扱える。",
+    "富士山の高さは三千七百七十六メートルです。",
+    "新しいプログラミング言語を勉強しています。",
+    "桜の花が咲く季節になりました。",
+]
+_ENGLISH = [
+    "The quick brown fox jumps over the lazy dog.",
+    "State space models scale linearly with sequence length.",
+    "Pretraining data is tokenized once and memory-mapped by every rank.",
+    "Mamba uses a selective scan instead of attention.",
+    "Tokyo is the capital of Japan and a very large city.",
+    "Numbers like 3776 and 2024 appear in text too.",
+    "A small vocabulary keeps these tests fast.",
+    "Hello, world! How are you today?",
+]
+
+
+def mixed_texts(count: int, seed: int = 0) -> list[str]:
+    """`count` documents mixing Japanese and English sentences, some multi-line, deterministic."""
+    rng = random.Random(seed)
+    sentences = _JAPANESE + _ENGLISH
+    texts = []
+    for _ in range(count):
+        parts = rng.choices(sentences, k=rng.randint(1, 6))
+        separator = rng.choice([" ", "\n", ""])
+        texts.append(separator.join(parts))
+    return texts
+
+
+def write_jsonl(path: Path, texts: list[str], key: str = "text") -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for number, text in enumerate(texts):
+            f.write(json.dumps({key: text, "id": number}, ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_texts() -> list[str]:
+    """120 mixed documents plus edge cases: an empty document, an emoji (byte fallback) and a
+    literal special-token string."""
+    return mixed_texts(120) + ["", "絵文字 🐍 and ümlauts", "before <EOD> after </s> end"]
+
+
+@pytest.fixture(scope="session")
+def corpus_jsonl(tmp_path_factory: pytest.TempPathFactory, corpus_texts: list[str]) -> Path:
+    """The corpus as JSONL, one {"text": ..., "id": n} object per line."""
+    return write_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", corpus_texts)
+
+
+def _train_sentencepiece(path: Path, **options: object) -> Path:
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(mixed_texts(400, seed=1)),
+        model_writer=model,
+        vocab_size=450,
+        model_type="unigram",
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",  # exact round trips, newlines included
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+        **options,
+    )
+    path.write_bytes(model.getvalue())
+    return path
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 450-piece unigram model with byte fallback: unk 0, bos <s> 1, eos </s> 2, pad <pad> 3."""
+    return _train_sentencepiece(tmp_path_factory.mktemp("spm") / "tiny.model", pad_id=3)
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_model_without_pad(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like `sentencepiece_model` but with no pad piece (pad_id -1, the SentencePiece default)."""
+    return _train_sentencepiece(tmp_path_factory.mktemp("spm_nopad") / "nopad.model")
+
+
+HF_ADDED_TOKENS = ["<|user|>", "<|assistant|>"]
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level BPE tokenizer.json trained with <unk>, <s>, </s>, <pad> in its vocabulary and
+    two special tokens added after training (so len(tokenizer) > the model's vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(mixed_texts(400, seed=2), trainer=trainer)
+    tokenizer.add_special_tokens(HF_ADDED_TOKENS)
+    path = tmp_path_factory.mktemp("hf_json") / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, hf_tokenizer_json: Path) -> Path:
+    """The same tokenizer saved with save_pretrained, loadable by AutoTokenizer (eos </s>)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(hf_tokenizer_json),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    directory = tmp_path_factory.mktemp("hf_dir") / "tiny-bpe"
+    tokenizer.save_pretrained(str(directory))
+    return directory

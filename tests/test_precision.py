@@ -1,0 +1,216 @@
+"""Tests for kotomamba.precision: presets, FSDP2 policies, autocast and loss scaling."""
+from __future__ import annotations
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from kotomamba.precision import (
+    DynamicLossScaler,
+    NoLossScaler,
+    PrecisionConfigError,
+    autocast_context,
+    build_loss_scaler,
+    fsdp_mixed_precision,
+    resolve_precision,
+)
+
+
+@pytest.mark.parametrize(
+    "preset, param, reduce, compute, scaling",
+    [
+        ("bf16", torch.bfloat16, torch.float32, torch.bfloat16, False),
+        ("fp16", torch.float32, torch.float16, torch.float16, True),
+        ("fp32", torch.float32, torch.float32, torch.float32, False),
+    ],
+)
+def test_presets(preset, param, reduce, compute, scaling):
+    policy = resolve_precision(preset)
+    assert (policy.param_dtype, policy.reduce_dtype, policy.compute_dtype) == (param, reduce, compute)
+    assert policy.use_loss_scaling is scaling
+    assert isinstance(build_loss_scaler(policy), DynamicLossScaler if scaling else NoLossScaler)
+
+
+def test_auto_is_bf16_on_cpu():
+    policy = resolve_precision("auto", device_type="cpu")
+    assert policy.name == "bf16" and policy.param_dtype == torch.bfloat16
+
+
+def test_overrides_and_their_effects():
+    policy = resolve_precision("bf16", param_dtype="fp32", reduce_dtype="bfloat16")
+    assert policy.param_dtype == torch.float32 and policy.reduce_dtype == torch.bfloat16
+    assert policy.uses_autocast  # fp32 parameters, bf16 compute
+    policy = resolve_precision("fp16", param_dtype=torch.float16, reduce_dtype="fp32")
+    assert not policy.uses_autocast and policy.use_loss_scaling
+    assert resolve_precision("fp32", reduce_dtype="fp16").use_loss_scaling
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (("int8",), "--precision"),
+        (("bf16", "half"), "--param-dtype"),
+        (("bf16", None, "fp64"), "--reduce-dtype"),
+        (("bf16", "fp16"), "--param-dtype"),  # fp16 parameters cannot feed bf16 compute
+    ],
+)
+def test_bad_precision_flags_name_the_flag(args, flag):
+    with pytest.raises(PrecisionConfigError, match=flag):
+        resolve_precision(*args)
+
+
+def test_fsdp_mixed_precision_policies():
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    assert fsdp_mixed_precision(resolve_precision("fp32")) is None
+    bf16 = fsdp_mixed_precision(resolve_precision("bf16"))
+    assert isinstance(bf16, MixedPrecisionPolicy)
+    assert (bf16.param_dtype, bf16.reduce_dtype, bf16.output_dtype) == (torch.bfloat16, torch.float32, None)
+    assert fsdp_mixed_precision(resolve_precision("bf16"), keep_fp32=True) is None
+    fp16_ssm = fsdp_mixed_precision(resolve_precision("fp16"), keep_fp32=True)
+    assert (fp16_ssm.param_dtype, fp16_ssm.reduce_dtype) == (torch.float32, torch.float16)
+
+
+def test_autocast_context_casts_matmuls_only_when_needed():
+    weight, inputs = torch.randn(4, 4), torch.randn(2, 4)
+    with autocast_context(resolve_precision("fp16"), "cpu"):
+        assert (inputs @ weight).dtype == torch.float16
+    with autocast_context(resolve_precision("bf16", param_dtype="fp32"), "cpu"):
+        assert (inputs @ weight).dtype == torch.bfloat16
+    with autocast_context(resolve_precision("bf16"), "cpu"):
+        assert (inputs @ weight).dtype == torch.float32  # parameters already bf16: no autocast
+
+
+def _parameter_with_grad(values: list[float]) -> nn.Parameter:
+    parameter = nn.Parameter(torch.zeros(len(values)))
+    parameter.grad = torch.tensor(values)
+    return parameter
+
+
+def test_loss_scaler_growth_after_interval():
+    scaler = DynamicLossScaler(initial_scale=8.0, growth_interval=3, hysteresis=2)
+    assert scaler.scale_loss(torch.tensor(1.5)).item() == 12.0
+    scaler.update(False)
+    scaler.update(False)
+    assert scaler.scale == 8.0
+    scaler.update(False)
+    assert scaler.scale == 16.0
+    scaler.update(True)  # an overflow restarts the growth count
+    scaler.update(False)
+    scaler.update(False)
+    assert scaler.scale == 16.0
+    scaler.update(False)
+    assert scaler.scale == 32.0
+
+
+def test_loss_scaler_backoff_with_hysteresis_and_min_scale():
+    scaler = DynamicLossScaler(initial_scale=16.0, min_scale=2.0, growth_interval=2, hysteresis=2)
+    scaler.update(True)
+    assert scaler.scale == 16.0  # first overflow only uses up hysteresis
+    scaler.update(True)
+    assert scaler.scale == 8.0
+    scaler.update(True)  # hysteresis stays used up until the next growth (Megatron)
+    assert scaler.scale == 4.0
+    scaler.update(True)
+    scaler.update(True)
+    assert scaler.scale == 2.0  # clamped at min_scale
+    scaler.update(False)
+    scaler.update(False)  # growth refills hysteresis
+    assert scaler.scale == 4.0
+    scaler.update(True)
+    assert scaler.scale == 4.0
+
+
+def test_loss_scaler_unscale_and_skip():
+    scaler = DynamicLossScaler(initial_scale=4.0)
+    parameters = [_parameter_with_grad([4.0, -8.0]), _parameter_with_grad([2.0])]
+    assert scaler.unscale_and_check(parameters) is False
+    assert parameters[0].grad.tolist() == [1.0, -2.0] and parameters[1].grad.tolist() == [0.5]
+    parameters = [_parameter_with_grad([4.0]), _parameter_with_grad([float("inf")])]
+    assert scaler.unscale_and_check(parameters) is True
+
+
+def test_loss_scaler_state_dict_round_trip_and_megatron_tensor_scale():
+    scaler = DynamicLossScaler(initial_scale=64.0, growth_interval=5, hysteresis=3)
+    scaler.update(True)
+    scaler.update(True)
+    restored = DynamicLossScaler()
+    restored.load_state_dict(scaler.state_dict())
+    assert restored.state_dict() == {"scale": 64.0, "growth_tracker": 0, "hysteresis_tracker": 1}
+    restored.update(True)
+    assert restored.scale == 32.0
+    restored.load_state_dict({"scale": torch.tensor([1024.0]), "growth_tracker": 2, "hysteresis_tracker": 2})
+    assert restored.scale == 1024.0
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"min_scale": 0.0}, {"growth_factor": 1.0}, {"backoff_factor": 1.5}, {"hysteresis": 0}]
+)
+def test_loss_scaler_rejects_bad_settings(kwargs):
+    with pytest.raises(PrecisionConfigError):
+        DynamicLossScaler(**kwargs)
+
+
+def test_no_loss_scaler_detects_nan_without_touching_grads():
+    scaler = NoLossScaler()
+    loss = torch.tensor(2.5)
+    assert scaler.scale_loss(loss) is loss and scaler.scale == 1.0
+    parameters = [_parameter_with_grad([3.0]), _parameter_with_grad([float("nan")])]
+    assert scaler.unscale_and_check(parameters) is True
+    assert parameters[0].grad.tolist() == [3.0]
+    assert scaler.unscale_and_check([_parameter_with_grad([3.0])]) is False
+
+
+def _found_inf_worker(rank: int, world_size: int, init_file: str, result_file: str) -> None:
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (as DataLoader workers)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    fully_shard(model)
+    model(torch.randn(3, 4)).sum().mul(8.0).backward()
+    full_before = [p.grad.full_tensor().clone() for p in model.parameters()]
+
+    scaler = DynamicLossScaler(initial_scale=8.0)
+    clean_found_inf = scaler.unscale_and_check(model.parameters())
+    full_after = [p.grad.full_tensor() for p in model.parameters()]
+    unscaled = all(torch.allclose(a, b / 8.0) for a, b in zip(full_after, full_before))
+
+    if rank == 1:  # only this rank's shard overflows
+        next(model.parameters()).grad.to_local()[0].fill_(float("inf"))
+    scaled_found_inf = scaler.unscale_and_check(model.parameters())
+    if rank == 1:
+        next(model.parameters()).grad.to_local()[0].fill_(float("nan"))
+    unscaled_found_inf = NoLossScaler().unscale_and_check(model.parameters())
+    torch.save(
+        {
+            "clean": clean_found_inf,
+            "unscaled": unscaled,
+            "scaled_found_inf": scaled_found_inf,
+            "no_scaler_found_inf": unscaled_found_inf,
+        },
+        f"{result_file}.{rank}",
+    )
+    dist.destroy_process_group()
+
+
+def test_found_inf_is_agreed_across_ranks(tmp_path):
+    result_file = str(tmp_path / "result.pt")
+    # fork, not spawn: children inherit the imported modules (1 s instead of ~10 s of imports).
+    mp.start_processes(
+        _found_inf_worker, args=(2, str(tmp_path / "init"), result_file), nprocs=2, start_method="fork"
+    )
+    for rank in range(2):
+        result = torch.load(f"{result_file}.{rank}")
+        assert result["clean"] is False, rank
+        assert result["unscaled"], rank
+        assert result["scaled_found_inf"] is True, rank
+        assert result["no_scaler_found_inf"] is True, rank
