@@ -17,9 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as error:
         print(f"pretrain.py: error: {error}", file=sys.stderr)
         return 2
+    from kotomamba.errors import USER_ERRORS
     from kotomamba.train import pretrain
 
-    pretrain(args)
+    try:
+        pretrain(args)
+    except USER_ERRORS as error:
+        # A problem with the inputs (data, tokenizer, model, launch, flags), already explained by its message.
+        print(f"pretrain.py: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,8 +1,10 @@
 """Training metrics: throughput, MFU, memory, and the one readable log line per --log-interval."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -19,15 +21,34 @@ def format_duration(seconds: float) -> str:
 
 @dataclass
 class IntervalMeter:
-    """Accumulates what happened since the last log line."""
+    """What happened since the last log line: tokens, losses, skips and time spent waiting for data."""
 
     tokens: int = 0
-    iterations: int = 0
     data_wait_seconds: float = 0.0
     loss_sum: float = 0.0
     loss_count: int = 0
     skipped: int = 0
     started: float = field(default_factory=time.perf_counter)
+
+    def record(self, loss: float, skipped: bool) -> None:
+        if math.isfinite(loss):
+            self.loss_sum += loss
+            self.loss_count += 1
+        self.skipped += int(skipped)
+
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.loss_count if self.loss_count else math.nan
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    @contextlib.contextmanager
+    def waiting_for_data(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.data_wait_seconds += time.perf_counter() - started
 
     def reset(self) -> None:
         self.__init__()

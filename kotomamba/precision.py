@@ -10,7 +10,8 @@ the dtype the model was built in, fp32, and the optimizer updates those):
   traffic on V100's slower links); dynamic loss scaling keeps small gradients representable, and
   an fp16 overflow in the reduction shows up as inf, so the step is skipped and the scale backs off.
 * ``fp32``: everything fp32.
-* ``auto``: ``bf16`` where supported, else ``fp16``.
+* ``auto``: ``bf16`` on GPUs that support it, ``fp16`` on older GPUs (V100), ``fp32`` on CPU
+  (CPU runs are for tests and demos, where exact fp32 results matter more than speed).
 
 ``--param-dtype`` / ``--reduce-dtype`` override the preset's FSDP2 dtypes. Compute runs in the
 preset's ``compute_dtype``; when the parameters are not already in that dtype the loop wraps forward
@@ -104,15 +105,18 @@ def resolve_precision(
 ) -> PrecisionPolicy:
     """The ``PrecisionPolicy`` for ``--precision preset`` with optional dtype overrides.
 
-    ``auto`` is ``bf16`` where the device supports it (CPU, Ampere and newer) and ``fp16`` on
-    older CUDA GPUs (V100).
+    ``auto`` is ``bf16`` on CUDA GPUs that support it (Ampere and newer), ``fp16`` on older CUDA
+    GPUs (V100) and ``fp32`` on CPU.
 
     Raises ``PrecisionConfigError`` for unknown names, for a ``--param-dtype`` that is neither fp32
     nor the compute dtype (autocast cannot turn fp16 parameters into bf16 compute cleanly), and for
     bf16 on a CUDA device without bf16 support (V100: use ``--precision fp16``).
     """
     if preset == "auto":
-        preset = "fp16" if device_type == "cuda" and not torch.cuda.is_bf16_supported() else "bf16"
+        if device_type != "cuda":
+            preset = "fp32"
+        else:
+            preset = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if preset not in _PRESETS:
         raise PrecisionConfigError(
             f"--precision {preset!r} is not one of auto, {', '.join(_PRESETS)}"

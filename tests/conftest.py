@@ -137,3 +137,55 @@ def hf_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, hf_tokenizer_json
     directory = tmp_path_factory.mktemp("hf_dir") / "tiny-bpe"
     tokenizer.save_pretrained(str(directory))
     return directory
+
+
+# ----------------------------------------------------------------------------------------------
+# Training fixtures: a tokenized corpus and a tiny mamba-ssm config
+
+
+TINY_MAMBA1 = {
+    "d_model": 32, "n_layer": 2, "vocab_size": 512, "d_intermediate": 0,
+    "ssm_cfg": {"layer": "Mamba1", "d_state": 8, "d_conv": 4, "expand": 2},
+    "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+    "pad_vocab_size_multiple": 8, "tie_embeddings": True,
+}
+TINY_MAMBA2 = {
+    **TINY_MAMBA1,
+    "ssm_cfg": {"layer": "Mamba2", "d_state": 16, "d_conv": 4, "expand": 2, "headdim": 16, "chunk_size": 16},
+}
+
+
+def write_model_config(path: Path, values: dict) -> Path:
+    path.write_text(json.dumps(values))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mamba1_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model_config(tmp_path_factory.mktemp("model") / "mamba1.json", TINY_MAMBA1)
+
+
+@pytest.fixture(scope="session")
+def tiny_mamba2_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model_config(tmp_path_factory.mktemp("model") / "mamba2.json", TINY_MAMBA2)
+
+
+def tokenize_to_prefix(texts: list[str], sentencepiece_model: Path, prefix: Path) -> Path:
+    """Texts → SentencePiece ids + EOD → a Megatron .bin/.idx pair at `prefix`."""
+    from megatron_lm.indexed_dataset import IndexedDatasetBuilder, data_file_path, index_file_path
+    from megatron_lm.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer("SentencePieceTokenizer", str(sentencepiece_model))
+    with IndexedDatasetBuilder(data_file_path(str(prefix))) as builder:
+        for text in texts:
+            builder.add_item(tokenizer.encode(text) + [tokenizer.eod])
+            builder.end_document()
+        builder.finalize(index_file_path(str(prefix)))
+    return prefix
+
+
+@pytest.fixture(scope="session")
+def tokenized_corpus(tmp_path_factory: pytest.TempPathFactory, sentencepiece_model: Path) -> Path:
+    """~300 mixed documents tokenized with `sentencepiece_model`: the prefix of a .bin/.idx pair."""
+    directory = tmp_path_factory.mktemp("tokenized")
+    return tokenize_to_prefix(mixed_texts(300, seed=3), sentencepiece_model, directory / "corpus_text_document")

@@ -35,9 +35,9 @@ def test_presets(preset, param, reduce, compute, scaling):
     assert isinstance(build_loss_scaler(policy), DynamicLossScaler if scaling else NoLossScaler)
 
 
-def test_auto_is_bf16_on_cpu():
+def test_auto_is_fp32_on_cpu():
     policy = resolve_precision("auto", device_type="cpu")
-    assert policy.name == "bf16" and policy.param_dtype == torch.bfloat16
+    assert policy.name == "fp32" and policy.param_dtype == torch.float32 and not policy.use_loss_scaling
 
 
 def test_overrides_and_their_effects():

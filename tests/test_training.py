@@ -1,0 +1,230 @@
+"""pretrain.py end to end on CPU with the real mamba-ssm model: against a plain PyTorch loop, across
+gradient accumulation, sharding strategies, precisions, launchers (torchrun and mpirun over gloo),
+loss-scale skips, --skip-batch, and the errors a user sees."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pretrain
+from kotomamba.arguments import parse_args
+from kotomamba.distributed import init_distributed, shutdown_distributed
+
+sys.path.insert(0, str(Path(__file__).parent))
+from training_worker import run_configurations  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = REPO / "tests" / "training_worker.py"
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU training tests (gloo)")
+
+
+@pytest.fixture(scope="module")
+def base_argv(tiny_mamba1_config, sentencepiece_model, tokenized_corpus) -> list[str]:
+    return [
+        "--model", str(tiny_mamba1_config), "--tokenizer-type", "SentencePieceTokenizer",
+        "--tokenizer-model", str(sentencepiece_model), "--data-path", str(tokenized_corpus),
+        "--split", "90,10,0", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+        "--train-iters", "3", "--lr", "2e-3", "--lr-warmup-iters", "1", "--eval-iters", "0", "--num-workers", "0",
+        "--seed", "7", "--fp32",
+    ]
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    ctx = init_distributed(use_mpi=False)
+    yield ctx
+    shutdown_distributed()
+
+
+@pytest.fixture(scope="module")
+def baseline(base_argv, single_process) -> dict:
+    return run_configurations({"baseline": base_argv}, single_process)["baseline"]
+
+
+def run_in_process(ctx, **runs: list[str]) -> dict[str, dict]:
+    return run_configurations(runs, ctx)
+
+
+def assert_close(actual: list[float], expected: list[float], rtol: float) -> None:
+    assert len(actual) == len(expected)
+    for step, (a, e) in enumerate(zip(actual, expected), start=1):
+        assert a == pytest.approx(e, rel=rtol), f"iteration {step}: {a} != {e}"
+
+
+def plain_pytorch_losses(argv: list[str]) -> list[float]:
+    """The same training written as a plain loop over an unsharded model: the reference for FSDP."""
+    import torch.nn.functional as F
+
+    from kotomamba.model import build_model, load_model_config
+    from kotomamba.optim import LRSchedule, apply_lr, build_optimizer, clip_grad_norm, marked_no_weight_decay_names
+    from kotomamba.train import build_datasets
+    from megatron_lm.tokenizer import build_tokenizer
+
+    args = parse_args(argv)
+    args.global_batch_size = args.global_batch_size
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    model = build_model(load_model_config(args.model, tokenizer.vocab_size), seed=args.seed)
+    optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay,
+                                betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                                no_decay_names=marked_no_weight_decay_names(model))
+    schedule = LRSchedule(max_lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,
+                          decay_iters=args.lr_decay_iters, style=args.lr_decay_style)
+    train_ds, _, _ = build_datasets(args)
+    losses = []
+    for iteration in range(args.train_iters):
+        apply_lr(optimizer, schedule.lr_at(iteration))
+        samples = [train_ds[i] for i in range(iteration * args.global_batch_size, (iteration + 1) * args.global_batch_size)]
+        tokens = torch.tensor(sum((s["tokens"].tolist() for s in samples), [])).view(len(samples), -1)
+        labels = torch.tensor(sum((s["labels"].tolist() for s in samples), [])).view(len(samples), -1)
+        logits = model(tokens).logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1))
+        loss.backward()
+        clip_grad_norm(list(model.parameters()), args.grad_clip_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_fsdp_training_matches_a_plain_pytorch_loop(base_argv, baseline):
+    expected = plain_pytorch_losses(base_argv)
+    assert_close(baseline["loss"], expected, rtol=1e-5)
+    assert expected[-1] < expected[0]
+
+
+def test_gradient_accumulation_equals_one_large_micro_batch(base_argv, baseline, single_process):
+    runs = run_in_process(
+        single_process,
+        micro1=base_argv + ["--micro-batch-size", "1"],
+        micro4=base_argv + ["--micro-batch-size", "4"],
+    )
+    assert_close(runs["micro1"]["loss"], baseline["loss"], rtol=1e-5)
+    assert_close(runs["micro4"]["loss"], baseline["loss"], rtol=1e-5)
+
+
+def test_activation_checkpointing_and_meta_device_init_change_nothing(base_argv, baseline, single_process):
+    runs = run_in_process(
+        single_process,
+        checkpointing=base_argv + ["--fsdp-activation-checkpointing"],
+        low_cpu=base_argv + ["--low-cpu-fsdp"],
+    )
+    assert runs["checkpointing"]["loss"] == pytest.approx(baseline["loss"], rel=1e-6)
+    assert runs["low_cpu"]["loss"] == baseline["loss"]  # bitwise: same initial weights
+
+
+def test_bf16_and_fp16_presets_train(base_argv, baseline, single_process):
+    argv = [a for a in base_argv if a != "--fp32"] + ["--train-iters", "4"]
+    runs = run_in_process(single_process, bf16=argv + ["--bf16"], fp16=argv + ["--fp16", "--initial-loss-scale", "1024"])
+    for name in ("bf16", "fp16"):
+        losses = runs[name]["loss"]
+        assert all(math.isfinite(loss) for loss in losses), (name, losses)
+        # Low-precision compute stays within a few percent of fp32 on the first step.
+        assert losses[0] == pytest.approx(baseline["loss"][0], rel=3e-2), name
+        assert losses[-1] < losses[0], name
+
+
+def test_fp16_overflow_skips_the_step_and_a_run_of_skips_stops_training(base_argv, single_process):
+    argv = [a for a in base_argv if a != "--fp32"] + ["--fp16", "--train-iters", "4"]
+    runs = run_in_process(
+        single_process,
+        backs_off=argv + ["--initial-loss-scale", str(2.0**40), "--hysteresis", "1"],
+        stuck=argv + ["--initial-loss-scale", str(2.0**40), "--min-loss-scale", str(2.0**40),
+                      "--max-consecutive-skips", "2"],
+    )
+    backs_off = runs["backs_off"]
+    assert backs_off["skipped"] == [True] * 4  # 2**40 × loss overflows fp16 ...
+    assert backs_off["loss_scale"] == [2.0**40, 2.0**39, 2.0**38, 2.0**37]  # ... and the scale backs off
+    assert all(math.isfinite(loss) for loss in backs_off["loss"])  # the loss itself was fine
+    assert "--max-consecutive-skips 2" in runs["stuck"]["error"]
+    assert "stopping at iteration 2" in runs["stuck"]["error"]
+
+
+def test_skip_batch_consumes_the_global_batch_without_training(base_argv, baseline, single_process):
+    runs = run_in_process(single_process, skip=base_argv + ["--skip-batch", "2", "2"])
+    skip = runs["skip"]
+    assert skip["loss"][0] == baseline["loss"][0]
+    assert skip["loss"][1] is None and skip["skipped"][1]
+    assert skip["consumed_samples"] == 3 * 4
+    assert skip["loss"][2] != baseline["loss"][2]  # iteration 3 saw batch 3 with weights updated once
+
+
+def launcher_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def run_launcher(command: list[str], runs: dict[str, list[str]], tmp_path: Path) -> dict[str, dict]:
+    runs_path, results_path = tmp_path / "runs.json", tmp_path / "results.json"
+    runs_path.write_text(json.dumps(runs))
+    completed = subprocess.run(
+        command + [str(WORKER), str(runs_path), str(results_path)] + (["--use-mpi"] if "mpirun" in command[0] else []),
+        env=launcher_environment(), capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    return json.loads(results_path.read_text())
+
+
+def torchrun_command(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+
+
+def test_two_processes_with_torchrun_match_one_process_for_every_strategy(base_argv, baseline, tmp_path):
+    strategies = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+    runs = {s: base_argv + ["--sharding-strategy", s] for s in strategies}
+    runs["bf16_mixed"] = [a for a in base_argv if a != "--fp32"] + ["--bf16"]
+    results = run_launcher(torchrun_command(2), runs, tmp_path)
+    for strategy in strategies:
+        assert_close(results[strategy]["loss"], baseline["loss"], rtol=1e-5)
+        assert_close(results[strategy]["grad_norm"], baseline["grad_norm"], rtol=1e-4)
+    assert results["bf16_mixed"]["loss"][0] == pytest.approx(baseline["loss"][0], rel=3e-2)
+
+
+def mpirun_executable() -> str | None:
+    candidate = Path(sys.executable).parent / "mpirun"
+    return str(candidate) if candidate.exists() else shutil.which("mpirun")
+
+
+@pytest.mark.skipif(mpirun_executable() is None, reason="OpenMPI's mpirun is not installed")
+def test_two_processes_with_mpirun_match_one_process(base_argv, baseline, tmp_path):
+    command = [mpirun_executable(), "-np", "2", "--oversubscribe", "--bind-to", "none"]
+    if os.geteuid() == 0:
+        command.append("--allow-run-as-root")
+    command += ["-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", "-x", "PATH", sys.executable]
+    results = run_launcher(command, {"mpi": base_argv}, tmp_path)
+    assert_close(results["mpi"]["loss"], baseline["loss"], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# What a user sees when the input is wrong: one line naming the problem, no traceback.
+
+
+def run_pretrain(argv: list[str], capsys) -> tuple[int, str]:
+    code = pretrain.main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_missing_data_prefix_is_named(base_argv, capsys, tmp_path):
+    missing = str(tmp_path / "nothing_text_document")
+    argv = base_argv + ["--data-path", missing]
+    code, err = run_pretrain(argv, capsys)
+    assert code == 1 and missing in err and "Traceback" not in err
+
+
+def test_global_batch_that_does_not_divide_is_refused(base_argv, capsys):
+    code, err = run_pretrain(base_argv + ["--global-batch-size", "5"], capsys)
+    assert code == 2 and "--global-batch-size 5" in err
+
+
+def test_unknown_flag_is_refused(base_argv, capsys):
+    code, err = run_pretrain(base_argv + ["--learning-rate", "1"], capsys)
+    assert code == 2 and "--learning-rate" in err
