@@ -29,6 +29,7 @@ from einops import rearrange, repeat
 logger = logging.getLogger(__name__)
 
 CUDA_EXTENSIONS = ("selective_scan_cuda", "causal_conv1d_cuda")
+FORCE_BACKEND_VARIABLE = "KOTOMAMBA_KERNEL_BACKEND"
 
 # Mamba-3's TileLang / CuTe-DSL kernel modules: GPU-only, without references, and mamba-ssm imports
 # them inside try/except. Marking them unimportable on the reference backend saves ~5 s per process.
@@ -96,6 +97,12 @@ REFERENCE_ROUTING: tuple[tuple[str, str, str], ...] = (
      _kotomamba("mamba_split_conv1d_scan_combined_reference")),
     ("mamba_ssm.ops.triton.selective_state_update", "selective_state_update",
      _kotomamba("selective_state_update_reference")),
+    # Package-root re-exports: code that looks kernels up after backend selection (transformers'
+    # Mamba models resolve causal_conv1d.causal_conv1d_fn at import) must get the references too
+    ("causal_conv1d", "causal_conv1d_fn", _kotomamba("causal_conv1d_fn_reference")),
+    ("causal_conv1d", "causal_conv1d_update", _kotomamba("causal_conv1d_update_reference")),
+    ("mamba_ssm", "selective_scan_fn", "mamba_ssm.ops.selective_scan_interface:selective_scan_ref"),
+    ("mamba_ssm", "mamba_inner_fn", _kotomamba("mamba_inner_fn_reference")),
     # Attention layers of hybrid models (training already uses torch SDPA inside mha.py)
     ("mamba_ssm.modules.mha", "causal_conv1d_fn", _kotomamba("causal_conv1d_fn_reference")),
     ("mamba_ssm.modules.mha", "causal_conv1d_update", _kotomamba("causal_conv1d_update_reference")),
@@ -120,13 +127,25 @@ def select_kernel_backend(device: torch.device | str | None = None, allow_refere
     Call this before anything imports ``mamba_ssm``. ``device`` None means "cuda" when a GPU is
     visible, else "cpu". On a GPU without mamba-ssm's CUDA extensions this logs a loud warning and
     raises ``KernelsUnavailableError`` unless ``allow_reference_on_gpu`` is set.
+
+    ``KOTOMAMBA_KERNEL_BACKEND=reference`` in the environment forces the reference functions on a GPU
+    too (logged): for checking the CUDA kernels against the reference on the same device.
     """
     global _active_backend
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = torch.device(device).type
-    wanted = "cuda" if device_type == "cuda" and _cuda_extensions_importable() else "reference"
-    if device_type == "cuda" and wanted == "reference":
+    forced = os.environ.get(FORCE_BACKEND_VARIABLE)
+    if forced not in (None, "", "reference"):
+        raise KernelRoutingError(f"{FORCE_BACKEND_VARIABLE}={forced!r}: the only value it takes is 'reference'")
+    if forced == "reference":
+        wanted = "reference"
+        logger.warning("%s=reference: using the pure-PyTorch reference kernels on %s", FORCE_BACKEND_VARIABLE, device)
+    elif device_type == "cuda" and _cuda_extensions_importable():
+        wanted = "cuda"
+    else:
+        wanted = "reference"
+    if device_type == "cuda" and wanted == "reference" and not forced:
         logger.warning(_MISSING_KERNELS_WARNING)
         if not allow_reference_on_gpu:
             raise KernelsUnavailableError(

@@ -72,7 +72,8 @@ def _is_no_decay(name: str, parameter: torch.Tensor, extra_names: set[str]) -> b
 def parameter_groups(
     model: nn.Module, weight_decay: float, no_decay_names: set[str] | None = None
 ) -> list[dict]:
-    """AdamW parameter groups: one with ``weight_decay`` and one with 0.0 (empty groups are left out).
+    """AdamW parameter groups: with ``weight_decay`` and with 0.0 (empty groups are left out), each
+    split once more into FSDP-sharded (DTensor) and plain parameters when the model has both.
 
     No decay for 1-D parameters (norm weights, biases), any parameter whose name ends in ``bias``,
     mamba-ssm's ``A_log``/``D``/``dt_bias``, parameters marked ``_no_weight_decay = True`` and the
@@ -82,19 +83,24 @@ def parameter_groups(
     are left out. Each group carries ``param_names`` (normalized) for logging and tests.
     """
     extra_names = set(no_decay_names or ())
-    decay: tuple[list, list] = ([], [])
-    no_decay: tuple[list, list] = ([], [])
+    # (decays, sharded) -> (params, names). FSDP-sharded DTensors and plain tensors (parameters kept
+    # out of FSDP) go in separate groups: the fused/foreach AdamW kernels cannot mix them in one call.
+    buckets: dict[tuple[bool, bool], tuple[list, list]] = {}
     for raw_name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         name = normalize_parameter_name(raw_name)
-        params, names = no_decay if _is_no_decay(name, parameter, extra_names) else decay
+        key = (not _is_no_decay(name, parameter, extra_names), isinstance(parameter, DTensor))
+        params, names = buckets.setdefault(key, ([], []))
         params.append(parameter)
         names.append(name)
     groups = []
-    for (params, names), group_weight_decay in ((decay, weight_decay), (no_decay, 0.0)):
-        if params:
-            groups.append({"params": params, "param_names": names, "weight_decay": group_weight_decay})
+    for decays in (True, False):
+        for sharded in (True, False):
+            if (decays, sharded) in buckets:
+                params, names = buckets[(decays, sharded)]
+                groups.append({"params": params, "param_names": names,
+                               "weight_decay": weight_decay if decays else 0.0})
     if not groups:
         raise OptimizerConfigError(f"{type(model).__name__} has no trainable parameters to optimize")
     return groups

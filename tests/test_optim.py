@@ -103,7 +103,10 @@ EXPECTED_NO_DECAY = {
 
 
 def _groups_by_decay(groups: list[dict]) -> dict[float, set[str]]:
-    return {group["weight_decay"]: set(group["param_names"]) for group in groups}
+    merged: dict[float, set[str]] = {}
+    for group in groups:
+        merged.setdefault(group["weight_decay"], set()).update(group["param_names"])
+    return merged
 
 
 def test_parameter_groups_split_mamba_names():

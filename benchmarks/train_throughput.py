@@ -1,0 +1,348 @@
+"""Training throughput: kotomamba's pretrain.py path against the peers users would otherwise run,
+on the same shapes, the same machine, in one run.
+
+    python benchmarks/train_throughput.py --plan standard          # on a GPU machine (1 and 2 GPUs)
+    python benchmarks/train_throughput.py --plan tiny              # CPU smoke test of every runner
+
+Runners (each measurement in its own process, launched with torchrun when it uses 2 GPUs):
+  kotomamba   our training loop (`kotomamba.train.run_training`, i.e. pretrain.py) on a Megatron
+              dataset of random tokens: FSDP2, fp32 master weights, bf16 compute, fp32 reduction.
+  recipe      the kotomamba repository's recipe: FSDP1 `FullyShardedDataParallel` wrapping each
+              mamba-ssm `Block`, the model cast to bf16, `MixedPrecision(bf16, bf16, bf16)`,
+              torch AdamW, cross-entropy on bf16 logits.
+  hf          Hugging Face `MambaForCausalLM` (its CUDA-kernel path), one GPU, plain loop, bf16
+              autocast over fp32 weights, torch AdamW.
+All runners train on random tokens (the data loader is not what is measured; ours still reads its
+samples through the real Megatron dataset). Tokens/s per GPU = global batch × seq / mean step time
+/ GPUs, over the steps after warm-up. MFU uses `kotomamba.flops.flops_per_token` (forward +
+backward, no recomputation counted) against the GPU's dense bf16 peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+VOCAB = 50277  # GPT-NeoX vocabulary of the public state-spaces checkpoints
+
+
+@dataclass(frozen=True)
+class Case:
+    runner: str
+    model: str
+    gpus: int
+    seq: int
+    micro_batch: int
+    options: str = ""  # extra pretrain.py flags for the kotomamba runner
+
+    @property
+    def label(self) -> str:
+        extra = f" {self.options}" if self.options else ""
+        return f"{self.runner} {self.model} {self.gpus}gpu seq{self.seq} mb{self.micro_batch}{extra}"
+
+
+def plan(name: str) -> list[Case]:
+    if name == "tiny":  # FSDP1, hence the recipe, needs a GPU
+        return [Case(r, "tiny", 1, 64, 2) for r in ("kotomamba", "hf")]
+    if name == "quick":
+        return [
+            Case("kotomamba", "2.8b", 1, 2048, 4),
+            Case("recipe", "2.8b", 1, 2048, 4),
+        ]
+    cases = []
+    for model, mbs in (("130m", 16), ("1.4b", 8), ("2.8b", 4)):
+        cases += [Case("kotomamba", model, 1, 2048, mbs), Case("recipe", model, 1, 2048, mbs),
+                  Case("hf", model, 1, 2048, mbs)]
+    cases += [
+        Case("kotomamba", "2.8b", 1, 2048, 8),
+        Case("kotomamba", "2.8b", 2, 2048, 4), Case("kotomamba", "2.8b", 2, 2048, 8),
+        Case("recipe", "2.8b", 2, 2048, 4), Case("recipe", "2.8b", 2, 2048, 8),
+        Case("kotomamba", "mamba2-2.7b", 1, 2048, 4), Case("recipe", "mamba2-2.7b", 1, 2048, 4),
+        Case("kotomamba", "1.4b", 1, 8192, 1), Case("kotomamba", "1.4b", 1, 16384, 1),
+    ]
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------
+# Workers: one measurement each, printing a RESULT line on rank 0.
+
+
+def model_config(name: str):
+    from kotomamba.model import load_model_config
+
+    if name == "tiny":
+        return load_model_config("130m", VOCAB, {"d_model": 64, "n_layer": 2})
+    return load_model_config(name, VOCAB)
+
+
+def random_dataset(directory: Path, tokens: int) -> str:
+    """A Megatron .bin/.idx of random documents (written once per benchmark run)."""
+    import numpy as np
+
+    from megatron_lm.indexed_dataset import IndexedDatasetBuilder, data_file_path, index_file_path
+
+    prefix = str(directory / f"random_{tokens}")
+    if not Path(index_file_path(prefix)).exists():
+        rng = np.random.default_rng(0)
+        with IndexedDatasetBuilder(data_file_path(prefix), dtype=np.uint16) as builder:
+            for _ in range(tokens // 4096):
+                builder.add_item(rng.integers(0, VOCAB, 4096, dtype=np.uint16))
+                builder.end_document()
+            builder.finalize(index_file_path(prefix))
+    return prefix
+
+
+def run_kotomamba(case: Case, steps: int, warmup: int, data_prefix: str, config_path: str) -> dict:
+    import torch
+
+    from kotomamba.arguments import parse_args
+    from kotomamba.distributed import init_distributed, shutdown_distributed
+    from kotomamba.train import run_training
+
+    ctx = init_distributed()
+    device_precision = ["--bf16"] if ctx.device.type == "cuda" else ["--fp32"]
+    argv = [
+        "--model", config_path, "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB),
+        "--data-path", data_prefix, "--split", "100,0,0", "--seq-length", str(case.seq),
+        "--micro-batch-size", str(case.micro_batch), "--global-batch-size", str(case.micro_batch * ctx.world_size),
+        "--train-iters", str(warmup + steps), "--lr", "1e-4", "--eval-iters", "0", "--num-workers", "2",
+        "--log-interval", str(warmup + steps), *device_precision, *case.options.split(),
+    ]
+    times: list[float] = []
+    try:
+        run_training(parse_args(argv), ctx, lambda state, result: times.append(time.perf_counter()))
+        peak = torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else 0.0
+    finally:
+        shutdown_distributed()
+    return {"step_s": (times[-1] - times[warmup - 1]) / steps, "peak_gib": peak, "world": ctx.world_size,
+            "rank": ctx.rank}
+
+
+def run_recipe(case: Case, steps: int, warmup: int) -> dict:
+    import functools
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision, ShardingStrategy
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    from kotomamba.distributed import init_distributed, shutdown_distributed
+    from kotomamba.model import build_model
+
+    ctx = init_distributed()
+    from mamba_ssm.modules.block import Block
+
+    dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+    model = build_model(model_config(case.model), device=ctx.device, seed=0).to(dtype)
+    model = FullyShardedDataParallel(
+        model,
+        auto_wrap_policy=functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={Block}),
+        mixed_precision=MixedPrecision(param_dtype=dtype, reduce_dtype=dtype, buffer_dtype=dtype),
+        sharding_strategy=ShardingStrategy.FULL_SHARD,
+        device_id=ctx.device if ctx.device.type == "cuda" else None,
+        use_orig_params=False,
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    times = _plain_loop(model, optimizer, case, steps, warmup, ctx.device,
+                        lambda logits, labels: F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1)))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else 0.0
+    dist.barrier()
+    shutdown_distributed()
+    return {"step_s": times, "peak_gib": peak, "world": ctx.world_size, "rank": ctx.rank}
+
+
+def run_hf(case: Case, steps: int, warmup: int) -> dict:
+    import torch
+    from transformers import MambaConfig, MambaForCausalLM
+
+    config = model_config(case.model)
+    if config.ssm_cfg.get("layer", "Mamba1") != "Mamba1":
+        raise SystemExit("the hf runner covers Mamba-1 models only")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hf_config = MambaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layer,
+        state_size=config.ssm_cfg.get("d_state", 16), expand=config.ssm_cfg.get("expand", 2),
+        conv_kernel=config.ssm_cfg.get("d_conv", 4), residual_in_fp32=True, tie_word_embeddings=True,
+        pad_vocab_size_multiple=config.pad_vocab_size_multiple, use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = MambaForCausalLM(hf_config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    times = _plain_loop(model, optimizer, case, steps, warmup, device, None, autocast)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    return {"step_s": times, "peak_gib": peak, "world": 1, "rank": 0}
+
+
+def _plain_loop(model, optimizer, case: Case, steps: int, warmup: int, device, loss_fn, autocast=None) -> float:
+    """Mean seconds per optimizer step (one micro-batch per step) after `warmup` steps."""
+    import contextlib
+
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = VOCAB
+    started = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+        tokens = torch.randint(0, vocab, (case.micro_batch, case.seq + 1), generator=generator).to(device)
+        with autocast or contextlib.nullcontext():
+            if loss_fn is None:  # Hugging Face computes its own shifted loss
+                loss = model(tokens[:, :-1], labels=tokens[:, :-1]).loss
+            else:
+                loss = loss_fn(model(tokens[:, :-1]).logits, tokens[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # the step is complete when its loss is known, as in every training loop
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / steps
+
+
+def worker(args: argparse.Namespace) -> None:
+    case = Case(**json.loads(args.worker))
+    from kotomamba.kernels import select_kernel_backend
+
+    import torch
+
+    select_kernel_backend("cuda" if torch.cuda.is_available() else "cpu")
+    if case.runner == "kotomamba":
+        config = model_config(case.model)
+        config_path = Path(args.workdir) / f"{case.model}.json"
+        config_path.write_text(json.dumps({**asdict(config), "vocab_size": VOCAB}))
+        result = run_kotomamba(case, args.steps, args.warmup, args.data_prefix, str(config_path))
+    elif case.runner == "recipe":
+        result = run_recipe(case, args.steps, args.warmup)
+    else:
+        result = run_hf(case, args.steps, args.warmup)
+    if result["rank"] == 0:
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver
+
+
+def measure(case: Case, args: argparse.Namespace, data_prefix: str) -> dict:
+    worker_args = ["--worker", json.dumps(asdict(case)), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--data-prefix", data_prefix, "--workdir", args.workdir]
+    script = str(Path(__file__).resolve())
+    if case.gpus > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={case.gpus}",
+                   script, *worker_args]
+    else:
+        command = [sys.executable, script, *worker_args]
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    started = time.perf_counter()
+    try:
+        completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.case_timeout)
+        output = completed.stdout + completed.stderr
+    except subprocess.TimeoutExpired as expired:
+        output = (expired.stdout or b"").decode(errors="replace") if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+        return {"status": f"timeout after {args.case_timeout}s", "wall_s": time.perf_counter() - started}
+    for line in output.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            result.update(status="ok", wall_s=time.perf_counter() - started)
+            return result
+    status = "out of memory" if "OutOfMemoryError" in output or "out of memory" in output else "failed"
+    Path(args.workdir, f"failed_{abs(hash(case.label))}.log").write_text(output[-20000:])
+    return {"status": status, "error_tail": output[-1500:], "wall_s": time.perf_counter() - started}
+
+
+def summarize(rows: list[tuple[Case, dict]], gpu_name: str) -> str:
+    from kotomamba.flops import flops_per_token, peak_flops
+
+    from benchmarks.report import markdown_table
+
+    peak = peak_flops(gpu_name, "bfloat16")
+    table = []
+    by_key = {}
+    for case, result in rows:
+        if result.get("status") != "ok":
+            table.append([case.runner, case.model, case.gpus, case.seq, case.micro_batch, case.options or "-",
+                          result.get("status"), "", "", "", ""])
+            continue
+        tokens_per_gpu = case.micro_batch * case.seq / result["step_s"]
+        flops = flops_per_token(model_config(case.model), case.seq)
+        mfu = f"{100 * tokens_per_gpu * flops / peak:.1f}%" if peak else "n/a"
+        by_key[(case.runner, case.model, case.gpus, case.seq)] = max(
+            tokens_per_gpu, by_key.get((case.runner, case.model, case.gpus, case.seq), 0.0))
+        table.append([case.runner, case.model, case.gpus, case.seq, case.micro_batch, case.options or "-",
+                      f"{tokens_per_gpu:,.0f}", mfu, f"{result['peak_gib']:.1f}", f"{result['step_s']:.3f}", ""])
+    for row in table:
+        ours = by_key.get(("kotomamba", row[1], row[2], row[3]))
+        if row[0] != "kotomamba" and ours and row[6] and row[6][0].isdigit():
+            row[10] = f"{ours / float(row[6].replace(',', '')):.2f}×"
+    header = ["runner", "model", "GPUs", "seq", "micro batch", "options", "tokens/s per GPU", "MFU",
+              "peak GiB", "s/step", "ours (best mb) ÷ this"]
+    lines = [markdown_table(header, table)]
+    scaling = [(m, by_key.get(("kotomamba", m, 2, s)), by_key.get(("kotomamba", m, 1, s)))
+               for (r, m, g, s) in by_key if r == "kotomamba" and g == 1]
+    for model, two, one in scaling:
+        if two and one:
+            lines.append(f"\n1→2 GPU scaling, {model} (best micro batch each): {2 * two / one:.2f}× total throughput")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plan", default="standard", choices=("tiny", "quick", "standard"))
+    parser.add_argument("--only", default=None, help="Run only cases whose label contains this text.")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--case-timeout", type=int, default=300)
+    parser.add_argument("--results", default=None, help="Append each case's result to this JSONL file.")
+    parser.add_argument("--no-report", action="store_true", help="Do not write docs/benchmarks.md.")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--data-prefix", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    import torch
+
+    gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 2
+    cases = [c for c in plan(args.plan) if c.gpus <= available and (args.only is None or args.only in c.label)]
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="kotomamba-bench-")
+    longest = max(c.seq for c in cases)
+    needed = max((args.warmup + args.steps) * c.micro_batch * c.gpus * (c.seq + 1) for c in cases)
+    data_prefix = random_dataset(Path(args.workdir), max(needed * 2, longest * 64))
+    rows = []
+    for case in cases:
+        result = measure(case, args, data_prefix)
+        rows.append((case, result))
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items() if k != "error_tail"}
+        print(f"{case.label}: {shown}", flush=True)
+        if result.get("status") not in ("ok", "out of memory"):
+            print(result.get("error_tail", ""), flush=True)
+        if args.results:
+            with open(args.results, "a") as f:
+                f.write(json.dumps({"case": asdict(case), "result": result}) + "\n")
+    body = summarize(rows, gpu_name)
+    print(body)
+    if not args.no_report:
+        from benchmarks.report import write_section
+
+        write_section("train_throughput", f"Training throughput ({gpu_name})", __doc__.split("\n\n", 2)[2] + "\n" + body)
+
+
+if __name__ == "__main__":
+    main()
