@@ -178,11 +178,32 @@ def torchrun_command(nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
 
 
+def small_base_model(directory: Path, vocab_size: int) -> Path:
+    """A mamba-ssm format directory (config.json + model.safetensors) whose embedding has `vocab_size` rows."""
+    from safetensors.torch import save_file
+
+    from kotomamba.model import build_model, load_model_config
+
+    config = load_model_config("130m", vocab_size, {"d_model": 32, "n_layer": 2, "pad_vocab_size_multiple": 1})
+    model = build_model(config, seed=0)
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({**config.__dict__}))
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(directory / "model.safetensors"))
+    return directory
+
+
 def test_two_processes_with_torchrun_match_one_process_for_every_strategy(base_argv, baseline, tmp_path):
     strategies = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
     runs = {s: base_argv + ["--sharding-strategy", s] for s in strategies}
     runs["bf16_mixed"] = [a for a in base_argv if a != "--fp32"] + ["--bf16"]
+    # A base model whose embedding is smaller than the tokenizer: every rank must stop, none may hang.
+    too_small = small_base_model(tmp_path / "base", vocab_size=100)
+    model_flag = base_argv.index("--model")
+    runs["embedding_too_small"] = base_argv[:model_flag] + base_argv[model_flag + 2:] + ["--base-model", str(too_small)]
     results = run_launcher(torchrun_command(2), runs, tmp_path)
+    assert "tokens but the base model" in results["embedding_too_small"]["error"]
+    assert "has only 100 embedding rows" in results["embedding_too_small"]["error"]
     for strategy in strategies:
         assert_close(results[strategy]["loss"], baseline["loss"], rtol=1e-5)
         assert_close(results[strategy]["grad_norm"], baseline["grad_norm"], rtol=1e-4)
