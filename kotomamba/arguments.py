@@ -521,9 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument(
         "--checkpoint-type", type=_choice(CHECKPOINT_TYPES), default="SHARDED_STATE_DICT",
         metavar="{" + ",".join(CHECKPOINT_TYPES) + "}",
-        help="SHARDED_STATE_DICT: one shard per rank, resumable on another world size (default); "
-             "LOCAL_STATE_DICT: raw per-rank shards, same world size only; FULL_STATE_DICT: rank 0 "
-             "writes the whole model.",
+        help="SHARDED_STATE_DICT: every rank writes its shards in parallel (torch.distributed.checkpoint), "
+             "resumable on another number of processes (default); LOCAL_STATE_DICT: accepted for kotomamba "
+             "scripts, the same sharded format; FULL_STATE_DICT: rank 0 writes one consolidated file.",
     )
     checkpoint.add_argument("--async-save", action="store_true", help="Write checkpoints in the background while training continues.")
     checkpoint.add_argument(
@@ -537,6 +537,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Save (when --save is set) and exit once training has run this many minutes.",
     )
     checkpoint.add_argument(
+        "--override-data-on-resume", action="store_true",
+        help="Resume even though the training data changed since the checkpoint (other --data-path/--split/"
+             "--seed, --seq-length, tokenizer or data files): training continues at the checkpoint's consumed "
+             "samples in the new data order. Without it such a resume is refused.",
+    )
+    checkpoint.add_argument(
         "--save-model", "--save-optimizer", action=ignore,
         help="Accepted for kotomamba scripts; checkpoints always hold the model and optimizer.",
     )
@@ -544,8 +550,24 @@ def build_parser() -> argparse.ArgumentParser:
     misc = parser.add_argument_group("miscellaneous")
     misc.add_argument(
         "--dry-run", action="store_true",
-        help="Check the configuration and stop before the first iteration; --lr, --train-iters/"
-             "--train-samples and the data paths may then be omitted.",
+        help="Print the resolved configuration, world layout, batch arithmetic, token budget, parameter "
+             "count, FLOPs per token and a per-GPU memory estimate, then exit, without a GPU, distributed "
+             "initialization or data files (a login node is fine); --lr, --train-iters/--train-samples and "
+             "the data paths may then be omitted. The world size comes from torchrun's or mpirun's "
+             "environment when present, else from --dry-run-world-size.",
+    )
+    misc.add_argument(
+        "--dry-run-world-size", type=int, default=None, metavar="N",
+        help="With --dry-run outside a launcher: the number of processes (GPUs) the real run will have, "
+             "e.g. 32 for 4 nodes x 8 GPUs (default 1). torchrun's WORLD_SIZE or mpirun's "
+             "OMPI_COMM_WORLD_SIZE take precedence.",
+    )
+    misc.add_argument(
+        "--dry-run-gpus-per-node", type=int, default=None, metavar="N",
+        help="With --dry-run outside a launcher: processes per node (8 on ABCI A-nodes, 4 on V-nodes); "
+             "sets the node count and the HYBRID_SHARD group (default: the world size when at most 8, "
+             "else the largest of 8, 4, 2 that divides it). LOCAL_WORLD_SIZE / OMPI_COMM_WORLD_LOCAL_SIZE "
+             "take precedence.",
     )
     misc.add_argument(
         "--peak-tflops", type=float, default=None,
@@ -797,10 +819,14 @@ def _validate_numbers(args: argparse.Namespace) -> None:
         "--log-interval": (args.log_interval, 1), "--optimizer-stats-interval": (args.optimizer_stats_interval, 0),
         "--max-consecutive-skips": (args.max_consecutive_skips, 0), "--save-interval": (args.save_interval, 1),
         "--keep-last-k": (args.keep_last_k, 1), "--exit-interval": (args.exit_interval, 1),
+        "--dry-run-world-size": (args.dry_run_world_size, 1), "--dry-run-gpus-per-node": (args.dry_run_gpus_per_node, 1),
     }
     for flag, (value, minimum) in at_least.items():
         _check(value is None or value >= minimum, f"{flag} must be at least {minimum}, got {value}")
     _check(args.seed < 2 ** 32, f"--seed must be below 2**32, got {args.seed}")
+    for flag, value in (("--dry-run-world-size", args.dry_run_world_size),
+                        ("--dry-run-gpus-per-node", args.dry_run_gpus_per_node)):
+        _check(value is None or args.dry_run, f"{flag} {value} only applies with --dry-run")
 
     non_negative = {
         "--lr": args.lr, "--min-lr": args.min_lr, "--lr-warmup-init": args.lr_warmup_init,

@@ -23,6 +23,7 @@ from torch import nn
 
 from kotomamba import arguments, metrics
 from kotomamba.distributed import DistributedContext, all_ranks_agree, init_distributed, shutdown_distributed
+from kotomamba.sinks import MetricLogger
 
 logger = logging.getLogger("kotomamba")
 
@@ -50,14 +51,16 @@ class TrainState:
     consumed_tokens: int = 0
     skipped_iterations: int = 0
     consecutive_skips: int = 0
+    consumed_valid_samples: int = 0  # where the validation stream continues after a resume
 
 
 @dataclass
 class StepResult:
     loss: float  # mean over the global batch
     grad_norm: float  # global L2 norm before clipping, after unscaling
-    skipped: bool  # non-finite gradients: the optimizer did not step
+    skipped: bool  # non-finite loss or gradients: the optimizer did not step
     loss_scale: float  # the scale this step's backward used (1 without fp16)
+    optimizer_stats: dict[str, float] | None = None  # every --optimizer-stats-interval (kotomamba.optimizer_stats)
 
 
 def check_on_every_rank(ok: bool, message: str, ctx: DistributedContext) -> None:
@@ -91,10 +94,13 @@ def build_model_and_tokenizer(args: Namespace, ctx: DistributedContext):
     return model, model.config, tokenizer
 
 
-def build_datasets(args: Namespace):
+def build_datasets(args: Namespace, min_train_samples: int = 0):
+    """Train/valid/test datasets sized as Megatron sizes them; `min_train_samples` is what a resumed run
+    whose global batch size shrank reads in total (see CheckpointManager.train_samples_needed)."""
     from megatron_lm.data_builder import DataConfig, build_train_valid_test_datasets, samples_per_split
 
     num_samples = samples_per_split(args.train_iters, args.eval_interval, args.eval_iters, args.global_batch_size)
+    num_samples = (max(num_samples[0], min_train_samples), *num_samples[1:])
     config = DataConfig(
         data_path=args.data_path,
         train_data_path=args.train_data_path,
@@ -141,8 +147,11 @@ def evaluate(model: nn.Module, batches: Iterator[dict], num_micro_batches: int, 
     return result
 
 
-def cycle(loader) -> Iterator[dict]:
-    """Evaluation iterators continue across evaluations (Megatron's behaviour) and wrap at the end."""
+def cycle(loader, first_pass=None) -> Iterator[dict]:
+    """Evaluation iterators continue across evaluations (Megatron's behaviour) and wrap at the end;
+    `first_pass`, a loader starting mid-way, is where a resumed run's stream continues before wrapping."""
+    if first_pass is not None:
+        yield from first_pass
     while True:
         yield from loader
 
@@ -168,10 +177,23 @@ def pretrain(args: Namespace, on_step: StepCallback | None = None) -> TrainState
 def run_training(args: Namespace, ctx: DistributedContext, on_step: StepCallback | None = None) -> TrainState:
     """The whole run in an existing process group. `on_step(state, result)` is called after every
     iteration (`result` is None for a --skip-batch iteration)."""
+    # Opened first so that a missing package or a bad W&B flag stops the run before the model is built;
+    # closed (the W&B run marked failed on an exception) whichever way training ends.
+    # SIGTERM/SIGUSR1 (a scheduler's warning) become a save-and-exit at the next iteration boundary.
+    from kotomamba.checkpoint import exit_signals_handled
+
+    with exit_signals_handled(), MetricLogger(args, ctx) as metric_logger:
+        return _train(args, ctx, metric_logger, on_step)
+
+
+def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger,
+           on_step: StepCallback | None) -> TrainState:
     from kotomamba import data as data_lib
+    from kotomamba.checkpoint import CheckpointManager, evaluation_resume_position
     from kotomamba.flops import flops_per_token, peak_flops
     from kotomamba.kernels import configure_triton_cache, select_kernel_backend
     from kotomamba.optim import LRSchedule, apply_lr, build_optimizer, clip_grad_norm, marked_no_weight_decay_names
+    from kotomamba.optimizer_stats import OptimizerStats, summary_line
     from kotomamba.parallel import parallelize
     from kotomamba.precision import autocast_context, build_loss_scaler, resolve_precision
 
@@ -208,15 +230,20 @@ def run_training(args: Namespace, ctx: DistributedContext, on_step: StepCallback
         return autocast_context(policy, ctx.device.type)
 
     # --- data -----------------------------------------------------------------------------------
-    train_ds, valid_ds, test_ds = build_datasets(args)
-    state = TrainState()
+    # The checkpoint (--load) is restored before the loaders are built: they start at its data position.
+    checkpointer = CheckpointManager(args, ctx, model, optimizer, scaler, tokenizer, model_config)
+    train_ds, valid_ds, test_ds = build_datasets(args, checkpointer.train_samples_needed())
+    state = checkpointer.load(TrainState(), train_ds)
     loader_options = dict(micro_batch_size=args.micro_batch_size, dp_rank=ctx.rank, dp_size=ctx.world_size,
                           num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda")
     train_batches = iter(data_lib.build_loader(train_ds, state.consumed_samples, **loader_options))
     evaluating = args.eval_iters > 0
     valid_batches = None
     if evaluating and valid_ds is not None:
-        valid_batches = cycle(data_lib.build_loader(valid_ds, 0, **loader_options))
+        valid_start = evaluation_resume_position(len(valid_ds), state.consumed_valid_samples,
+                                                 args.micro_batch_size * ctx.world_size)
+        valid_batches = cycle(data_lib.build_loader(valid_ds, 0, **loader_options),
+                              data_lib.build_loader(valid_ds, valid_start, **loader_options) if valid_start else None)
 
     # --- what one iteration costs -----------------------------------------------------------------
     tokens_per_iteration = args.global_batch_size * args.seq_length
@@ -234,8 +261,9 @@ def run_training(args: Namespace, ctx: DistributedContext, on_step: StepCallback
     )
 
     parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer_stats = OptimizerStats(model, optimizer, ctx.device)
 
-    def train_step() -> StepResult:
+    def train_step(collect_optimizer_stats: bool = False) -> StepResult:
         """One global batch: accumulate micro-batches (gradient reduction on the last one only), then
         unscale, check, clip and step."""
         loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float32)
@@ -251,16 +279,19 @@ def run_training(args: Namespace, ctx: DistributedContext, on_step: StepCallback
             scaler.scale_loss(loss / accumulation).backward()
             loss_sum += loss.detach()
         sharded.sync_replicated_gradients()
+        dist.all_reduce(loss_sum)
+        mean_loss = loss_sum.item() / (accumulation * ctx.world_size)
         found_inf = scaler.unscale_and_check(parameters)
         grad_norm = clip_grad_norm(parameters, args.grad_clip_norm).item()
-        skipped = found_inf or not math.isfinite(grad_norm)
+        skipped = found_inf or not math.isfinite(grad_norm) or not math.isfinite(mean_loss)
         if not skipped:
             optimizer.step()
         loss_scale = scaler.scale
         scaler.update(skipped)
+        # After the step (moments include it), before zero_grad (the gradients are still there).
+        stats = optimizer_stats.compute() if collect_optimizer_stats else None
         optimizer.zero_grad(set_to_none=True)
-        dist.all_reduce(loss_sum)
-        return StepResult(loss_sum.item() / (accumulation * ctx.world_size), grad_norm, skipped, loss_scale)
+        return StepResult(mean_loss, grad_norm, skipped, loss_scale, stats)
 
     def skip_global_batch() -> None:
         """--skip-batch: draw this iteration's samples without training on them."""
@@ -268,7 +299,10 @@ def run_training(args: Namespace, ctx: DistributedContext, on_step: StepCallback
             next(train_batches)
 
     # --- the loop -----------------------------------------------------------------------------
-    meter = metrics.IntervalMeter()
+    start_iteration = state.iteration
+    metric_logger.start(start_iteration, arguments.resolved_config(args))
+    valid_names, test_names = metrics.blend_component_names(valid_ds), metrics.blend_component_names(test_ds)
+    meter = metrics.IntervalMeter(device=ctx.device)
     run_started = time.perf_counter()
     model.train()
     while state.iteration < args.train_iters:
@@ -278,66 +312,72 @@ def run_training(args: Namespace, ctx: DistributedContext, on_step: StepCallback
         if in_skip_ranges(iteration, args.skip_batch):
             skip_global_batch()
             logger.info("iteration %d: global batch skipped (--skip-batch)", iteration)
+            meter.record_skipped_batch()
             result = None
         else:
-            result = train_step()
+            stats_due = args.optimizer_stats_interval > 0 and iteration % args.optimizer_stats_interval == 0
+            result = train_step(collect_optimizer_stats=stats_due)
             if result.skipped:
                 state.skipped_iterations += 1
                 state.consecutive_skips += 1
-                logger.warning("iteration %d: non-finite loss or gradients (grad norm %s, loss scale %g): step skipped",
-                               iteration, result.grad_norm, result.loss_scale)
+                logger.warning("iteration %d: non-finite loss or gradients (loss %s, grad norm %s, loss scale %g): "
+                               "step skipped", iteration, result.loss, result.grad_norm, result.loss_scale)
             else:
                 state.consecutive_skips = 0
-            meter.record(result.loss, result.skipped)
+            meter.record(result, tokens_per_iteration)
         state.iteration = iteration
         state.consumed_samples += args.global_batch_size
         state.consumed_tokens += tokens_per_iteration
-        meter.tokens += tokens_per_iteration
         if on_step is not None:
             on_step(state, result)
 
-        if args.max_consecutive_skips and state.consecutive_skips >= args.max_consecutive_skips:
+        if result is not None and result.optimizer_stats is not None:
+            metric_logger.log(iteration, result.optimizer_stats, summary_line(iteration, result.optimizer_stats))
+        stopping = args.max_consecutive_skips > 0 and state.consecutive_skips >= args.max_consecutive_skips
+        if meter.last_result is not None and (iteration % args.log_interval == 0 or iteration == args.train_iters
+                                              or stopping):
+            log_training(state, args, meter, lr, ctx, metric_logger, model_flops_per_token, peak, run_started,
+                         start_iteration)
+            meter.reset()
+        if stopping:
+            # Nothing is saved on this path: the last checkpoint, from before the skips, stays the one to resume.
             raise TrainingError(
                 f"{state.consecutive_skips} consecutive iterations had non-finite loss or gradients "
                 f"(--max-consecutive-skips {args.max_consecutive_skips}); stopping at iteration {iteration}"
             )
 
-        if result is not None and (iteration % args.log_interval == 0 or iteration == args.train_iters):
-            log_training(state, args, meter, lr, result, ctx, model_flops_per_token, peak, run_started)
-            meter.reset()
-
         if valid_batches is not None and iteration % args.eval_interval == 0:
-            evaluation = evaluate(model, valid_batches, args.eval_iters * accumulation, ctx, autocast)
-            logger.info("validation at iteration %d | %s", iteration, format_evaluation(evaluation))
+            with meter.paused():  # evaluation time is not training time
+                evaluation = evaluate(model, valid_batches, args.eval_iters * accumulation, ctx, autocast)
+            state.consumed_valid_samples += args.eval_iters * args.global_batch_size
+            values = metrics.evaluation_metrics("valid", evaluation, valid_names)
+            metric_logger.log(iteration, values, metrics.format_evaluation_line("valid", iteration, values))
 
-    if evaluating and test_ds is not None:
+        # Saves at --save-interval; True when the run must stop now (SIGTERM/SIGUSR1, --exit-*), after saving.
+        with meter.paused():  # checkpointing is not training time either
+            stop = checkpointer.after_iteration(state)
+        if stop:
+            break
+
+    checkpointer.finish(state)  # the final checkpoint, and any background write completed
+    if evaluating and test_ds is not None and not checkpointer.exited:
         test_batches = cycle(data_lib.build_loader(test_ds, 0, **loader_options))
         evaluation = evaluate(model, test_batches, args.eval_iters * accumulation, ctx, autocast)
-        logger.info("test at iteration %d | %s", state.iteration, format_evaluation(evaluation))
+        values = metrics.evaluation_metrics("test", evaluation, test_names)
+        metric_logger.log(state.iteration, values, metrics.format_evaluation_line("test", state.iteration, values))
     return state
 
 
-def log_training(state: TrainState, args: Namespace, meter: metrics.IntervalMeter, lr: float, result: StepResult,
-                 ctx: DistributedContext, model_flops_per_token: float, peak: float | None,
-                 run_started: float) -> None:
-    elapsed = meter.elapsed()
-    rates = metrics.throughput(meter.tokens, elapsed, ctx.world_size, model_flops_per_token, peak)
-    allocated, reserved = metrics.peak_memory_gib(ctx.device)
-    loss = meter.mean_loss()
-    total_elapsed = time.perf_counter() - run_started
-    remaining = total_elapsed / state.iteration * (args.train_iters - state.iteration)
-    logger.info(
-        "iteration %d/%d | consumed tokens %s | loss %.4f | ppl %.2f | lr %.3e | grad norm %.3f | loss scale %g | "
-        "skipped %d (total %d) | %.0f tokens/s (%.0f per GPU) | %.2f TFLOP/s per GPU | MFU %s | data wait %.0f%% | "
-        "peak memory %.1f/%.1f GiB | elapsed %s | remaining %s",
-        state.iteration, args.train_iters, f"{state.consumed_tokens:,}", loss, math.exp(min(loss, 50)), lr,
-        result.grad_norm, result.loss_scale, meter.skipped, state.skipped_iterations, rates["tokens_per_s"],
-        rates["tokens_per_s_per_gpu"], rates["tflops_per_gpu"],
-        f"{100 * rates['mfu']:.1f}%" if "mfu" in rates else "n/a",
-        100 * meter.data_wait_seconds / elapsed if elapsed else 0.0, allocated, reserved,
-        metrics.format_duration(total_elapsed), metrics.format_duration(remaining),
+def log_training(state: TrainState, args: Namespace, meter: metrics.IntervalMeter, lr: float, ctx: DistributedContext,
+                 metric_logger: MetricLogger, model_flops_per_token: float, peak: float | None, run_started: float,
+                 start_iteration: int) -> None:
+    """The interval's metrics (see kotomamba.metrics) to the log line and the sinks; on every rank."""
+    values = metrics.training_metrics(
+        meter, lr=lr, consumed_tokens=state.consumed_tokens, consumed_samples=state.consumed_samples,
+        skipped_steps_total=state.skipped_iterations, world_size=ctx.world_size,
+        flops_per_token=model_flops_per_token, peak_flops=peak, device=ctx.device,
     )
-
-
-def format_evaluation(result: dict[str, float]) -> str:
-    return " | ".join(f"{name} {value:.4f} (ppl {math.exp(min(value, 50)):.2f})" for name, value in result.items())
+    run_seconds = time.perf_counter() - run_started
+    remaining = run_seconds / (state.iteration - start_iteration) * (args.train_iters - state.iteration)
+    line = metrics.format_training_line(state.iteration, args.train_iters, values, run_seconds, remaining)
+    metric_logger.log(state.iteration, values, line)

@@ -116,9 +116,12 @@ FLAG_CASES: dict[str, tuple[list[str], str, object]] = {
     "--async-save": (["--save", "/ckpt", "--async-save"], "async_save", True),
     "--keep-last-k": (["--save", "/ckpt", "--keep-last-k", "3"], "keep_last_k", 3),
     "--exit-interval": (["--exit-interval", "20"], "exit_interval", 20),
+    "--override-data-on-resume": (["--override-data-on-resume"], "override_data_on_resume", True),
     "--exit-duration-in-mins": (["--exit-duration-in-mins", "230.5"], "exit_duration_in_mins", 230.5),
     "--config": ([], "config", None),  # covered by the YAML tests
     "--dry-run": (["--dry-run"], "dry_run", True),
+    "--dry-run-world-size": (["--dry-run", "--dry-run-world-size", "32"], "dry_run_world_size", 32),
+    "--dry-run-gpus-per-node": (["--dry-run", "--dry-run-gpus-per-node", "4"], "dry_run_gpus_per_node", 4),
     "--peak-tflops": (["--peak-tflops", "989"], "peak_tflops", 989.0),
 }
 

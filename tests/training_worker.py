@@ -7,11 +7,19 @@ losses and grad norms. Started by the tests under torchrun or mpirun (or called 
 RUNS.json is {"name": [pretrain.py arguments...], ...}; rank 0 writes RESULTS.json as
 {"name": {"loss": [...], "grad_norm": [...], "skipped": [...], "consumed_samples": n}, ...} or
 {"name": {"error": "message"}} when a run raised one of the user-facing errors.
+
+A run may instead be {"argv": [...], ...} with test hooks:
+  "signal": [ITERATION, RANK, "SIGTERM"]  that rank sends itself the signal after that iteration;
+  "pause_before_publish": [ITERATION, MARKER]  the checkpoint of that iteration, fully written but not
+      yet published, creates MARKER and waits there forever (for a test to SIGKILL the process).
 """
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -20,23 +28,46 @@ from kotomamba.arguments import parse_args  # noqa: E402
 from kotomamba.distributed import DistributedContext, init_distributed, shutdown_distributed  # noqa: E402
 
 
-def run_configurations(runs: dict[str, list[str]], ctx: DistributedContext) -> dict[str, dict]:
+def _pause_before_publish(iteration: int, marker: str) -> None:
+    from kotomamba import checkpoint
+
+    publish = checkpoint._publish
+
+    def paused(temporary, final, keep_last_k, publish=publish):
+        if final.name == checkpoint.iteration_dir_name(iteration):
+            Path(marker).write_text(str(temporary))
+            while True:
+                time.sleep(1)
+        publish(temporary, final, keep_last_k)
+
+    checkpoint._publish = paused
+
+
+def run_configurations(runs: dict[str, list[str] | dict], ctx: DistributedContext) -> dict[str, dict]:
     from kotomamba.errors import USER_ERRORS
     from kotomamba.train import run_training
 
     results: dict[str, dict] = {}
-    for name, argv in runs.items():
-        record: dict = {"loss": [], "grad_norm": [], "skipped": [], "loss_scale": []}
+    for name, spec in runs.items():
+        hooks = spec if isinstance(spec, dict) else {"argv": spec}
+        record: dict = {"loss": [], "grad_norm": [], "skipped": [], "loss_scale": [], "iteration": []}
+        if "pause_before_publish" in hooks:
+            _pause_before_publish(*hooks["pause_before_publish"])
 
-        def on_step(state, result, record=record) -> None:
+        def on_step(state, result, record=record, hooks=hooks) -> None:
             record["loss"].append(None if result is None else result.loss)
             record["grad_norm"].append(None if result is None else result.grad_norm)
             record["skipped"].append(result is None or result.skipped)
             record["loss_scale"].append(None if result is None else result.loss_scale)
+            record["iteration"].append(state.iteration)
             record["consumed_samples"] = state.consumed_samples
+            if "signal" in hooks:
+                iteration, rank, signame = hooks["signal"]
+                if state.iteration == iteration and ctx.rank == rank:
+                    os.kill(os.getpid(), getattr(signal, signame))
 
         try:
-            run_training(parse_args(argv), ctx, on_step)
+            run_training(parse_args(hooks["argv"]), ctx, on_step)
         except USER_ERRORS as error:
             record = {"error": str(error)}
         results[name] = record

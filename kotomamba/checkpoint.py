@@ -1,0 +1,957 @@
+"""Training checkpoints: sharded save, exact resume (also on another number of processes), crash
+safety, and loading a checkpoint's model without a process group.
+
+One object, :class:`CheckpointManager`, owns every piece of state a resume needs: the FSDP model,
+the optimizer, the loss scaler, the progress counters (:class:`kotomamba.train.TrainState`), each
+rank's random number generators and the position in the data. The training loop calls it at four
+places: ``load`` (before the training data loader is built, so that it starts at the restored
+``consumed_samples``), ``after_iteration`` (interval saves, SIGTERM/SIGUSR1, ``--exit-*``),
+``finish`` (the final save) and, through :func:`exit_signals_handled`, around the whole run.
+
+On-disk layout of a ``--save`` directory::
+
+    SAVE/
+      latest                 the name of the newest complete checkpoint ("iter_0000500"), replaced atomically
+      iter_0000500/          one complete checkpoint
+        checkpoint.json      progress counters, loss scaler, checkpoint type, world size, versions,
+                             tokenizer identity, data fingerprint (readable JSON)
+        config.yaml          the run's resolved configuration (kotomamba.arguments.resolved_config)
+        model_config.json    the mamba-ssm config.json of the model
+        tokenizer/           a copy of the tokenizer files (SentencePiece .model, or Hugging Face files)
+        rng/rank_00000.pt    each rank's RNG states: python, numpy, torch CPU, CUDA
+        state/               SHARDED_STATE_DICT / LOCAL_STATE_DICT: model + optimizer written by every
+                             rank in parallel with torch.distributed.checkpoint (.metadata, __R_0.distcp)
+        state.pt             FULL_STATE_DICT instead: one file {"model", "optimizer"} written by rank 0
+      .tmp-iter_0000600/     a save in progress, or one interrupted by a crash: never read, removed at start
+      (anything else, e.g. a metrics logger's run id, is left alone)
+
+Crash safety: a checkpoint is written into ``.tmp-iter_N``, published by one atomic rename to
+``iter_N`` once every rank has finished writing, and only then named in ``latest`` (an atomic replace
+of a small file). A process killed at any moment leaves the previous checkpoint and ``latest``
+intact. ``--keep-last-k`` deletes only complete, older checkpoints, never the one ``latest`` names.
+
+Resume rules (also in README "Checkpoints and export"):
+
+* the model architecture must match the checkpoint's ``model_config.json``;
+* the number of processes, the sharding strategy, the micro batch size and the precision may change
+  (the sharded format is resharded on load; RNG states are restored only on the same world size);
+* the global batch size may change: training continues at sample ``consumed_samples`` of the same
+  data order (Megatron's behaviour), the learning-rate schedule keeps counting iterations;
+* a different sequence length, tokenizer, or training-data order (other ``--data-path``/``--split``/
+  ``--seed``, other data files, or a sample count that changes Megatron's epoch plan) is refused,
+  unless ``--override-data-on-resume`` is given: then training continues at ``consumed_samples`` of
+  the new data order. The data order is checked directly: the checkpoint stores a hash of the token
+  ids of the training samples around ``consumed_samples``, and the resumed run recomputes it.
+* optimizer hyperparameters (betas, eps, weight decay) and the learning-rate schedule come from the
+  command line of the resumed run; the checkpoint provides the optimizer moments and the iteration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import threading
+import time
+from argparse import Namespace
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from kotomamba.version import __version__
+
+if TYPE_CHECKING:
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    from kotomamba.distributed import DistributedContext
+    from kotomamba.train import TrainState
+
+logger = logging.getLogger("kotomamba")
+
+FORMAT_VERSION = 1
+LATEST = "latest"
+METADATA = "checkpoint.json"
+CONFIG_YAML = "config.yaml"
+MODEL_CONFIG = "model_config.json"
+TOKENIZER_DIR = "tokenizer"
+RNG_DIR = "rng"
+SHARDED_STATE = "state"
+FULL_STATE = "state.pt"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+ITERATION_DIR = re.compile(r"iter_(\d+)")
+SHARDED_TYPES = ("SHARDED_STATE_DICT", "LOCAL_STATE_DICT")
+EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Training samples hashed on each side of consumed_samples to detect a changed data order on resume.
+FINGERPRINT_SAMPLES = 8
+
+
+class TrainingCheckpointError(RuntimeError):
+    """A training checkpoint cannot be saved, found or resumed; the message names the path or flag."""
+
+
+def iteration_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Exit signals: the scheduler's SIGTERM / SIGUSR1 become a save-and-exit at the next step boundary
+
+
+class _ExitRequest:
+    signum: int | None = None
+    started: float | None = None  # time.monotonic() when the run started, for --exit-duration-in-mins
+
+
+_exit_request = _ExitRequest()
+
+
+def _on_exit_signal(signum: int, frame: Any) -> None:
+    if _exit_request.signum == signum:
+        # A second identical signal: the user (or scheduler) insists; die the default way.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    _exit_request.signum = signum
+    # Only a flag: the loop saves at the next iteration boundary, where every rank agrees to stop.
+    logger.warning("received %s: saving and exiting at the end of this iteration", signal.Signals(signum).name)
+
+
+@contextmanager
+def exit_signals_handled() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGUSR1 request a save-and-exit instead of killing the process.
+
+    The previous handlers come back afterwards. Outside the main thread (where Python cannot install
+    handlers) signals keep their default behaviour.
+    """
+    _exit_request.signum = None
+    _exit_request.started = time.monotonic()
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in EXIT_SIGNALS:
+            previous[signum] = signal.signal(signum, _on_exit_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _exit_request.signum = None
+        _exit_request.started = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding checkpoints
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint directory that ``path`` designates, or None when it holds none.
+
+    ``path`` is a run's ``--save`` directory (the checkpoint ``latest`` names; without ``latest``, the
+    newest complete ``iter_*``) or one ``iter_*`` checkpoint directory. A missing or empty directory
+    holds none; a ``latest`` naming a checkpoint that is not there is an error unless a complete one
+    remains (then the newest is used, with a warning).
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        raise TrainingCheckpointError(f"{path} is not a directory (expected a --save directory or an iter_* checkpoint)")
+    if (path / METADATA).is_file():
+        return path
+    if ITERATION_DIR.fullmatch(path.name):
+        raise TrainingCheckpointError(f"{path} is not a complete checkpoint (it has no {METADATA})")
+    complete = _complete_checkpoints(path)
+    latest = path / LATEST
+    if latest.is_file():
+        try:
+            name = latest.read_text().strip()
+        except OSError as error:
+            raise TrainingCheckpointError(f"cannot read {latest}: {error.strerror or error}") from None
+        if name.isdigit():  # Megatron's tracker file holds the iteration number
+            name = iteration_dir_name(int(name))
+        target = path / name
+        if ITERATION_DIR.fullmatch(name) and (target / METADATA).is_file():
+            return target
+        if not complete:
+            raise TrainingCheckpointError(f"{latest} names {name!r}, but {target} is not a complete checkpoint")
+        logger.warning("%s names %r, which is not a complete checkpoint; using the newest complete one, %s",
+                       latest, name, complete[-1].name)
+    return complete[-1] if complete else None
+
+
+def _complete_checkpoints(save_dir: Path) -> list[Path]:
+    """``iter_*`` directories holding checkpoint.json, oldest first. Only complete checkpoints carry
+    these names: they are published by renaming a finished temporary directory."""
+    found = []
+    try:
+        children = list(save_dir.iterdir())
+    except OSError:
+        return []
+    for child in children:
+        match = ITERATION_DIR.fullmatch(child.name)
+        if match and (child / METADATA).is_file():
+            found.append((int(match.group(1)), child))
+    return [child for _, child in sorted(found)]
+
+
+def read_metadata(checkpoint_dir: Path) -> dict[str, Any]:
+    path = checkpoint_dir / METADATA
+    try:
+        metadata = json.loads(path.read_text())
+    except OSError as error:
+        raise TrainingCheckpointError(f"cannot read {path}: {error.strerror or error}") from None
+    except json.JSONDecodeError as error:
+        raise TrainingCheckpointError(f"{path} is not valid JSON: {error}") from None
+    version = metadata.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise TrainingCheckpointError(
+            f"{path}: checkpoint format {version!r} was written by a newer kotomamba "
+            f"({metadata.get('kotomamba_version')}); this is {__version__} (format {FORMAT_VERSION})"
+        )
+    return metadata
+
+
+# ----------------------------------------------------------------------------------------------
+# Small file-system helpers (crash safety)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems do not sync directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _write_bytes_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _replace_file_atomically(path: Path, text: str) -> None:
+    """Readers see the old or the new content, never a partial file."""
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        _write_bytes_durably(temporary, text.encode())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _discard_dir(path: Path) -> None:
+    """Remove a directory so that a crash half-way never leaves a partial ``iter_*`` behind: rename
+    it out of the way first, then delete."""
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _publish(temporary: Path, final: Path, keep_last_k: int | None) -> None:
+    """Make a fully written checkpoint visible: rename it into place, then point ``latest`` at it,
+    then prune. Rank 0 only, after every rank finished writing."""
+    save_dir = final.parent
+    for directory in (temporary, *[p for p in temporary.iterdir() if p.is_dir()]):
+        _fsync_dir(directory)
+    if final.exists():  # left by a run killed after publishing but before updating latest
+        _discard_dir(final)
+    os.rename(temporary, final)
+    _fsync_dir(save_dir)
+    _replace_file_atomically(save_dir / LATEST, final.name + "\n")
+    if keep_last_k:
+        _prune(save_dir, keep_last_k, keep=final)
+
+
+def _prune(save_dir: Path, keep_last_k: int, keep: Path) -> None:
+    """Delete complete checkpoints older than the newest ``keep_last_k`` (never ``keep``)."""
+    complete = _complete_checkpoints(save_dir)
+    for old in complete[:-keep_last_k]:
+        if old != keep:
+            _discard_dir(old)
+            logger.info("deleted checkpoint %s (--keep-last-k %d)", old, keep_last_k)
+
+
+def _describe_failure(error: BaseException) -> str:
+    """One line for an exception, unwrapping torch.distributed.checkpoint's per-rank failures."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, (inner, _) = sorted(failures.items())[0]
+        return f"rank {rank}: {_describe_failure(inner)}"
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}"
+    return f"{type(error).__name__}: {error}"
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states
+
+
+def _rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": numpy_state[0], "key": torch.from_numpy(numpy_state[1].astype(np.int64)),
+                  "pos": int(numpy_state[2]), "has_gauss": int(numpy_state[3]),
+                  "cached_gaussian": float(numpy_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    saved = state["numpy"]
+    np.random.set_state((saved["kind"], saved["key"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
+                         saved["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rng_file(checkpoint_dir: Path, rank: int) -> Path:
+    return checkpoint_dir / RNG_DIR / f"rank_{rank:05d}.pt"
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer files and data identity
+
+
+def _tokenizer_files(tokenizer_type: str, tokenizer_model: str | None) -> list[Path]:
+    """The files that make up the tokenizer, as megatron_lm.tokenizer reads them."""
+    if tokenizer_type == "NullTokenizer" or not tokenizer_model:
+        return []
+    location = Path(tokenizer_model)
+    if location.is_dir():
+        from megatron_lm.tokenizer.tokenizer import _HF_TOKENIZER_FILES
+
+        return sorted(p for p in location.iterdir() if p.is_file() and _HF_TOKENIZER_FILES.match(p.name))
+    return [location]
+
+
+def data_fingerprint(dataset: Any, start: int, end: int) -> str | None:
+    """sha256 of the token ids of samples [start, end) of ``dataset``; None when it has fewer samples."""
+    if end > len(dataset):
+        return None
+    digest = hashlib.sha256()
+    for index in range(start, end):
+        digest.update(np.ascontiguousarray(dataset[index]["tokens"], dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def evaluation_resume_position(dataset_size: int, consumed_samples: int, samples_per_micro_step: int) -> int:
+    """Where an evaluation stream that wraps at the end of its dataset continues after ``consumed_samples``."""
+    period = dataset_size // samples_per_micro_step * samples_per_micro_step
+    return consumed_samples % period if period else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The manager
+
+
+@dataclasses.dataclass
+class _PendingSave:
+    iteration: int
+    temporary: Path
+    final: Path
+    started: float
+    future: Future | None = None  # a background write (--async-save); None once written synchronously
+    error: str | None = None
+
+
+class CheckpointManager:
+    """Saves and restores everything a resume needs; see the module docstring for the layout and rules.
+
+    Every public method is called by every rank at the same point of the loop: they use collectives.
+    """
+
+    def __init__(self, args: Namespace, ctx: DistributedContext, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, scaler: Any, tokenizer: Any, model_config: Any) -> None:
+        self.args = args
+        self.ctx = ctx
+        self.model = model
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        self.save_dir = Path(args.save) if args.save else None
+        self.exited = False  # the loop stopped before --train-iters (signal or --exit-*)
+        self.last_saved_iteration: int | None = None
+        self._pending: _PendingSave | None = None
+        self._train_dataset: Any = None
+        self._started = _exit_request.started or time.monotonic()
+        sharded = args.checkpoint_type in SHARDED_TYPES
+        self._async = bool(args.async_save) and self.save_dir is not None
+        # Background writes run collectives while training runs its own: they get their own gloo group.
+        self._async_group = dist.new_group(backend="gloo") if self._async and sharded else None
+        self._writer = ThreadPoolExecutor(1, "checkpoint-writer") if self._async and not sharded else None
+        if self.save_dir is not None:
+            self._agree(self._on_rank0(self._prepare_save_dir))
+        self.resume_dir: Path | None = None
+        self.resume_metadata: dict[str, Any] | None = None
+        if args.load:
+            found, error = None, None
+            if ctx.rank == 0:
+                try:
+                    found = find_checkpoint(args.load)
+                except TrainingCheckpointError as exc:
+                    error = f"--load {args.load}: {exc}"
+            self._agree(error)
+            self.resume_dir = self._broadcast(found)
+            if self.resume_dir is not None:
+                self.resume_metadata = read_metadata(self.resume_dir)
+
+    # --- collectives ------------------------------------------------------------------------------
+
+    def _distributed(self) -> bool:
+        return dist.is_initialized() and dist.get_world_size() > 1
+
+    def _broadcast(self, value: Any) -> Any:
+        if not self._distributed():
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _agree(self, error: str | None, cleanup: Callable[[], None] | None = None) -> None:
+        """Raise the same TrainingCheckpointError on every rank when any rank reports an error."""
+        errors = [error]
+        if self._distributed():
+            errors = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+        failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+        if failed:
+            if cleanup is not None and self.ctx.rank == 0:
+                cleanup()
+            rank, message = failed[0]
+            where = f" (rank {rank})" if self._distributed() else ""
+            raise TrainingCheckpointError(f"{message}{where}")
+
+    def _on_rank0(self, action: Callable[[], None]) -> str | None:
+        """Run ``action`` on rank 0 only; its OSError becomes the message every rank will raise."""
+        if self.ctx.rank != 0:
+            return None
+        return _capture(action)
+
+    def _max_over_ranks(self, values: list[int]) -> list[int]:
+        if not self._distributed():
+            return values
+        tensor = torch.tensor(values, dtype=torch.int64, device=self.ctx.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.tolist()
+
+    # --- setup --------------------------------------------------------------------------------------
+
+    def _prepare_save_dir(self) -> None:
+        """Fail at start, not after hours of training, when --save cannot be written; remove the debris
+        of saves that a crash interrupted."""
+        assert self.save_dir is not None
+        try:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.save_dir / f".write-test-{os.getpid()}"
+            _write_bytes_durably(probe, b"ok")
+            probe.unlink()
+        except OSError as error:
+            raise TrainingCheckpointError(f"--save {self.save_dir}: cannot write there ({_describe_failure(error)})") from None
+        for child in self.save_dir.iterdir():
+            if child.is_dir() and child.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                logger.warning("removing %s, left by an interrupted save", child)
+                shutil.rmtree(child, ignore_errors=True)
+
+    def train_samples_needed(self) -> int:
+        """Training samples a resumed run reads in total: more than --train-iters × GBS when the global
+        batch size shrank since the checkpoint."""
+        if self.resume_metadata is None:
+            return 0
+        progress = self.resume_metadata["train_state"]
+        remaining = max(0, self.args.train_iters - progress["iteration"])
+        return progress["consumed_samples"] + remaining * self.args.global_batch_size
+
+    # --- load ---------------------------------------------------------------------------------------
+
+    def load(self, state: TrainState, train_dataset: Any) -> TrainState:
+        """Restore model, optimizer, loss scaler, counters and RNG states from --load, if it holds a
+        checkpoint; otherwise return ``state`` unchanged. Call before building the training loader."""
+        self._train_dataset = train_dataset
+        if self.resume_dir is None:
+            if self.args.load:
+                logger.info("--load %s holds no checkpoint: starting from scratch", self.args.load)
+            return state
+        directory, metadata = self.resume_dir, self.resume_metadata
+        assert metadata is not None
+        self._check_model_config(directory)
+        self._check_data(directory, metadata, train_dataset)
+        self._load_model_and_optimizer(directory, metadata)
+        if metadata.get("loss_scaler"):
+            self.scaler.load_state_dict(metadata["loss_scaler"])
+        saved_state = metadata["train_state"]
+        for field in dataclasses.fields(state):
+            if field.name in saved_state:
+                setattr(state, field.name, saved_state[field.name])
+        if metadata["world_size"] == self.ctx.world_size:
+            rng_path = _rng_file(directory, self.ctx.rank)
+            error = _capture(lambda: _set_rng_state(torch.load(rng_path, weights_only=True)))
+            self._agree(error and f"cannot restore RNG states from {rng_path}: {error}")
+        else:
+            logger.info("RNG states are per rank and the checkpoint has %d; this run has %d processes, whose "
+                        "generators keep their seeded state", metadata["world_size"], self.ctx.world_size)
+        self.last_saved_iteration = state.iteration
+        logger.info(
+            "resumed from %s: iteration %d, consumed samples %d, consumed tokens %s (saved as %s by %d process(es); "
+            "now %d)", directory, state.iteration, state.consumed_samples, f"{state.consumed_tokens:,}",
+            metadata["checkpoint_type"], metadata["world_size"], self.ctx.world_size,
+        )
+        return state
+
+    def _check_model_config(self, directory: Path) -> None:
+        path = directory / MODEL_CONFIG
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise TrainingCheckpointError(f"cannot read {path}: {error}") from None
+        current = _config_dict(self.model_config)
+        differences = [f"{key} {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now"
+                       for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+        if differences:
+            raise TrainingCheckpointError(
+                f"--load {directory}: the checkpoint holds a different model than this run builds "
+                f"({'; '.join(differences)}); resume with the checkpoint's model ({path})"
+            )
+
+    def _check_data(self, directory: Path, metadata: dict[str, Any], train_dataset: Any) -> None:
+        """Refuse (unless --override-data-on-resume) a resume that would read other samples than the
+        interrupted run would have; log the accepted changes."""
+        args, saved = self.args, metadata["data"]
+        problems = []
+        if saved["seq_length"] != args.seq_length:
+            problems.append(f"--seq-length {args.seq_length} differs from the checkpoint's {saved['seq_length']}")
+        saved_tokenizer = metadata["tokenizer"]["name"]
+        if _tokenizer_identity(saved_tokenizer) != _tokenizer_identity(self.tokenizer.name):
+            problems.append(f"the tokenizer is {self.tokenizer.name}, the checkpoint was trained with {saved_tokenizer} "
+                            f"(its copy: {directory / TOKENIZER_DIR})")
+        changed = [f"--{key.replace('_', '-')}" for key in ("data_path", "train_data_path", "split", "seed")
+                   if saved["sources"].get(key) != _plain(getattr(args, key, None))]
+        fingerprint = saved["fingerprint"]
+        if not problems and fingerprint["sha256"] is not None:
+            now = data_fingerprint(train_dataset, fingerprint["start"], fingerprint["end"])
+            if now != fingerprint["sha256"]:
+                because = (f"{', '.join(changed)} changed" if changed else
+                           "the data files changed, or the sample count requested (--train-iters × "
+                           "--global-batch-size) changed Megatron's epoch plan")
+                problems.append(
+                    f"training samples {fingerprint['start']}..{fingerprint['end'] - 1} are not those the checkpoint "
+                    f"was trained around ({because})"
+                )
+        if problems:
+            message = (f"--load {directory}: the training data differs from the checkpoint's: "
+                       f"{'; '.join(problems)}")
+            if not args.override_data_on_resume:
+                raise TrainingCheckpointError(
+                    f"{message}. Resuming would not read the samples the interrupted run would have read; "
+                    f"restore the original settings, or pass --override-data-on-resume to continue at sample "
+                    f"{metadata['train_state']['consumed_samples']} of the new data"
+                )
+            logger.warning("%s; continuing at sample %d of the new data (--override-data-on-resume)", message,
+                           metadata["train_state"]["consumed_samples"])
+        if saved["global_batch_size"] != args.global_batch_size:
+            logger.info("global batch size %d -> %d: training continues at sample %d; the learning-rate schedule "
+                        "counts iterations", saved["global_batch_size"], args.global_batch_size,
+                        metadata["train_state"]["consumed_samples"])
+
+    def _load_model_and_optimizer(self, directory: Path, metadata: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_optimizer_state_dict,
+            set_state_dict,
+        )
+
+        with_optimizer = metadata["has_optimizer_state"]
+        # The command line decides the hyperparameters; the checkpoint provides moments and steps.
+        hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        if metadata["checkpoint_type"] in SHARDED_TYPES:
+            import torch.distributed.checkpoint as dcp
+
+            if with_optimizer:
+                model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+                payload = {"model": model_state, "optimizer": optimizer_state}
+            else:
+                payload = {"model": get_model_state_dict(self.model)}
+            location = directory / SHARDED_STATE
+            error = None
+            try:
+                dcp.load(payload, checkpoint_id=str(location))
+            except BaseException as exc:  # DCP reports read failures as CheckpointException (a BaseException)
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                error = f"cannot read checkpoint {location}: {_describe_failure(exc)}"
+            self._agree(error)
+            if with_optimizer:
+                set_state_dict(self.model, self.optimizer, model_state_dict=payload["model"],
+                               optim_state_dict=payload["optimizer"])
+            else:
+                set_model_state_dict(self.model, payload["model"])
+        else:
+            location = directory / FULL_STATE
+            full: dict[str, Any] = {"model": {}, "optimizer": {}}
+            error = None
+            if self.ctx.rank == 0:
+                try:
+                    full = torch.load(location, map_location="cpu", mmap=True, weights_only=True)
+                except Exception as exc:  # any reader failure is a damaged or missing file
+                    error = f"cannot read checkpoint {location}: {_describe_failure(exc)}"
+                else:
+                    _retie(full["model"], self.model_config)
+            self._agree(error)
+            # Rank 0 holds the file; set_*_state_dict broadcast it and keep each rank's shard. (Two calls:
+            # set_state_dict treats the other ranks' empty model state as "optimizer only".)
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            if with_optimizer:
+                set_optimizer_state_dict(self.model, self.optimizer, full.get("optimizer", {}), options=options)
+            set_model_state_dict(self.model, full["model"], options=options)
+            del full
+        for group, values in zip(self.optimizer.param_groups, hyperparameters):
+            group.update(values)
+
+    # --- save ---------------------------------------------------------------------------------------
+
+    def save(self, state: TrainState) -> None:
+        """Write a checkpoint of ``state`` (in the background with --async-save)."""
+        assert self.save_dir is not None
+        self.wait()  # one background save at a time: the previous one is published first
+        final = self.save_dir / iteration_dir_name(state.iteration)
+        temporary = self.save_dir / f"{TMP_PREFIX}{final.name}"
+        pending = _PendingSave(state.iteration, temporary, final, time.perf_counter())
+        self.last_saved_iteration = state.iteration
+        metadata = self._metadata(state)
+        cleanup = lambda: shutil.rmtree(temporary, ignore_errors=True)  # noqa: E731
+        self._agree(self._on_rank0(lambda: self._write_metadata_files(temporary, metadata)), cleanup)
+        error = _capture(lambda: _write_rng(temporary, self.ctx.rank))
+        self._agree(error and f"cannot write {temporary / RNG_DIR}: {error}", cleanup)
+        try:
+            if metadata["checkpoint_type"] in SHARDED_TYPES:
+                pending.future = self._save_sharded(temporary, metadata["has_optimizer_state"])
+            else:
+                pending.future = self._save_full(temporary, metadata["has_optimizer_state"])
+        except BaseException as exc:  # CheckpointException is a BaseException
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            pending.error = _describe_failure(exc)
+        self._pending = pending
+        if not self._async:
+            self.wait()
+
+    def _save_sharded(self, temporary: Path, with_optimizer: bool) -> Future | None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        if with_optimizer:
+            model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+            payload = {"model": model_state, "optimizer": optimizer_state}
+        else:
+            payload = {"model": get_model_state_dict(self.model)}
+        location = str(temporary / SHARDED_STATE)
+        if self._async:
+            # Staging copies the state to host memory before returning; training may then change it.
+            return dcp.async_save(payload, checkpoint_id=location, process_group=self._async_group)
+        dcp.save(payload, checkpoint_id=location)
+        return None
+
+    def _save_full(self, temporary: Path, with_optimizer: bool) -> Future | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        if with_optimizer:
+            model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=options)
+            payload = {"model": model_state, "optimizer": optimizer_state}
+        else:
+            payload = {"model": get_model_state_dict(self.model, options=options)}
+        if self.ctx.rank != 0:
+            return None
+        if getattr(self.model_config, "tie_embeddings", False):
+            payload["model"].pop("lm_head.weight", None)  # the embedding; restored by _retie
+        path = temporary / FULL_STATE
+        if self._writer is not None:
+            # On one process the gathered tensors may be the live parameters: copy before training moves on.
+            payload = _clone_tensors(payload)
+            return self._writer.submit(torch.save, payload, path)
+        torch.save(payload, path)
+        return None
+
+    def wait(self) -> None:
+        """Wait for the background save (if any) on every rank, then publish it."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        error = pending.error
+        if pending.future is not None:
+            try:
+                pending.future.result()
+            except BaseException as exc:
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                error = _describe_failure(exc)
+        previous = self._describe_latest()
+        self._agree(error and f"saving the checkpoint of iteration {pending.iteration} to {pending.temporary} failed: "
+                              f"{error}; {previous}",
+                    cleanup=lambda: shutil.rmtree(pending.temporary, ignore_errors=True))
+        error = self._on_rank0(lambda: _publish(pending.temporary, pending.final, self.args.keep_last_k))
+        self._agree(error and f"publishing checkpoint {pending.final} failed: {error}; {previous}",
+                    cleanup=lambda: shutil.rmtree(pending.temporary, ignore_errors=True))
+        logger.info("saved checkpoint %s (%.1f s%s)", pending.final, time.perf_counter() - pending.started,
+                    ", written in the background" if pending.future is not None else "")
+
+    def _describe_latest(self) -> str:
+        assert self.save_dir is not None
+        latest = self.save_dir / LATEST
+        try:
+            name = latest.read_text().strip()
+        except OSError:
+            return f"{self.save_dir} holds its previous checkpoints unchanged (none yet)"
+        return f"{self.save_dir} holds its previous checkpoints unchanged (latest: {name})"
+
+    def _metadata(self, state: TrainState) -> dict[str, Any]:
+        from kotomamba.arguments import resolved_config
+
+        args = self.args
+        consumed = state.consumed_samples
+        dataset_size = len(self._train_dataset) if self._train_dataset is not None else consumed
+        start = max(0, min(consumed, dataset_size) - FINGERPRINT_SAMPLES)
+        end = min(dataset_size, consumed + FINGERPRINT_SAMPLES)
+        fingerprint = data_fingerprint(self._train_dataset, start, end) if self._train_dataset is not None else None
+        tokenizer_files = _tokenizer_files(args.tokenizer_type, args.tokenizer_model)
+        tokenizer_model = args.tokenizer_model
+        if tokenizer_model and not Path(tokenizer_model).is_dir():
+            saved_model = f"{TOKENIZER_DIR}/{Path(tokenizer_model).name}"
+        else:
+            saved_model = TOKENIZER_DIR if tokenizer_files else None
+        return {
+            "format_version": FORMAT_VERSION,
+            "kotomamba_version": __version__,
+            "torch_version": torch.__version__,
+            "mamba_ssm_version": _package_version("mamba_ssm"),
+            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "iteration": state.iteration,
+            "checkpoint_type": args.checkpoint_type,
+            "world_size": self.ctx.world_size,
+            "has_optimizer_state": bool(self.optimizer.state),
+            "train_state": dataclasses.asdict(state),
+            "loss_scaler": self.scaler.state_dict(),
+            "tokenizer": {
+                "type": args.tokenizer_type,
+                "name": self.tokenizer.name,
+                "vocab_size": self.tokenizer.vocab_size,
+                "original_model": tokenizer_model,
+                "saved_model": saved_model,  # relative to the checkpoint directory
+                "files": [path.name for path in tokenizer_files],
+                "null_vocab_size": args.vocab_size,
+            },
+            "data": {
+                "seq_length": args.seq_length,
+                "global_batch_size": args.global_batch_size,
+                "sources": {key: _plain(getattr(args, key, None))
+                            for key in ("data_path", "train_data_path", "split", "seed")},
+                "fingerprint": {"start": start, "end": end, "sha256": fingerprint},
+            },
+            "config": resolved_config(args),
+        }
+
+    def _write_metadata_files(self, temporary: Path, metadata: dict[str, Any]) -> None:
+        import yaml
+
+        if temporary.exists():  # an earlier attempt at the same iteration
+            shutil.rmtree(temporary)
+        (temporary / TOKENIZER_DIR).mkdir(parents=True)
+        (temporary / SHARDED_STATE if metadata["checkpoint_type"] in SHARDED_TYPES else temporary).mkdir(exist_ok=True)
+        for path in _tokenizer_files(self.args.tokenizer_type, self.args.tokenizer_model):
+            shutil.copy2(path, temporary / TOKENIZER_DIR / path.name)
+        _write_bytes_durably(temporary / MODEL_CONFIG, json.dumps(_config_dict(self.model_config), indent=2).encode())
+        _write_bytes_durably(temporary / CONFIG_YAML,
+                             yaml.safe_dump(metadata["config"], sort_keys=True, allow_unicode=True).encode())
+        _write_bytes_durably(temporary / METADATA, json.dumps(metadata, indent=2).encode())
+
+    # --- the loop's step boundary --------------------------------------------------------------------
+
+    def after_iteration(self, state: TrainState) -> bool:
+        """Publish a finished background save, save at --save-interval, and decide (the same on every
+        rank) whether to stop now: SIGTERM/SIGUSR1 on any rank, --exit-duration-in-mins, --exit-interval.
+        Returns True when the loop should stop (after saving, when --save is set)."""
+        args, iteration = self.args, state.iteration
+        pending = self._pending
+        busy = pending is not None and pending.future is not None and not pending.future.done()
+        over_time = (args.exit_duration_in_mins is not None
+                     and time.monotonic() - self._started >= 60 * args.exit_duration_in_mins)
+        signum, over_time, busy = self._max_over_ranks([_exit_request.signum or 0, int(over_time), int(busy)])
+        if pending is not None and not busy:
+            self.wait()
+        reason = None
+        if signum:
+            reason = f"{signal.Signals(signum).name} received"
+        elif over_time:
+            reason = f"--exit-duration-in-mins {args.exit_duration_in_mins:g} reached"
+        elif args.exit_interval and iteration % args.exit_interval == 0:
+            reason = f"--exit-interval {args.exit_interval}"
+        if self.save_dir is not None and (reason or iteration % args.save_interval == 0):
+            self.save(state)
+        if reason is None:
+            return False
+        self.exited = True
+        if self.save_dir is not None:
+            self.wait()
+            logger.info("exiting at iteration %d (%s) after saving %s", iteration, reason,
+                        self.save_dir / iteration_dir_name(iteration))
+        else:
+            logger.warning("exiting at iteration %d (%s) without a checkpoint: no --save", iteration, reason)
+        return True
+
+    def finish(self, state: TrainState) -> None:
+        """End of the loop: save the final state (unless just saved) and wait for background writes."""
+        if self.save_dir is not None and self.last_saved_iteration != state.iteration:
+            self.save(state)
+        self.wait()
+        if self._writer is not None:
+            self._writer.shutdown()
+        if self._async_group is not None:
+            dist.destroy_process_group(self._async_group)
+            self._async_group = None
+
+
+def _write_rng(temporary: Path, rank: int) -> None:
+    path = _rng_file(temporary, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(_rng_state(), path)
+
+
+def _capture(action: Callable[[], Any]) -> str | None:
+    """Run ``action``; an OSError (or TrainingCheckpointError) becomes its message, for ``_agree``."""
+    try:
+        action()
+    except TrainingCheckpointError as error:
+        return str(error)
+    except OSError as error:
+        return _describe_failure(error)
+    return None
+
+
+def _clone_tensors(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {key: _clone_tensors(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_tensors(item) for item in value)
+    return value
+
+
+def _retie(model_state: dict[str, torch.Tensor], model_config: Any) -> None:
+    if getattr(model_config, "tie_embeddings", False) and "lm_head.weight" not in model_state:
+        model_state["lm_head.weight"] = model_state["backbone.embedding.weight"]
+
+
+def _tokenizer_identity(name: str) -> list[str]:
+    """A tokenizer name without its file or directory name ("Type:location:sha256[:options]"): the
+    same files copied elsewhere (e.g. the checkpoint's tokenizer/ copy) are the same tokenizer."""
+    parts = name.split(":")
+    return parts[:1] + parts[2:] if len(parts) >= 3 else parts
+
+
+def _config_dict(model_config: Any) -> dict[str, Any]:
+    """A mamba-ssm MambaConfig as its config.json dict (what save_pretrained writes), JSON-normalized."""
+    values = dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else dict(vars(model_config))
+    return json.loads(json.dumps(values))
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a checkpoint's model outside training (inference, export)
+
+
+def load_model_from_checkpoint(path: str, device: torch.device) -> tuple[MambaLMHeadModel, dict[str, Any]]:
+    """The trained model of a checkpoint, unsharded, in fp32 on ``device``, plus what describes it.
+
+    ``path`` is a run's --save directory (the checkpoint ``latest`` names) or one ``iter_*``
+    directory, of any checkpoint type. No process group is needed. The dict holds
+    ``checkpoint_dir``, ``iteration``, ``tokenizer_type``, ``tokenizer_model`` (the saved copy: a
+    file, or a directory for Hugging Face tokenizers; None for NullTokenizer), ``tokenizer_dir``
+    (the saved tokenizer files), ``tokenizer_name``, ``original_tokenizer_model`` (the training
+    run's path), ``vocab_size`` (NullTokenizer's --vocab-size, else None), ``model_config`` and
+    ``config`` (the run's resolved configuration).
+    """
+    from kotomamba.model import _make_config, _materialize, build_model
+
+    directory = find_checkpoint(path)
+    if directory is None:
+        raise TrainingCheckpointError(f"{path} holds no kotomamba checkpoint")
+    metadata = read_metadata(directory)
+    config_path = directory / MODEL_CONFIG
+    try:
+        values = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise TrainingCheckpointError(f"cannot read {config_path}: {error}") from None
+    # Allocated without the (slow, pointless) random initialization: every tensor is loaded below.
+    model = build_model(_make_config(values, str(config_path)), on_meta=True, dtype=torch.float32)
+    _materialize(model, device)
+    model.tie_weights()
+    model_state = model.state_dict()
+    try:
+        if metadata["checkpoint_type"] in SHARDED_TYPES:
+            import torch.distributed.checkpoint as dcp
+
+            payload = {"model": model_state}
+            dcp.load(payload, checkpoint_id=str(directory / SHARDED_STATE), no_dist=True)
+            model_state = payload["model"]
+        else:
+            model_state = torch.load(directory / FULL_STATE, map_location="cpu", mmap=True, weights_only=True)["model"]
+            _retie(model_state, model.config)
+    except BaseException as exc:  # CheckpointException is a BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise TrainingCheckpointError(f"cannot read the model of checkpoint {directory}: {_describe_failure(exc)}") from None
+    model.load_state_dict(model_state)
+    model.tie_weights()
+    tokenizer = metadata["tokenizer"]
+    saved_model = tokenizer.get("saved_model")
+    info = {
+        "checkpoint_dir": str(directory),
+        "iteration": metadata["iteration"],
+        "tokenizer_type": tokenizer["type"],
+        "tokenizer_model": str(directory / saved_model) if saved_model else None,
+        "tokenizer_dir": str(directory / TOKENIZER_DIR),
+        "tokenizer_name": tokenizer["name"],
+        "original_tokenizer_model": tokenizer.get("original_model"),
+        "vocab_size": tokenizer.get("null_vocab_size"),
+        "model_config": values,
+        "config": metadata.get("config", {}),
+    }
+    return model.eval(), info

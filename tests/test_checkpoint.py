@@ -1,0 +1,299 @@
+"""Checkpoints on CPU with the real training loop: bitwise-exact resume for every checkpoint type (and
+async saving), resharding 1 <-> 2 processes under torchrun, SIGTERM/SIGUSR1 save-and-exit, a SIGKILL in
+the middle of a save, --keep-last-k, a full disk, an unwritable --save, and data changes on resume."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kotomamba import checkpoint as checkpoint_module
+from kotomamba.arguments import apply_data_parallel_size, parse_args, resolved_config
+from kotomamba.checkpoint import load_model_from_checkpoint
+from kotomamba.distributed import init_distributed, shutdown_distributed
+
+sys.path.insert(0, str(Path(__file__).parent))
+from training_worker import run_configurations  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = REPO / "tests" / "training_worker.py"
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU checkpoint tests (gloo)")
+TYPES = ("SHARDED_STATE_DICT", "LOCAL_STATE_DICT", "FULL_STATE_DICT")
+
+
+@pytest.fixture(scope="module")
+def argv(tiny_mamba1_config, sentencepiece_model, tokenized_corpus) -> list[str]:
+    """4 iterations of one micro-batch each: as cheap as training gets, with warmup and decay."""
+    return [
+        "--model", str(tiny_mamba1_config), "--tokenizer-type", "SentencePieceTokenizer",
+        "--tokenizer-model", str(sentencepiece_model), "--data-path", str(tokenized_corpus),
+        "--split", "90,10,0", "--seq-length", "16", "--micro-batch-size", "4", "--global-batch-size", "4",
+        "--train-iters", "4", "--lr", "2e-3", "--lr-warmup-iters", "1", "--eval-iters", "0", "--num-workers", "0",
+        "--seed", "7", "--fp32",
+    ]
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    context = init_distributed(use_mpi=False)
+    yield context
+    shutdown_distributed()
+
+
+def run(ctx, argv: list[str]) -> dict:
+    return run_configurations({"run": argv}, ctx)["run"]
+
+
+@pytest.fixture(scope="module")
+def reference(argv, ctx) -> dict:
+    """The uninterrupted 4-iteration run."""
+    return run(ctx, argv)
+
+
+@pytest.fixture(scope="module")
+def interrupted(argv, ctx, tmp_path_factory) -> dict[str, Path]:
+    """Per checkpoint type (and async): a run stopped by --exit-interval 2 after saving. --load names
+    the same, not yet existing, directory: an empty --load starts fresh."""
+    saves = {}
+    for name, extra in {**{t: ["--checkpoint-type", t] for t in TYPES},
+                        "SHARDED_async": ["--async-save"],
+                        "FULL_async": ["--checkpoint-type", "FULL_STATE_DICT", "--async-save"]}.items():
+        save = tmp_path_factory.mktemp("interrupted") / name
+        result = run(ctx, argv + extra + ["--save", str(save), "--load", str(save), "--exit-interval", "2"])
+        assert result["iteration"] == [1, 2], result
+        saves[name] = save
+    return saves
+
+
+def assert_close(actual: list[float], expected: list[float], rtol: float = 1e-5) -> None:
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert a == pytest.approx(e, rel=rtol)
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact resume, every checkpoint type
+
+
+@pytest.mark.parametrize("name", [*TYPES, "SHARDED_async", "FULL_async"])
+def test_stopped_and_resumed_run_is_bitwise_identical(name, argv, ctx, reference, interrupted, tmp_path):
+    save = tmp_path / "run"
+    shutil.copytree(interrupted[name], save)
+    extra = ["--async-save"] if name.endswith("async") else []
+    resumed = run(ctx, argv + extra + ["--save", str(save), "--load", str(save)])  # same DIR: automatic resume
+    assert resumed["iteration"] == [3, 4]
+    assert resumed["loss"] == reference["loss"][2:]  # bitwise
+    assert resumed["grad_norm"] == reference["grad_norm"][2:]
+    assert resumed["consumed_samples"] == 16
+    assert (save / "latest").read_text().strip() == "iter_0000004"
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000002", "iter_0000004", "latest"]
+
+
+def test_checkpoint_holds_everything_a_resume_needs(argv, interrupted, sentencepiece_model):
+    directory = interrupted["SHARDED_STATE_DICT"] / "iter_0000002"
+    metadata = json.loads((directory / "checkpoint.json").read_text())
+    assert metadata["iteration"] == 2 and metadata["world_size"] == 1
+    assert metadata["train_state"] == {"iteration": 2, "consumed_samples": 8, "consumed_tokens": 128,
+                                       "skipped_iterations": 0, "consecutive_skips": 0, "consumed_valid_samples": 0}
+    assert metadata["kotomamba_version"] and metadata["has_optimizer_state"]
+    assert metadata["tokenizer"]["name"].startswith("SentencePieceTokenizer:")
+    assert (directory / "tokenizer" / Path(sentencepiece_model).name).read_bytes() == sentencepiece_model.read_bytes()
+    args = parse_args(argv + ["--save", str(interrupted["SHARDED_STATE_DICT"]), "--load",
+                              str(interrupted["SHARDED_STATE_DICT"]), "--exit-interval", "2"])
+    apply_data_parallel_size(args, 1)
+    saved_config = yaml.safe_load((directory / "config.yaml").read_text())
+    assert {k: v for k, v in saved_config.items() if k in vars(args)} == resolved_config(args)
+    assert json.loads((directory / "model_config.json").read_text())["d_model"] == 32
+    rng = torch.load(directory / "rng" / "rank_00000.pt", weights_only=True)
+    assert set(rng) >= {"python", "numpy", "torch"}
+    assert (directory / "state" / ".metadata").is_file()
+    assert (interrupted["FULL_STATE_DICT"] / "iter_0000002" / "state.pt").is_file()
+
+
+def test_load_model_from_checkpoint_reads_every_type_alike(interrupted):
+    tokens = torch.randint(0, 400, (2, 12))
+    logits = {}
+    for name, save in interrupted.items():
+        for path in (save, save / "iter_0000002"):
+            model, info = load_model_from_checkpoint(str(path), torch.device("cpu"))
+            assert info["iteration"] == 2 and info["tokenizer_type"] == "SentencePieceTokenizer"
+            assert Path(info["tokenizer_model"]).is_file() and Path(info["tokenizer_dir"]).is_dir()
+            assert model.lm_head.weight is model.backbone.embedding.weight
+            assert next(model.parameters()).dtype == torch.float32
+            with torch.no_grad():
+                logits[name] = model(tokens).logits
+    for name, value in logits.items():
+        assert torch.equal(value, logits["SHARDED_STATE_DICT"]), name
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving: retention, failures
+
+
+def test_keep_last_k_deletes_only_older_complete_checkpoints(argv, ctx, reference, tmp_path):
+    save = tmp_path / "run"
+    save.mkdir()
+    (save / "wandb_run_id").write_text("abc")  # other tools' files in the run directory stay
+    (save / "iter_0000001_notes").mkdir()
+    result = run(ctx, argv + ["--save", str(save), "--save-interval", "1", "--keep-last-k", "2"])
+    assert result["loss"] == reference["loss"]  # saving changes nothing
+    assert sorted(p.name for p in save.iterdir()) == [
+        "iter_0000001_notes", "iter_0000003", "iter_0000004", "latest", "wandb_run_id"]
+
+
+def test_unwritable_save_directory_stops_before_training(argv, ctx, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = run(ctx, argv + ["--save", str(blocker / "run")])
+    assert "error" in result
+    assert f"--save {blocker / 'run'}: cannot write there" in result["error"]
+
+
+def test_full_disk_leaves_the_previous_checkpoint_as_it_was(argv, ctx, tmp_path, monkeypatch):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    write_data = FileSystemWriter.write_data
+
+    def disk_full_at_iteration_2(self, plan, planner):
+        if "iter_0000002" in str(self.path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        return write_data(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", disk_full_at_iteration_2)
+    save = tmp_path / "run"
+    result = run(ctx, argv + ["--save", str(save), "--save-interval", "1"])
+    assert "No space left on device" in result["error"] and "iteration 2" in result["error"]
+    assert "latest: iter_0000001" in result["error"]
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000001", "latest"]
+    assert load_model_from_checkpoint(str(save), torch.device("cpu"))[1]["iteration"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume rules: what may change
+
+
+def test_data_changes_on_resume_are_refused_unless_overridden(argv, ctx, interrupted, tmp_path):
+    load = ["--load", str(interrupted["SHARDED_STATE_DICT"])]
+    refused = run(ctx, argv + load + ["--seq-length", "32"])
+    assert "--seq-length 32 differs from the checkpoint's 16" in refused["error"]
+    assert "--override-data-on-resume" in refused["error"]
+    refused = run(ctx, argv + load + ["--split", "80,20,0"])
+    assert "training samples" in refused["error"] and "--split changed" in refused["error"]
+    overridden = run(ctx, argv + load + ["--seq-length", "32", "--override-data-on-resume"])
+    assert overridden["iteration"] == [3, 4]
+
+
+def test_global_batch_size_may_change_on_resume(argv, ctx, interrupted):
+    # 8 samples consumed at GBS 4, then 2 iterations of GBS 2: 12 samples, more than --train-iters × GBS.
+    result = run(ctx, argv + ["--load", str(interrupted["SHARDED_STATE_DICT"]), "--global-batch-size", "2",
+                              "--micro-batch-size", "2"])
+    assert result["iteration"] == [3, 4] and result["consumed_samples"] == 12
+
+
+def test_another_model_is_refused(argv, ctx, interrupted, tiny_mamba2_config):
+    model = argv.index("--model") + 1
+    other = argv[:model] + [str(tiny_mamba2_config)] + argv[model + 1:]
+    result = run(ctx, other + ["--load", str(interrupted["SHARDED_STATE_DICT"])])
+    assert "holds a different model than this run builds" in result["error"] and "ssm_cfg" in result["error"]
+
+
+def test_latest_naming_a_missing_checkpoint_is_an_error(tmp_path):
+    (tmp_path / "latest").write_text("iter_0000009\n")
+    with pytest.raises(checkpoint_module.TrainingCheckpointError, match="iter_0000009"):
+        checkpoint_module.find_checkpoint(tmp_path)
+    assert checkpoint_module.find_checkpoint(tmp_path / "missing") is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Crash safety: SIGKILL while saving
+
+
+def launcher_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(argv, ctx, reference, tmp_path):
+    save, marker = tmp_path / "run", tmp_path / "paused"
+    runs = {"killed": {"argv": argv + ["--save", str(save), "--save-interval", "1"],
+                       "pause_before_publish": [2, str(marker)]}}
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    process = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "runs.json"), str(tmp_path / "out.json")],
+                               env=launcher_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the save never reached its pause"
+            time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        process.stderr.close()
+    # Fully written but unpublished: not a checkpoint.
+    assert (save / ".tmp-iter_0000002" / "state" / ".metadata").is_file()
+    assert (save / "latest").read_text().strip() == "iter_0000001"
+    resumed = run(ctx, argv + ["--save", str(save), "--load", str(save), "--save-interval", "1"])
+    assert resumed["iteration"] == [2, 3, 4]
+    assert resumed["loss"] == reference["loss"][1:]
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000001", "iter_0000002", "iter_0000003",
+                                                      "iter_0000004", "latest"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Two processes (torchrun): resharding 1 -> 2 and 2 -> 1, async saves, signals
+
+
+def test_resharding_async_saves_and_signals_with_two_processes(argv, ctx, reference, interrupted, tmp_path):
+    out = tmp_path / "2proc"
+    argv2 = argv + ["--micro-batch-size", "2"]  # 2 ranks × 2 samples = the global batch of 4
+    runs = {
+        "from1": argv2 + ["--load", str(interrupted["SHARDED_STATE_DICT"]), "--save", str(out / "from1")],
+        "from1_full": argv2 + ["--load", str(interrupted["FULL_STATE_DICT"]), "--sharding-strategy", "NO_SHARD"],
+        "reference2": argv2,
+        "save2": argv2 + ["--save", str(out / "save2"), "--exit-interval", "2"],
+        "save2_full": argv2 + ["--save", str(out / "save2_full"), "--exit-interval", "2",
+                              "--checkpoint-type", "FULL_STATE_DICT"],
+        "async2": argv2 + ["--save", str(out / "async2"), "--exit-interval", "2", "--async-save"],
+        "async2_resumed": argv2 + ["--load", str(out / "async2"), "--save", str(out / "async2"), "--async-save"],
+        "sigterm": {"argv": argv2 + ["--save", str(out / "sigterm")], "signal": [2, 1, "SIGTERM"]},
+        "sigusr1": {"argv": argv2, "signal": [1, 0, "SIGUSR1"]},
+    }
+    runs_path, results_path = tmp_path / "runs.json", tmp_path / "results.json"
+    runs_path.write_text(json.dumps(runs))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
+               str(runs_path), str(results_path)]
+    completed = subprocess.run(command, env=launcher_environment(), capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    results = json.loads(results_path.read_text())
+
+    # 1 -> 2 processes: the same training within float tolerance (reductions are ordered differently).
+    for name in ("from1", "from1_full"):
+        assert results[name].get("iteration") == [3, 4], results[name]
+        assert_close(results[name]["loss"], reference["loss"][2:])
+    # Saving in the background and resuming on 2 processes is exact.
+    assert results["async2"]["iteration"] == [1, 2] and results["async2_resumed"]["iteration"] == [3, 4]
+    assert results["async2"]["loss"] + results["async2_resumed"]["loss"] == results["reference2"]["loss"]
+    # A signal on one rank stops both at the same iteration, after saving.
+    assert results["sigterm"]["iteration"] == [1, 2]
+    assert (out / "sigterm" / "latest").read_text().strip() == "iter_0000002"
+    assert results["sigusr1"]["iteration"] == [1]  # no --save: exits without a checkpoint
+
+    # 2 -> 1 process.
+    for name in ("save2", "save2_full"):
+        assert json.loads((out / name / "iter_0000002" / "checkpoint.json").read_text())["world_size"] == 2
+        resumed = run(ctx, argv + ["--load", str(out / name)])
+        assert resumed["iteration"] == [3, 4]
+        assert_close(resumed["loss"], reference["loss"][2:])
