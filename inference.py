@@ -244,7 +244,12 @@ def _load_training_checkpoint(directory: Path, device: torch.device, dtype: torc
             f"(kotomamba.checkpoint.load_model_from_checkpoint is missing)")
     import torch
 
-    model, info = loader(str(directory), torch.device("cpu"))
+    # The checkpoint module's "unreadable checkpoint" error is the user's input problem: one line, exit 2.
+    unreadable = getattr(checkpoint_module, "TrainingCheckpointError", ())
+    try:
+        model, info = loader(str(directory), torch.device("cpu"))
+    except unreadable as error:
+        raise InferenceInputError(str(error)) from None
     # Rebuilt from the state dict so that device and dtypes are those of mamba-ssm's constructor.
     return _instantiate(model.config, model.state_dict(), device, dtype, str(directory)), info
 

@@ -12,7 +12,9 @@ own (prompts of equal length together) and its per-layer states are copied into 
 batch's decoding cache. The decode steps then run the whole batch at once. Mamba layers have no
 notion of position, so rows at different positions decode correctly side by side. Attention layers
 of hybrid models do need one position per step (mamba-ssm's CUDA-graph runner sets one length for
-all rows), so for hybrids a batch only holds prompts of equal length.
+all rows), so for hybrids a batch only holds prompts of equal length. (On GPU, mamba-ssm's attention
+decode step is only right with flash-attn installed: its fallback without it aligns the causal mask
+of a one-token query to the first cached key.)
 
 Sampling is reproducible per sequence: sequence (prompt p, sample s) draws its random numbers
 from its own generator seeded with (seed, p, s), so its tokens do not depend on the batch size or
@@ -259,6 +261,7 @@ class Decoder:
 
         start = time.perf_counter()
         seen = None
+        all_rows = torch.arange(size, device=self.device)
         if settings.repetition_penalty != 1.0:
             seen = torch.zeros(size, self.vocab_size, dtype=torch.bool, device=self.device)
             for i, row in enumerate(batch):
@@ -272,7 +275,7 @@ class Decoder:
         for t in range(settings.max_new_tokens):
             tokens = sample_tokens(filter_logits(logits, settings, seen), None if uniforms is None else uniforms[:, t])
             if seen is not None:
-                seen[torch.arange(size, device=self.device), tokens] = True
+                seen[all_rows, tokens] = True
             for row, token in zip(batch, tokens.tolist()):  # .tolist() waits for the step
                 if row.stop_reason is not None:
                     continue
@@ -308,8 +311,10 @@ class Decoder:
             self._graph_caches[size] = cache
             params = cache.inference_params  # its max_seqlen may exceed ours: a cache of an earlier call
 
+            # MambaLMHeadModel ignores position_ids; the graph runner only needs a tensor to copy.
+            positions = torch.zeros(size, 1, dtype=torch.long, device=self.device)
+
             def step(tokens: torch.Tensor, seqlen_offset: int) -> torch.Tensor:
-                positions = torch.full((size, 1), seqlen_offset, dtype=torch.long, device=self.device)
                 return cache.run(tokens.unsqueeze(1), positions, seqlen_offset)[:, -1, :self.vocab_size]
 
             return params, step

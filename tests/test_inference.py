@@ -371,6 +371,16 @@ def test_training_checkpoint_is_loaded_through_the_checkpoint_module(inference, 
         assert model.lm_head.weight is model.backbone.embedding.weight
     assert [path for path, _ in calls] == [str(run), str(run / "iter_0000002")]
 
+    class TrainingCheckpointError(RuntimeError):
+        pass
+
+    def unreadable(path: str, device: torch.device):
+        raise TrainingCheckpointError(f"cannot read the model of checkpoint {path}: truncated file")
+
+    fake.TrainingCheckpointError, fake.load_model_from_checkpoint = TrainingCheckpointError, unreadable
+    code, _, err = run_cli(inference, ["--load", str(run), "--prompt", "x"], capsys)
+    assert code == 2 and err == f"inference.py: error: cannot read the model of checkpoint {run}: truncated file\n"
+
     monkeypatch.setitem(sys.modules, "kotomamba.checkpoint", types.ModuleType("kotomamba.checkpoint"))
     code, _, err = run_cli(inference, ["--load", str(run), "--prompt", "x"], capsys)
     assert code == 2 and "is a kotomamba training checkpoint" in err and "load_model_from_checkpoint" in err
