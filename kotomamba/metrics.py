@@ -1,13 +1,72 @@
-"""Training metrics: throughput, MFU, memory, and the one readable log line per --log-interval."""
+"""Training metrics: what is measured, under which name, and the one readable log line per --log-interval.
+
+Every metric has one stable name, the same in W&B, TensorBoard and the plotting command
+(``python -m kotomamba.plot``); the step is always the iteration (optimizer steps taken, counting from 1
+and continuing across resumes). Only rank 0 writes them; the log line goes to stdout.
+
+Every --log-interval iterations (over the iterations since the previous line):
+
+=================================  ====================================================================
+name                               meaning
+=================================  ====================================================================
+train/loss                         mean training loss (cross-entropy, nats/token) of the interval's
+                                   steps; steps with a non-finite loss are left out
+train/perplexity                   exp(train/loss)
+train/lr                           learning rate applied at this iteration
+train/grad_norm                    global L2 gradient norm of this iteration, unscaled, before clipping
+train/loss_scale                   fp16 loss scale this iteration's backward used (1 without fp16)
+train/skipped_steps                steps in the interval skipped for a non-finite loss or gradients
+train/skipped_steps_total          the same since the run (and the runs it resumes) started
+train/skipped_batches              iterations in the interval skipped by --skip-batch
+throughput/tokens_per_s            trained tokens per second, all ranks together
+throughput/tokens_per_s_per_gpu    the same per rank (per GPU)
+throughput/tflops_per_gpu          model TFLOP/s per GPU (``kotomamba.flops.flops_per_token``)
+throughput/mfu                     model FLOPs utilization (0..1) against the GPU's dense peak, or
+                                   --peak-tflops; absent (``n/a``) when the peak is unknown (CPU)
+time/iteration_s                   mean wall time per iteration
+time/data_wait_fraction            share of that time spent waiting for the next batch
+memory/peak_allocated_gib          peak CUDA memory allocated since the start, max over ranks (GiB);
+                                   absent (``n/a``) on CPU
+memory/peak_reserved_gib           peak CUDA memory reserved by the caching allocator, max over ranks
+progress/consumed_tokens           tokens drawn from the training data so far (--skip-batch included)
+progress/consumed_samples          samples drawn so far
+=================================  ====================================================================
+
+At every --eval-interval (``valid``) and once at the end of training (``test``), for SPLIT in
+valid, test: ``SPLIT/loss`` and ``SPLIT/perplexity`` over the whole split, and
+``SPLIT/<component>/loss`` and ``SPLIT/<component>/perplexity`` for each component of a blended split,
+named after its data prefix's file name (``corpus_text_document``).
+
+Every --optimizer-stats-interval iterations: ``optimizer/<group>/<quantity>/<statistic>``, see
+``kotomamba.optimizer_stats``.
+
+Throughput is wall time measured across the whole interval, including data loading and all
+communication: on CUDA the clock is read only after synchronizing the device. Evaluation (and anything
+else run under ``IntervalMeter.paused()``) is excluded from it. Only iterations that ran forward and
+backward count as trained tokens; --skip-batch iterations do not.
+"""
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.distributed as dist
+
+from kotomamba.flops import mfu
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss); inf where that overflows a float (a diverged run), nan for a nan loss."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def format_duration(seconds: float) -> str:
@@ -19,28 +78,51 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
+def synchronize(device: torch.device | None) -> None:
+    """Wait for queued GPU work, so that a clock read afterwards covers it."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class IntervalMeter:
-    """What happened since the last log line: tokens, losses, skips and time spent waiting for data."""
+    """What happened since the last log line: iterations, trained tokens, losses, skips, and time
+    (spent waiting for data, and paused for evaluation or checkpointing)."""
 
+    device: torch.device | None = None
+    iterations: int = 0
     tokens: int = 0
-    data_wait_seconds: float = 0.0
     loss_sum: float = 0.0
     loss_count: int = 0
-    skipped: int = 0
+    skipped_steps: int = 0
+    skipped_batches: int = 0
+    data_wait_seconds: float = 0.0
+    paused_seconds: float = 0.0
+    last_result: Any = None  # the latest training step's result (loss, grad_norm, skipped, loss_scale)
     started: float = field(default_factory=time.perf_counter)
 
-    def record(self, loss: float, skipped: bool) -> None:
-        if math.isfinite(loss):
-            self.loss_sum += loss
+    def record(self, result: Any, tokens: int) -> None:
+        """One iteration that ran forward and backward over `tokens` tokens (its step may be skipped)."""
+        self.iterations += 1
+        self.tokens += tokens
+        if math.isfinite(result.loss):
+            self.loss_sum += result.loss
             self.loss_count += 1
-        self.skipped += int(skipped)
+        self.skipped_steps += int(result.skipped)
+        self.last_result = result
+
+    def record_skipped_batch(self) -> None:
+        """One --skip-batch iteration: data drawn, nothing computed."""
+        self.iterations += 1
+        self.skipped_batches += 1
 
     def mean_loss(self) -> float:
         return self.loss_sum / self.loss_count if self.loss_count else math.nan
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.started
+        """Training wall time of the interval: synchronized, pauses excluded."""
+        synchronize(self.device)
+        return time.perf_counter() - self.started - self.paused_seconds
 
     @contextlib.contextmanager
     def waiting_for_data(self) -> Iterator[None]:
@@ -50,23 +132,133 @@ class IntervalMeter:
         finally:
             self.data_wait_seconds += time.perf_counter() - started
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (evaluation, checkpointing) does not count as training time."""
+        synchronize(self.device)  # training work still queued belongs to the interval
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.paused_seconds += time.perf_counter() - started
+
     def reset(self) -> None:
-        self.__init__()
+        self.__init__(device=self.device)
 
 
-def peak_memory_gib(device: torch.device) -> tuple[float, float]:
+def peak_memory_gib(device: torch.device) -> tuple[float, float] | None:
+    """Peak (allocated, reserved) CUDA memory since the start in GiB, the maximum over ranks; None on CPU.
+    A collective on CUDA: call it on every rank."""
     if device.type != "cuda":
-        return 0.0, 0.0
-    gib = 1024**3
-    return torch.cuda.max_memory_allocated(device) / gib, torch.cuda.max_memory_reserved(device) / gib
+        return None
+    peaks = torch.tensor(
+        [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)],
+        dtype=torch.float64, device=device,
+    )
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    allocated, reserved = (peaks / 1024**3).tolist()
+    return allocated, reserved
 
 
-def throughput(tokens: int, seconds: float, world_size: int, flops_per_token: float, peak_flops: float | None) -> dict[str, float]:
-    """Tokens/s (total and per GPU), achieved TFLOP/s per GPU and MFU (None peak → MFU not reported)."""
+def throughput(tokens: int, seconds: float, world_size: int, flops_per_token: float,
+               peak_flops: float | None) -> dict[str, float]:
+    """Tokens/s (total and per GPU), achieved model TFLOP/s per GPU and, when the peak is known, MFU."""
     tokens_per_s = tokens / seconds if seconds > 0 else 0.0
     per_gpu = tokens_per_s / world_size
-    tflops = per_gpu * flops_per_token / 1e12
-    result = {"tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": per_gpu, "tflops_per_gpu": tflops}
+    result = {
+        "throughput/tokens_per_s": tokens_per_s,
+        "throughput/tokens_per_s_per_gpu": per_gpu,
+        "throughput/tflops_per_gpu": per_gpu * flops_per_token / 1e12,
+    }
     if peak_flops:
-        result["mfu"] = per_gpu * flops_per_token / peak_flops
+        result["throughput/mfu"] = mfu(per_gpu, flops_per_token, peak_flops)
     return result
+
+
+def training_metrics(meter: IntervalMeter, *, lr: float, consumed_tokens: int, consumed_samples: int,
+                     skipped_steps_total: int, world_size: int, flops_per_token: float,
+                     peak_flops: float | None, device: torch.device) -> dict[str, float]:
+    """The interval's metrics under their stable names (see the table above). Call on every rank
+    (the memory figure is reduced across ranks); `meter` must hold at least one training step."""
+    elapsed = meter.elapsed()
+    loss = meter.mean_loss()
+    step = meter.last_result
+    values = {
+        "train/loss": loss,
+        "train/perplexity": perplexity(loss),
+        "train/lr": lr,
+        "train/grad_norm": step.grad_norm,
+        "train/loss_scale": step.loss_scale,
+        "train/skipped_steps": meter.skipped_steps,
+        "train/skipped_steps_total": skipped_steps_total,
+        "train/skipped_batches": meter.skipped_batches,
+        **throughput(meter.tokens, elapsed, world_size, flops_per_token, peak_flops),
+        "time/iteration_s": elapsed / meter.iterations,
+        "time/data_wait_fraction": meter.data_wait_seconds / elapsed if elapsed > 0 else 0.0,
+        "progress/consumed_tokens": consumed_tokens,
+        "progress/consumed_samples": consumed_samples,
+    }
+    memory = peak_memory_gib(device)
+    if memory is not None:
+        values["memory/peak_allocated_gib"], values["memory/peak_reserved_gib"] = memory
+    return values
+
+
+def format_training_line(iteration: int, train_iters: int, values: Mapping[str, float],
+                         run_seconds: float, remaining_seconds: float) -> str:
+    """The human-readable log line for `values` from `training_metrics`; `kotomamba.plot` parses it."""
+    mfu_text = f"{100 * values['throughput/mfu']:.1f}%" if "throughput/mfu" in values else "n/a"
+    if "memory/peak_allocated_gib" in values:
+        memory = f"{values['memory/peak_allocated_gib']:.1f}/{values['memory/peak_reserved_gib']:.1f} GiB"
+    else:
+        memory = "n/a"
+    skipped = f"skipped {values['train/skipped_steps']} (total {values['train/skipped_steps_total']})"
+    if values["train/skipped_batches"]:
+        skipped += f" | skip-batch {values['train/skipped_batches']}"
+    return (
+        f"iteration {iteration}/{train_iters} | consumed tokens {values['progress/consumed_tokens']:,} | "
+        f"loss {values['train/loss']:.4f} | ppl {values['train/perplexity']:.2f} | lr {values['train/lr']:.3e} | "
+        f"grad norm {values['train/grad_norm']:.3f} | loss scale {values['train/loss_scale']:g} | {skipped} | "
+        f"{values['throughput/tokens_per_s']:.0f} tokens/s ({values['throughput/tokens_per_s_per_gpu']:.0f} per GPU) | "
+        f"{values['throughput/tflops_per_gpu']:.2f} TFLOP/s per GPU | MFU {mfu_text} | "
+        f"{values['time/iteration_s']:.3f} s/iteration | data wait {100 * values['time/data_wait_fraction']:.0f}% | "
+        f"peak memory {memory} | elapsed {format_duration(run_seconds)} | remaining {format_duration(remaining_seconds)}"
+    )
+
+
+def blend_component_names(dataset: Any) -> dict[int, str]:
+    """Readable names of a blended dataset's components by dataset id: each data prefix's file name,
+    with the id in front where two prefixes share a file name. Empty for a dataset that is not a blend."""
+    components = getattr(dataset, "datasets", None)
+    if not components:
+        return {}
+    names = [os.path.basename(str(d.indexed_dataset.path_prefix).rstrip("/")) for d in components]
+    unique = len(set(names)) == len(names)
+    return {i: name if unique else f"{i}-{name}" for i, name in enumerate(names)}
+
+
+def evaluation_metrics(split: str, result: Mapping[str, float], component_names: Mapping[int, str]) -> dict[str, float]:
+    """`evaluate()`'s result ("loss", "loss/dataset<i>") under stable names: SPLIT/loss,
+    SPLIT/perplexity, SPLIT/<component>/loss, SPLIT/<component>/perplexity."""
+    values = {f"{split}/loss": result["loss"], f"{split}/perplexity": perplexity(result["loss"])}
+    for key, loss in result.items():
+        if key.startswith("loss/dataset"):
+            dataset_id = int(key.removeprefix("loss/dataset"))
+            name = component_names.get(dataset_id, f"dataset{dataset_id}")
+            values[f"{split}/{name}/loss"] = loss
+            values[f"{split}/{name}/perplexity"] = perplexity(loss)
+    return values
+
+
+def format_evaluation_line(split: str, iteration: int, values: Mapping[str, float]) -> str:
+    """E.g. ``valid at iteration 100 | loss 3.2100 (ppl 24.78) | corpus_a loss 3.1000 (ppl 22.20)``;
+    `kotomamba.plot` parses it."""
+    parts = [f"{split} at iteration {iteration}"]
+    for key, loss in values.items():
+        if key.endswith("/loss"):
+            component = key.removeprefix(f"{split}/").removesuffix("loss").rstrip("/")
+            label = f"{component} loss" if component else "loss"
+            parts.append(f"{label} {loss:.4f} (ppl {perplexity(loss):.2f})")
+    return " | ".join(parts)
