@@ -118,5 +118,4 @@ def plain_training(argv: list[str], stats_at: tuple[int, ...] = ()) -> dict:
     if eval_samples and test_ds is not None:
         model.eval()
         record["test"] = evaluate_by_component(model, test_ds, list(range(eval_samples)))
-    record["dataset_sizes"] = (len(train_ds), len(valid_ds or ()), len(test_ds or ()))
     return record
