@@ -59,6 +59,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from argparse import Namespace
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -316,7 +317,8 @@ def _rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's GPU only: touching the others would create a CUDA context on each of them.
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -327,7 +329,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
                          saved["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
 
 
 def _rng_file(checkpoint_dir: Path, rank: int) -> Path:
@@ -411,16 +413,16 @@ class CheckpointManager:
         self.resume_dir: Path | None = None
         self.resume_metadata: dict[str, Any] | None = None
         if args.load:
-            found, error = None, None
+            # Rank 0 decides which checkpoint and reads its metadata; every rank then uses the same.
+            found, metadata, error = None, None, None
             if ctx.rank == 0:
                 try:
                     found = find_checkpoint(args.load)
+                    metadata = read_metadata(found) if found is not None else None
                 except TrainingCheckpointError as exc:
                     error = f"--load {args.load}: {exc}"
             self._agree(error)
-            self.resume_dir = self._broadcast(found)
-            if self.resume_dir is not None:
-                self.resume_metadata = read_metadata(self.resume_dir)
+            self.resume_dir, self.resume_metadata = self._broadcast((found, metadata))
 
     # --- collectives ------------------------------------------------------------------------------
 
@@ -478,6 +480,13 @@ class CheckpointManager:
             if child.is_dir() and child.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
                 logger.warning("removing %s, left by an interrupted save", child)
                 shutil.rmtree(child, ignore_errors=True)
+        existing = _complete_checkpoints(self.save_dir)
+        resuming_here = self.args.load and Path(self.args.load).resolve() in (
+            self.save_dir.resolve(), *(path.resolve() for path in existing))
+        if existing and not resuming_here:
+            logger.warning("--save %s already holds checkpoints (newest %s) and this run does not resume from it "
+                           "(--load): checkpoints of the same iterations will be replaced", self.save_dir,
+                           existing[-1].name)
 
     def train_samples_needed(self) -> int:
         """Training samples a resumed run reads in total: more than --train-iters × GBS when the global
@@ -642,16 +651,18 @@ class CheckpointManager:
         temporary = self.save_dir / f"{TMP_PREFIX}{final.name}"
         pending = _PendingSave(state.iteration, temporary, final, time.perf_counter())
         self.last_saved_iteration = state.iteration
-        metadata = self._metadata(state)
+        # Before the first optimizer step there are no moments; saving them would need a fake step.
+        with_optimizer = bool(self.optimizer.state)
         cleanup = lambda: shutil.rmtree(temporary, ignore_errors=True)  # noqa: E731
-        self._agree(self._on_rank0(lambda: self._write_metadata_files(temporary, metadata)), cleanup)
+        self._agree(self._on_rank0(lambda: self._write_metadata_files(temporary, self._metadata(state, with_optimizer))),
+                    cleanup)
         error = _capture(lambda: _write_rng(temporary, self.ctx.rank))
         self._agree(error and f"cannot write {temporary / RNG_DIR}: {error}", cleanup)
         try:
-            if metadata["checkpoint_type"] in SHARDED_TYPES:
-                pending.future = self._save_sharded(temporary, metadata["has_optimizer_state"])
+            if self.args.checkpoint_type in SHARDED_TYPES:
+                pending.future = self._save_sharded(temporary, with_optimizer)
             else:
-                pending.future = self._save_full(temporary, metadata["has_optimizer_state"])
+                pending.future = self._save_full(temporary, with_optimizer)
         except BaseException as exc:  # CheckpointException is a BaseException
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -729,7 +740,7 @@ class CheckpointManager:
             return f"{self.save_dir} holds its previous checkpoints unchanged (none yet)"
         return f"{self.save_dir} holds its previous checkpoints unchanged (latest: {name})"
 
-    def _metadata(self, state: TrainState) -> dict[str, Any]:
+    def _metadata(self, state: TrainState, with_optimizer: bool) -> dict[str, Any]:
         from kotomamba.arguments import resolved_config
 
         args = self.args
@@ -753,7 +764,7 @@ class CheckpointManager:
             "iteration": state.iteration,
             "checkpoint_type": args.checkpoint_type,
             "world_size": self.ctx.world_size,
-            "has_optimizer_state": bool(self.optimizer.state),
+            "has_optimizer_state": with_optimizer,
             "train_state": dataclasses.asdict(state),
             "loss_scaler": self.scaler.state_dict(),
             "tokenizer": {
@@ -929,7 +940,9 @@ def load_model_from_checkpoint(path: str, device: torch.device) -> tuple[MambaLM
             import torch.distributed.checkpoint as dcp
 
             payload = {"model": model_state}
-            dcp.load(payload, checkpoint_id=str(directory / SHARDED_STATE), no_dist=True)
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load(payload, checkpoint_id=str(directory / SHARDED_STATE), no_dist=True)
             model_state = payload["model"]
         else:
             model_state = torch.load(directory / FULL_STATE, map_location="cpu", mmap=True, weights_only=True)["model"]

@@ -131,7 +131,6 @@ def _write_hf(model: MambaLMHeadModel, tokenizer: Any, directory: Path) -> None:
                        eos=tokenizer.eod if tokenizer else None, pad=tokenizer.pad if tokenizer else None,
                        embedding_rows=model.backbone.embedding.num_embeddings)
     config.architectures = ["Mamba2ForCausalLM" if config.model_type == "mamba2" else "MambaForCausalLM"]
-    config.torch_dtype = next(model.parameters()).dtype
     model_class = Mamba2ForCausalLM if config.model_type == "mamba2" else MambaForCausalLM
     with torch.device("meta"):
         hf_model = model_class(config)

@@ -99,6 +99,52 @@ def test_stopped_and_resumed_run_is_bitwise_identical(name, argv, ctx, reference
     assert sorted(p.name for p in save.iterdir()) == ["iter_0000002", "iter_0000004", "latest"]
 
 
+def test_background_save_holds_the_state_of_its_iteration(argv, ctx, reference, tmp_path):
+    # Training goes on while iteration 2's checkpoint is written: it must still hold iteration 2's state.
+    save = tmp_path / "run"
+    continuous = run(ctx, argv + ["--save", str(save), "--save-interval", "2", "--async-save"])
+    assert continuous["loss"] == reference["loss"]
+    resumed = run(ctx, argv + ["--load", str(save / "iter_0000002")])
+    assert resumed["loss"] == reference["loss"][2:]
+
+
+def test_validation_stream_continues_where_it_stopped(argv, ctx, tmp_path, monkeypatch):
+    from kotomamba import train
+
+    losses: list[float] = []
+    evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: losses.append(evaluate(*a, **k)["loss"]) or {"loss": losses[-1]})
+    evaluating = argv + ["--eval-iters", "1", "--eval-interval", "1"]
+    assert "error" not in run(ctx, evaluating)
+    whole, losses[:] = list(losses), []
+    run(ctx, evaluating + ["--save", str(tmp_path / "run"), "--exit-interval", "2"])
+    run(ctx, evaluating + ["--load", str(tmp_path / "run")])
+    assert len(set(whole)) == 4 and losses == whole  # 4 different validation batches, resumed in place
+
+
+def test_fp16_loss_scale_and_skipped_steps_resume_exactly(argv, ctx, tmp_path):
+    # Scale 2**20 overflows the first two steps (the optimizer has no state yet at the checkpoint), then
+    # backs off far enough for steps 3 and 4.
+    fp16 = [a for a in argv if a != "--fp32"] + ["--fp16", "--initial-loss-scale", str(2.0**20), "--hysteresis", "1"]
+    save = tmp_path / "run"
+    whole = run(ctx, fp16)
+    assert whole["skipped"] == [True, True, False, False]
+    first = run(ctx, fp16 + ["--save", str(save), "--exit-interval", "2"])
+    metadata = json.loads((save / "iter_0000002" / "checkpoint.json").read_text())
+    assert not metadata["has_optimizer_state"] and metadata["train_state"]["skipped_iterations"] == 2
+    assert metadata["loss_scaler"]["scale"] == 2.0**18
+    second = run(ctx, fp16 + ["--load", str(save)])
+    for key in ("loss", "grad_norm", "skipped", "loss_scale"):
+        assert first[key] + second[key] == whole[key], key
+
+
+def test_exit_duration_saves_and_stops(argv, ctx, tmp_path):
+    save = tmp_path / "run"
+    result = run(ctx, argv + ["--save", str(save), "--exit-duration-in-mins", "1e-6"])
+    assert result["iteration"] == [1]
+    assert (save / "latest").read_text().strip() == "iter_0000001"
+
+
 def test_checkpoint_holds_everything_a_resume_needs(argv, interrupted, sentencepiece_model):
     directory = interrupted["SHARDED_STATE_DICT"] / "iter_0000002"
     metadata = json.loads((directory / "checkpoint.json").read_text())
@@ -259,6 +305,7 @@ def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(argv, c
 def test_resharding_async_saves_and_signals_with_two_processes(argv, ctx, reference, interrupted, tmp_path):
     out = tmp_path / "2proc"
     argv2 = argv + ["--micro-batch-size", "2"]  # 2 ranks × 2 samples = the global batch of 4
+    bf16 = [a for a in argv2 if a != "--fp32"] + ["--bf16"]
     runs = {
         "from1": argv2 + ["--load", str(interrupted["SHARDED_STATE_DICT"]), "--save", str(out / "from1")],
         "from1_full": argv2 + ["--load", str(interrupted["FULL_STATE_DICT"]), "--sharding-strategy", "NO_SHARD"],
@@ -270,6 +317,10 @@ def test_resharding_async_saves_and_signals_with_two_processes(argv, ctx, refere
         "async2_resumed": argv2 + ["--load", str(out / "async2"), "--save", str(out / "async2"), "--async-save"],
         "sigterm": {"argv": argv2 + ["--save", str(out / "sigterm")], "signal": [2, 1, "SIGTERM"]},
         "sigusr1": {"argv": argv2, "signal": [1, 0, "SIGUSR1"]},
+        # bf16 keeps A_log/D/dt_bias replicated in fp32 outside FSDP: plain tensors in the checkpoint.
+        "bf16_reference": bf16,
+        "bf16_first": bf16 + ["--save", str(out / "bf16"), "--exit-interval", "2"],
+        "bf16_second": bf16 + ["--load", str(out / "bf16")],
     }
     runs_path, results_path = tmp_path / "runs.json", tmp_path / "results.json"
     runs_path.write_text(json.dumps(runs))
@@ -290,6 +341,7 @@ def test_resharding_async_saves_and_signals_with_two_processes(argv, ctx, refere
     assert results["sigterm"]["iteration"] == [1, 2]
     assert (out / "sigterm" / "latest").read_text().strip() == "iter_0000002"
     assert results["sigusr1"]["iteration"] == [1]  # no --save: exits without a checkpoint
+    assert results["bf16_first"]["loss"] + results["bf16_second"]["loss"] == results["bf16_reference"]["loss"]
 
     # 2 -> 1 process.
     for name in ("save2", "save2_full"):

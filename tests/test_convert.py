@@ -1,0 +1,142 @@
+"""`python -m kotomamba.convert`: training checkpoints to mamba-ssm (from_pretrained, --base-model) and to
+Hugging Face transformers (AutoModelForCausalLM, logits equal to ours on CPU in fp32)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kotomamba.checkpoint import load_model_from_checkpoint
+from kotomamba.convert import ExportError, export, hf_config, main
+from kotomamba.distributed import init_distributed, shutdown_distributed
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import TINY_MAMBA1, TINY_MAMBA2, write_model_config  # noqa: E402
+from training_worker import run_configurations  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU conversion tests")
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    context = init_distributed(use_mpi=False)
+    yield context
+    shutdown_distributed()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(ctx, tmp_path_factory, tokenized_corpus, sentencepiece_model, hf_tokenizer_dir) -> dict[str, Path]:
+    """One-iteration training runs: Mamba-1 with a Hugging Face tokenizer (sharded), Mamba-2 with
+    SentencePiece (one consolidated file), and Mamba-1 with MLP blocks (not expressible in transformers)."""
+    directory = tmp_path_factory.mktemp("convert")
+    models = {"mamba1": TINY_MAMBA1, "mamba2": TINY_MAMBA2, "mlp": {**TINY_MAMBA1, "d_intermediate": 16}}
+    tokenizers = {"mamba1": ["HuggingFaceTokenizer", hf_tokenizer_dir]}
+    common = ["--data-path", str(tokenized_corpus), "--split", "100,0,0", "--seq-length", "16",
+              "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1", "--lr", "1e-2",
+              "--eval-iters", "0", "--num-workers", "0", "--fp32"]
+    runs = {}
+    for name, values in models.items():
+        tokenizer_type, tokenizer_model = tokenizers.get(name, ["SentencePieceTokenizer", sentencepiece_model])
+        runs[name] = common + [
+            "--model", str(write_model_config(directory / f"{name}.json", values)),
+            "--tokenizer-type", tokenizer_type, "--tokenizer-model", str(tokenizer_model),
+            "--save", str(directory / name),
+            "--checkpoint-type", "FULL_STATE_DICT" if name == "mamba2" else "SHARDED_STATE_DICT",
+        ]
+    results = run_configurations(runs, ctx)
+    assert all("error" not in result for result in results.values()), results
+    return {name: directory / name for name in models}
+
+
+def sample_tokens() -> torch.Tensor:
+    return torch.randint(0, 400, (2, 37), generator=torch.Generator().manual_seed(0))
+
+
+def test_mamba_ssm_export_loads_with_from_pretrained_and_as_base_model(ctx, checkpoints, tokenized_corpus,
+                                                                       hf_tokenizer_dir, tmp_path):
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    output = tmp_path / "mamba1-ssm"
+    # A separate process: loading a checkpoint needs no process group.
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    completed = subprocess.run([sys.executable, "-m", "kotomamba.convert", str(checkpoints["mamba1"]), str(output),
+                                "--format", "mamba-ssm"], env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert {"config.json", "pytorch_model.bin", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in output.iterdir()}
+
+    ours, _ = load_model_from_checkpoint(str(checkpoints["mamba1"]), torch.device("cpu"))
+    theirs = MambaLMHeadModel.from_pretrained(str(output))  # a local directory: no hub access
+    with torch.no_grad():
+        assert torch.equal(theirs(sample_tokens()).logits, ours(sample_tokens()).logits)
+
+    # Continual pretraining from the export starts from exactly these weights.
+    argv = ["--base-model", str(output), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+            str(hf_tokenizer_dir), "--data-path", str(tokenized_corpus), "--split", "100,0,0", "--seq-length", "16",
+            "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1", "--lr", "0",
+            "--eval-iters", "0", "--num-workers", "0", "--fp32", "--save", str(tmp_path / "continued")]
+    result = run_configurations({"continued": argv}, ctx)["continued"]
+    assert result["iteration"] == [1], result
+    continued, _ = load_model_from_checkpoint(str(tmp_path / "continued"), torch.device("cpu"))
+    for (name, a), b in zip(ours.state_dict().items(), continued.state_dict().values()):
+        assert torch.equal(a, b), name  # lr 0: the first step changes nothing
+
+
+@pytest.mark.parametrize("name, architecture", [("mamba1", "MambaForCausalLM"), ("mamba2", "Mamba2ForCausalLM")])
+def test_hugging_face_export_has_our_logits(name, architecture, checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output = export(str(checkpoints[name]), str(tmp_path / name), "hf")
+    assert json.loads((output / "config.json").read_text())["architectures"] == [architecture]
+    assert (output / "model.safetensors").is_file()
+    hf_model = AutoModelForCausalLM.from_pretrained(str(output))
+    assert type(hf_model).__name__ == architecture
+    ours, info = load_model_from_checkpoint(str(checkpoints[name]), torch.device("cpu"))
+    with torch.no_grad():
+        expected, actual = ours(sample_tokens()).logits, hf_model(sample_tokens()).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    if info["tokenizer_type"] == "HuggingFaceTokenizer":
+        from megatron_lm.tokenizer import build_tokenizer
+
+        text = "Mamba は状態空間モデルです。"
+        ids = build_tokenizer("HuggingFaceTokenizer", info["tokenizer_model"]).encode(text)
+        assert AutoTokenizer.from_pretrained(str(output))(text)["input_ids"] == ids
+
+
+def test_configurations_transformers_cannot_express_are_refused(checkpoints, tmp_path, capsys):
+    output = tmp_path / "mlp-hf"
+    assert main([str(checkpoints["mlp"]), str(output), "--format", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert "MLP blocks (d_intermediate 16)" in err and "--format mamba-ssm" in err
+    assert not output.exists()
+    assert main([str(checkpoints["mlp"]), str(output), "--format", "mamba-ssm"]) == 0  # the way out
+
+    from mamba_ssm.models.config_mamba import MambaConfig
+
+    hybrid = MambaConfig(d_model=32, n_layer=2, vocab_size=100, attn_layer_idx=[1], attn_cfg={"num_heads": 2})
+    with pytest.raises(ExportError, match=r"attention layers at \[1\]"):
+        hf_config(hybrid)
+    layer_norm = MambaConfig(d_model=32, n_layer=2, vocab_size=100, rms_norm=False)
+    with pytest.raises(ExportError, match="LayerNorm"):
+        hf_config(layer_norm)
+    mamba2 = MambaConfig(d_model=32, n_layer=2, vocab_size=100,
+                         ssm_cfg={"layer": "Mamba2", "headdim": 16, "norm_before_gate": True})
+    with pytest.raises(ExportError, match="norm_before_gate"):
+        hf_config(mamba2)
+
+
+def test_an_existing_output_is_never_overwritten(checkpoints, tmp_path, capsys):
+    output = tmp_path / "taken"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    assert main([str(checkpoints["mamba2"]), str(output), "--format", "mamba-ssm"]) == 2
+    assert f"{output} already exists" in capsys.readouterr().err
+    assert [p.name for p in output.iterdir()] == ["keep.txt"]
+    assert main([str(tmp_path / "nothing"), str(tmp_path / "out"), "--format", "hf"]) == 2
+    assert "holds no kotomamba checkpoint" in capsys.readouterr().err
