@@ -17,6 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as error:
         print(f"pretrain.py: error: {error}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        # Before kotomamba.train is imported: a dry run needs no GPU, process group or data.
+        from kotomamba.dry_run import run
+
+        return run(args)
     from kotomamba.errors import USER_ERRORS
     from kotomamba.train import pretrain
 

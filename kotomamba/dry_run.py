@@ -1,0 +1,624 @@
+"""``pretrain.py --dry-run``: what a run will do and about how much it needs, without running it.
+
+Usable on a login node: no GPU, no process group, no data files. The model is mamba-ssm's own
+``MambaLMHeadModel`` built on the meta device (no memory is allocated), so the parameter count is
+exact. Memory figures are estimates; the report states what they count and what they leave out.
+
+The world size comes from the launcher when there is one (torchrun: WORLD_SIZE / LOCAL_WORLD_SIZE;
+mpirun: OMPI_COMM_WORLD_SIZE / OMPI_COMM_WORLD_LOCAL_SIZE), else from ``--dry-run-world-size`` and
+``--dry-run-gpus-per-node``, else 1. Under a launcher only rank 0 prints.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kotomamba import arguments
+from kotomamba.arguments import ArgumentError
+
+if TYPE_CHECKING:  # both import torch or mamba-ssm; the functions import them when called
+    from mamba_ssm.models.config_mamba import MambaConfig
+
+    from kotomamba.precision import PrecisionPolicy
+
+# The GPT-NeoX-20B tokenizer's size, the vocabulary of the state-spaces/mamba-* checkpoints.
+DEFAULT_VOCAB_SIZE = 50277
+
+# Bytes per parameter of the state FSDP shards: every precision preset keeps fp32 master weights
+# (kotomamba.precision), their gradients in fp32, and AdamW's two fp32 moments.
+MASTER_BYTES = 4
+GRADIENT_BYTES = 4
+ADAM_BYTES = 8
+STATE_BYTES = MASTER_BYTES + GRADIENT_BYTES + ADAM_BYTES
+CHECKPOINT_BYTES = MASTER_BYTES + ADAM_BYTES
+
+# mamba-ssm's selective-scan kernel keeps fp32 chunk states for backward, one chunk per 2048 tokens
+# (csrc/selective_scan/selective_scan.cpp: n_chunks = (seqlen + 2048 - 1) / 2048).
+SCAN_CHUNK_TOKENS = 2048
+
+# (launcher, world-size variable, processes-per-node variable); mpirun is looked at first under --use-mpi.
+_LAUNCHER_VARIABLES = (
+    ("torchrun", "WORLD_SIZE", "LOCAL_WORLD_SIZE"),
+    ("mpirun", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+)
+_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK")
+
+
+class DryRunError(ValueError):
+    """The configuration cannot run as given; the message names the flag or variable."""
+
+
+@dataclass(frozen=True)
+class WorldLayout:
+    world_size: int
+    gpus_per_node: int
+    source: str  # where the numbers came from, for the report
+
+    @property
+    def num_nodes(self) -> int:
+        return self.world_size // self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    description: str
+    vocab_size: int
+    vocab_note: str
+    embedding_rows: int
+    parameters: int
+    embedding_parameters: int
+    root_parameters: int  # FSDP's root unit: embedding (tied lm_head) and final norm
+    largest_block_parameters: int
+    fp32_sensitive_parameters: int  # A_log, D, dt_bias: kept whole in fp32 under low-precision compute
+    flops_per_token: float  # training (forward + backward), kotomamba.flops conventions
+    activation_bytes: int
+    activation_note: str
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU; ``host_state`` is what --fsdp-cpu-offload moves to CPU memory instead."""
+
+    sharded_state: int
+    replicated_state: int
+    gathered: int
+    activations: int
+    host_state: int
+
+    @property
+    def total(self) -> int:
+        return self.sharded_state + self.replicated_state + self.gathered + self.activations
+
+
+@dataclass
+class Plan:
+    """Everything the report shows, as numbers (the tests check these)."""
+
+    args: argparse.Namespace  # a copy with the world-size-dependent values filled in
+    layout: WorldLayout
+    accumulation: int
+    tokens_per_iteration: int
+    total_tokens: int | None
+    model: ModelSummary
+    precision: PrecisionPolicy
+    shard_group_size: int
+    memory: MemoryEstimate
+    checkpoint_bytes: int
+    data_lines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# World layout
+
+
+def _int_variable(environ: Mapping[str, str], name: str) -> int:
+    value = environ[name]
+    try:
+        number = int(value)
+    except ValueError:
+        raise DryRunError(f"environment variable {name}={value!r} is not an integer") from None
+    if number < 1:
+        raise DryRunError(f"environment variable {name}={value} must be at least 1")
+    return number
+
+
+def _default_gpus_per_node(world_size: int) -> int:
+    # One node when it fits on one 8-GPU node, else the largest usual node size that divides the world.
+    if world_size <= 8:
+        return world_size
+    return math.gcd(world_size, 8)
+
+
+def world_layout(args: argparse.Namespace, environ: Mapping[str, str] | None = None,
+                 warnings: list[str] | None = None) -> WorldLayout:
+    """Processes and processes per node: the launcher's environment first, then the dry-run flags."""
+    environ = os.environ if environ is None else environ
+    launchers = _LAUNCHER_VARIABLES[::-1] if args.use_mpi else _LAUNCHER_VARIABLES
+    flags_given = args.dry_run_world_size is not None or args.dry_run_gpus_per_node is not None
+    for launcher, world_name, local_name in launchers:
+        if world_name not in environ:
+            continue
+        world = _int_variable(environ, world_name)
+        local = _int_variable(environ, local_name) if local_name in environ else world
+        source = f"{launcher} environment ({world_name}={world}, {local_name}={local})"
+        if flags_given and warnings is not None:
+            warnings.append(f"--dry-run-world-size/--dry-run-gpus-per-node are ignored: {source} takes precedence")
+        return _checked_layout(world, local, source, world_name, local_name)
+
+    world = args.dry_run_world_size
+    local = args.dry_run_gpus_per_node
+    if world is None:
+        world = 1 if local is None else local
+    if local is None:
+        local = _default_gpus_per_node(world)
+        source = ("default: one process" if args.dry_run_world_size is None
+                  else f"--dry-run-world-size {world}, {local} per node assumed (set --dry-run-gpus-per-node)")
+    else:
+        source = f"--dry-run-world-size {world} --dry-run-gpus-per-node {local}"
+    return _checked_layout(world, local, source, "--dry-run-world-size", "--dry-run-gpus-per-node")
+
+
+def _checked_layout(world: int, local: int, source: str, world_name: str, local_name: str) -> WorldLayout:
+    if local > world:
+        raise DryRunError(f"{local_name} {local} is more than {world_name} {world}")
+    if world % local:
+        raise DryRunError(
+            f"{world_name} {world} is not a multiple of {local_name} {local}: every node runs the same "
+            f"number of processes"
+        )
+    return WorldLayout(world, local, source)
+
+
+def launcher_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This process's rank under torchrun or mpirun, 0 otherwise."""
+    environ = os.environ if environ is None else environ
+    for name in _RANK_VARIABLES:
+        if name in environ:
+            try:
+                return int(environ[name])
+            except ValueError:
+                return 0
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+def _vocabulary(args: argparse.Namespace, warnings: list[str], continual: bool) -> tuple[int, str, bool]:
+    """(vocab size, where it came from, whether a real tokenizer gave it)."""
+    from megatron_lm.tokenizer import TokenizerError, build_tokenizer
+
+    if args.tokenizer_type == "NullTokenizer":
+        tokenizer = build_tokenizer("NullTokenizer", vocab_size=args.vocab_size)
+        return tokenizer.vocab_size, f"NullTokenizer --vocab-size {args.vocab_size} plus its end-of-document id", True
+    note = "assumed, the tokenizer could not be read here (GPT-NeoX's, as in the state-spaces/mamba checkpoints)"
+    consequence = ("whether it fits the base model's embedding is not checked" if continual else
+                   f"the vocabulary size is assumed to be {DEFAULT_VOCAB_SIZE}; parameter count and memory "
+                   f"change with it")
+    if not Path(args.tokenizer_model).exists():
+        warnings.append(f"--tokenizer-model {args.tokenizer_model}: not found here, so {consequence}")
+        return DEFAULT_VOCAB_SIZE, note, False
+    try:
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    except TokenizerError as error:
+        warnings.append(f"--tokenizer-model {args.tokenizer_model}: {error}; so {consequence}")
+        return DEFAULT_VOCAB_SIZE, note, False
+    return tokenizer.vocab_size, f"{args.tokenizer_type} {args.tokenizer_model}", True
+
+
+def _model_config(args: argparse.Namespace, vocab_size: int) -> tuple[MambaConfig, str]:
+    """The MambaConfig train.py will build: the base model's own vocabulary when continuing from it."""
+    from kotomamba.model import load_model_config
+
+    if args.base_model and not args.from_scratch:
+        config_path = Path(args.base_model) / "config.json"
+        try:
+            values = json.loads(config_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DryRunError(f"--base-model {args.base_model}: cannot read {config_path}: {error}") from None
+        if not isinstance(values, dict) or not isinstance(values.get("vocab_size"), int):
+            raise DryRunError(f"--base-model {args.base_model}: {config_path} has no integer vocab_size")
+        return load_model_config(args.base_model, values["vocab_size"]), f"--base-model {args.base_model} (its weights)"
+    if args.base_model:
+        return load_model_config(args.base_model, vocab_size), f"--base-model {args.base_model} --from-scratch"
+    kind = "preset" if args.model in arguments.MODEL_PRESETS else "config"
+    return load_model_config(args.model, vocab_size), f"{kind} {args.model}"
+
+
+def _architecture(config: MambaConfig) -> str:
+    ssm = dict(config.ssm_cfg or {})
+    layer = ssm.get("layer", "Mamba1")
+    parts = [layer, f"d_model {config.d_model}", f"{config.n_layer} layers"]
+    parts += [f"{key} {ssm[key]}" for key in ("d_state", "expand", "headdim") if key in ssm]
+    if config.attn_layer_idx:
+        parts.append(f"attention at layers {list(config.attn_layer_idx)}")
+    if config.d_intermediate:
+        parts.append(f"MLP {config.d_intermediate}")
+    return ", ".join(parts)
+
+
+def _layer_activation_bytes(config: MambaConfig, layer_idx: int, compute: int, residual: int, seq_length: int) -> tuple[int, int]:
+    """(bytes per token, bytes per sequence) one layer keeps for backward without checkpointing.
+
+    Counted from what mamba-ssm's training path saves: the fused add+norm keeps the residual sum
+    (fp32 with residual_in_fp32); the mixer's input projection keeps the normed input. Mamba-1
+    (mamba_inner_fn): in_proj output xz, x_proj output, B and C, the scan output and the scan's fp32
+    chunk states (conv and delta are recomputed). Mamba-2 (mamba_split_conv1d_scan_combined):
+    in_proj output and the pre-norm output. Attention: q, k, v and its output (flash attention, no
+    L x L matrix). GatedMLP: its add+norm, fc1's output and the activation.
+    """
+    d = config.d_model
+    ssm = dict(config.ssm_cfg or {})
+    add_norm = residual * d + compute * d
+    per_sequence = 0
+    if layer_idx in set(config.attn_layer_idx or ()):
+        attn = config.attn_cfg or {}
+        heads = attn.get("num_heads", 1)
+        heads_kv = attn.get("num_heads_kv") or heads
+        head_dim = attn.get("head_dim") or d // heads
+        mixer = compute * (head_dim * (heads + 2 * heads_kv) + 2 * head_dim * heads + attn.get("mlp_dim", 0)) + 4 * heads
+    elif ssm.get("layer", "Mamba1") == "Mamba2":
+        d_inner = int(ssm.get("expand", 2) * d)
+        d_ssm = ssm.get("d_ssm") or d_inner
+        d_state, ngroups = ssm.get("d_state", 128), ssm.get("ngroups", 1)
+        in_proj = 2 * d_inner + 2 * ngroups * d_state + d_ssm // ssm.get("headdim", 64)
+        mixer = compute * (in_proj + d_ssm) + 4 * ngroups
+    else:
+        d_inner = int(ssm.get("expand", 2) * d)
+        d_state = ssm.get("d_state", 16)
+        dt_rank = ssm.get("dt_rank", "auto")
+        dt_rank = math.ceil(d / 16) if dt_rank == "auto" else dt_rank
+        mixer = compute * (2 * d_inner + dt_rank + 2 * d_state + 2 * d_state + d_inner)
+        per_sequence = 4 * d_inner * 2 * d_state * math.ceil(seq_length / SCAN_CHUNK_TOKENS)
+    mlp = 0
+    if config.d_intermediate:
+        hidden = math.ceil(config.d_intermediate / 128) * 128  # GatedMLP rounds like mamba-ssm
+        mlp = add_norm + compute * 3 * hidden
+    return add_norm + mixer + mlp, per_sequence
+
+
+def activation_bytes(config: MambaConfig, micro_batch_size: int, seq_length: int, compute: int, checkpointing: bool,
+                     embedding_rows: int) -> tuple[int, str]:
+    """Activation memory of one micro-batch on one GPU, and the assumptions behind it."""
+    residual = 4 if config.residual_in_fp32 else compute
+    layers = [_layer_activation_bytes(config, i, compute, residual, seq_length) for i in range(config.n_layer)]
+    tokens = micro_batch_size * seq_length
+    # Final norm and lm_head input, then the logits: compute-dtype logits, their fp32 copy for the
+    # loss (log-softmax) and the fp32 gradient that backward starts from.
+    head = residual * config.d_model + compute * config.d_model + (compute + 8) * embedding_rows
+    if checkpointing:
+        # Each block keeps only its inputs (hidden states and residual); backward recomputes one block at a time.
+        largest = max(layers, key=lambda layer: layer[0] * tokens + layer[1] * micro_batch_size)
+        total = (tokens * (config.n_layer * (compute + residual) * config.d_model + largest[0] + head)
+                 + micro_batch_size * largest[1])
+        note = "activation checkpointing on: block inputs of every layer plus one recomputed layer"
+    else:
+        total = tokens * (sum(layer[0] for layer in layers) + head) + micro_batch_size * sum(layer[1] for layer in layers)
+        note = "no activation checkpointing: every layer's saved tensors"
+    note += f"; logits {(compute + 8) * embedding_rows:,} B per token"
+    return total, note
+
+
+def summarize_model(args: argparse.Namespace, precision: PrecisionPolicy, warnings: list[str]) -> ModelSummary:
+    """Builds the model on the meta device and counts it."""
+    from kotomamba.flops import flops_per_token
+    from kotomamba.model import build_model, count_parameters
+    from kotomamba.parallel import is_fp32_sensitive
+
+    import torch
+
+    continual = bool(args.base_model) and not args.from_scratch
+    vocab_size, vocab_note, from_tokenizer = _vocabulary(args, warnings, continual)
+    config, description = _model_config(args, vocab_size)
+    model = build_model(config, on_meta=True)
+    embedding_rows = model.backbone.embedding.num_embeddings
+    if from_tokenizer and vocab_size > embedding_rows:
+        raise DryRunError(
+            f"the tokenizer has {vocab_size} tokens but the model's embedding only {embedding_rows} rows "
+            f"(--base-model {args.base_model} keeps its vocabulary); use its tokenizer or add --from-scratch"
+        )
+    parameters = count_parameters(model)
+    blocks = [count_parameters(block) for block in model.backbone.layers]
+    sensitive = 0
+    if precision.param_dtype != torch.float32:  # kotomamba.parallel keeps these out of the low-precision cast
+        sensitive = sum(p.numel() for name, p in model.named_parameters() if is_fp32_sensitive(name))
+    compute = precision.compute_dtype.itemsize
+    activations, activation_note = activation_bytes(
+        config, args.micro_batch_size, args.seq_length, compute, args.fsdp_activation_checkpointing, embedding_rows
+    )
+    if continual:
+        vocab_note = f"{args.base_model}/config.json; " + (
+            f"the tokenizer's {vocab_size:,} fit" if from_tokenizer else "the tokenizer was not read here")
+    return ModelSummary(
+        description=f"{description}: {_architecture(config)}",
+        vocab_size=config.vocab_size,
+        vocab_note=vocab_note,
+        embedding_rows=embedding_rows,
+        parameters=parameters,
+        embedding_parameters=model.backbone.embedding.weight.numel(),
+        root_parameters=parameters - sum(blocks),
+        largest_block_parameters=max(blocks, default=0),
+        fp32_sensitive_parameters=sensitive,
+        flops_per_token=flops_per_token(config, args.seq_length),
+        activation_bytes=activations,
+        activation_note=activation_note,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+
+
+def shard_group_size(strategy: str, layout: WorldLayout) -> int:
+    """Ranks one parameter is split over: all, the node (hybrid), or none (NO_SHARD)."""
+    if strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
+        return layout.world_size
+    if strategy in ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"):
+        return layout.gpus_per_node
+    return 1
+
+
+def estimate_memory(args: argparse.Namespace, model: ModelSummary, precision: PrecisionPolicy,
+                    group: int) -> MemoryEstimate:
+    sharded_parameters = model.parameters - model.fp32_sensitive_parameters
+    state = math.ceil(sharded_parameters / group) * STATE_BYTES
+    replicated = model.fp32_sensitive_parameters * STATE_BYTES
+    gather = precision.param_dtype.itemsize
+    reduce = precision.reduce_dtype.itemsize
+    # Units in flight: the root (embedding, tied lm_head, final norm) and two blocks (computing, prefetched).
+    in_flight = model.root_parameters + 2 * model.largest_block_parameters
+    if args.sharding_strategy in ("SHARD_GRAD_OP", "_HYBRID_SHARD_ZERO2"):
+        # ZeRO-2: parameters stay gathered from forward until backward.
+        gathered = sharded_parameters * gather + in_flight * reduce
+    else:
+        gathered = in_flight * (gather + reduce)
+    host = 0
+    if args.fsdp_cpu_offload:
+        state, host = 0, state
+    return MemoryEstimate(state, replicated, gathered, model.activation_bytes, host)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def _data_report(args: argparse.Namespace, total_tokens: int | None, warnings: list[str]) -> list[str]:
+    from megatron_lm.indexed_dataset import IndexedDataset, IndexedDatasetError
+
+    lines = []
+    for flag, values in (("--data-path", args.data_path), ("--train-data-path", args.train_data_path),
+                         ("--valid-data-path", args.valid_data_path), ("--test-data-path", args.test_data_path)):
+        if values is None:
+            continue
+        prefixes, weights = arguments.parse_blend(values, flag)
+        share = 1.0
+        header = f"{flag}: {len(prefixes)} dataset(s)"
+        if flag == "--data-path":
+            share = arguments.parse_split(args.split)[0]
+            header += f", --split {args.split} (training gets {share:.1%} of each)"
+        lines.append(header)
+        sizes: list[int | None] = []
+        for prefix in prefixes:
+            if not IndexedDataset.exists(prefix):
+                warnings.append(f"{flag}: {prefix}.bin/.idx not found here (fine if the compute nodes see "
+                                f"other paths; the run itself fails without them)")
+                sizes.append(None)
+                continue
+            try:
+                with IndexedDataset(prefix) as dataset:
+                    sizes.append(dataset.num_tokens)
+            except (IndexedDatasetError, OSError) as error:
+                warnings.append(f"{flag}: {prefix}: {error}")
+                sizes.append(None)
+        known = [size for size in sizes if size is not None]
+        if weights is None:  # unweighted prefixes are drawn in proportion to their size, like Megatron-LM
+            weights = [float(size) for size in sizes] if len(known) == len(sizes) else [1.0] * len(sizes)
+        weight_sum = sum(weights) or 1.0
+        for prefix, weight, size in zip(prefixes, weights, sizes):
+            fraction = weight / weight_sum
+            if size is None:
+                lines.append(f"  {fraction:6.1%}  {prefix}  (not found)")
+                continue
+            detail = f"{_tokens(size)} tokens"
+            training = flag in ("--data-path", "--train-data-path") and total_tokens is not None and size > 0
+            if training:
+                detail += f", {fraction * total_tokens / (size * share):.2f} epochs of its training part"
+            lines.append(f"  {fraction:6.1%}  {prefix}  ({detail})")
+    if not lines:
+        lines.append("no data paths given (allowed with --dry-run)")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan and report
+
+
+def plan(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Plan:
+    """Every number of the report; raises DryRunError/ArgumentError for a configuration that cannot run."""
+    from kotomamba.precision import resolve_precision
+
+    warnings: list[str] = []
+    layout = world_layout(args, environ, warnings)
+    resolved = copy.deepcopy(args)
+    # FSDP makes every rank a data-parallel rank, whatever the sharding strategy.
+    accumulation = arguments.apply_data_parallel_size(resolved, layout.world_size)
+    tokens_per_iteration = resolved.global_batch_size * resolved.seq_length
+    total_tokens = None if resolved.train_iters is None else resolved.train_iters * tokens_per_iteration
+    if resolved.train_iters is None:
+        warnings.append("no training length (--train-iters or --train-samples): token budget not computed")
+    if resolved.lr is None:
+        warnings.append("no --lr: the real run needs it")
+
+    # Without a GPU, auto resolves like on Ampere or newer; a V100 run resolves to fp16 (give --fp16).
+    preset = "bf16" if resolved.precision == "auto" else resolved.precision
+    precision = resolve_precision(preset, resolved.param_dtype, resolved.reduce_dtype, device_type="cpu")
+    model = summarize_model(resolved, precision, warnings)
+    group = shard_group_size(resolved.sharding_strategy, layout)
+    memory = estimate_memory(resolved, model, precision, group)
+    data_lines = _data_report(resolved, total_tokens, warnings)
+    return Plan(
+        args=resolved, layout=layout, accumulation=accumulation, tokens_per_iteration=tokens_per_iteration,
+        total_tokens=total_tokens, model=model, precision=precision, shard_group_size=group, memory=memory,
+        checkpoint_bytes=model.parameters * CHECKPOINT_BYTES, data_lines=data_lines, warnings=warnings,
+    )
+
+
+def _count(number: int) -> str:
+    return f"{number:,} ({_tokens(number)})"
+
+
+def _tokens(number: float) -> str:
+    for size, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if number >= size:
+            return f"{number / size:.2f}{suffix}"
+    return f"{number:g}"
+
+
+def _bytes(number: float) -> str:
+    for size, unit in ((2 ** 40, "TiB"), (2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
+        if number >= size:
+            return f"{number / size:.2f} {unit}"
+    return f"{number:.0f} B"
+
+
+def _dtype(dtype: object) -> str:
+    return {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(dtype), str(dtype))
+
+
+def _section(title: str, rows: list[tuple[str, str]]) -> list[str]:
+    width = max(len(key) for key, _ in rows)
+    return ["", title] + [f"  {key:<{width}}  {value}" for key, value in rows]
+
+
+def _lr_schedule(args: argparse.Namespace) -> str:
+    if args.lr is None or args.train_iters is None:
+        return "not set"
+    text = (f"{args.lr:g} -> {args.min_lr:g}, {args.lr_decay_style} decay to iteration {args.lr_decay_iters:,}, "
+            f"{args.lr_warmup_iters:,} warmup iterations")
+    if args.lr_decay_style == "WSD":
+        text += f", anneal over the last {args.lr_wsd_decay_iters:,}"
+    return text
+
+
+def format_plan(result: Plan) -> str:
+    """The report for a computed Plan."""
+    import yaml
+
+    args, layout, model, memory, policy = result.args, result.layout, result.model, result.memory, result.precision
+    lines = ["kotomamba dry run: configuration checked, nothing trained (no GPU, process group or data used).",
+             "", "Resolved configuration"]
+    config_text = yaml.safe_dump(arguments.resolved_config(args), sort_keys=True, default_flow_style=None, width=1000)
+    lines += ["  " + line for line in config_text.splitlines()]
+
+    strategy = args.sharding_strategy
+    sharding = {1: "nothing sharded: every rank holds everything"}.get(
+        result.shard_group_size, f"parameters, gradients and optimizer state split over {result.shard_group_size} ranks")
+    lines += _section("World layout", [
+        ("source", layout.source),
+        ("processes (GPUs)", f"{layout.world_size} = {layout.num_nodes} node(s) x {layout.gpus_per_node} per node"),
+        ("data parallel", f"{layout.world_size} (under FSDP every rank is a data-parallel rank)"),
+        ("sharding", f"{strategy}: {sharding}"),
+    ])
+
+    mbs, gbs, dp = args.micro_batch_size, args.global_batch_size, layout.world_size
+    lines += _section("Batch", [
+        ("micro batch", f"{mbs} samples per rank per forward/backward"),
+        ("gradient accumulation", f"{result.accumulation} = global batch {gbs} / (micro batch {mbs} x data parallel {dp})"),
+        ("global batch", f"{gbs:,} samples x {args.seq_length} tokens = {result.tokens_per_iteration:,} tokens per iteration"),
+    ])
+
+    length = [("iterations", "not set" if args.train_iters is None else f"{args.train_iters:,}")]
+    if result.total_tokens is not None:
+        length.append(("total tokens", f"{_count(result.total_tokens)} = {args.train_iters:,} x {result.tokens_per_iteration:,}"))
+    length.append(("learning rate", _lr_schedule(args)))
+    lines += _section("Training length", length)
+
+    flops_per_iteration = model.flops_per_token * result.tokens_per_iteration
+    model_rows = [
+        ("model", model.description),
+        ("vocabulary", f"{model.vocab_size:,} ({model.vocab_note}); {model.embedding_rows:,} embedding rows (padded)"),
+        ("parameters", f"{_count(model.parameters)}; embedding (tied with lm_head) {_count(model.embedding_parameters)}"),
+        ("FLOPs per token", f"{model.flops_per_token:.4g} (forward + backward = 3 x forward, kotomamba.flops)"),
+        ("FLOPs per iteration", f"{flops_per_iteration:.4g}"),
+    ]
+    if result.total_tokens is not None:
+        model_rows.append(("FLOPs in total", f"{model.flops_per_token * result.total_tokens:.4g}"))
+    lines += _section("Model", model_rows)
+
+    gather, reduce, compute = _dtype(policy.param_dtype), _dtype(policy.reduce_dtype), _dtype(policy.compute_dtype)
+    sharded = model.parameters - model.fp32_sensitive_parameters
+    in_flight = model.root_parameters + 2 * model.largest_block_parameters
+    memory_rows = [
+        ("precision", f"{policy.name}{' (auto, as on A100/H100; V100 runs need --fp16)' if args.precision == 'auto' else ''}: "
+                      f"compute {compute}, parameters gathered in {gather}, gradients reduced in {reduce}, "
+                      f"fp32 master weights"),
+        ("sharded state", f"{_bytes(memory.sharded_state)} = {sharded:,} parameters x {STATE_BYTES} B (fp32 weight "
+                          f"{MASTER_BYTES} + gradient {GRADIENT_BYTES} + AdamW moments {ADAM_BYTES}) / {result.shard_group_size}"
+                          + (" -> in CPU memory (--fsdp-cpu-offload)" if args.fsdp_cpu_offload else "")),
+    ]
+    if model.fp32_sensitive_parameters:
+        memory_rows.append(("replicated fp32", f"{_bytes(memory.replicated_state)} = {model.fp32_sensitive_parameters:,} "
+                                               f"A_log/D/dt_bias parameters x {STATE_BYTES} B on every rank"))
+    if strategy in ("SHARD_GRAD_OP", "_HYBRID_SHARD_ZERO2"):
+        gathered_note = f"all {sharded:,} parameters in {gather} (kept from forward to backward) + gradients in {reduce}"
+    else:
+        gathered_note = f"{in_flight:,} parameters in flight (root unit + 2 blocks) x ({gather} + {reduce} gradient)"
+    memory_rows += [
+        ("gathered", f"{_bytes(memory.gathered)} = {gathered_note}"),
+        ("activations", f"{_bytes(memory.activations)} = micro batch {mbs} x {args.seq_length} tokens; {model.activation_note}"),
+        ("total", f"{_bytes(memory.total)} per GPU"
+                  + (f", plus {_bytes(memory.host_state)} of CPU memory per rank" if memory.host_state else "")),
+        ("not counted", "CUDA context and kernel workspaces (about 1-2 GiB), NCCL buffers, allocator fragmentation, "
+                        "temporaries inside one kernel"),
+    ]
+    lines += _section("Memory per GPU (estimate)", memory_rows)
+
+    checkpoint_rows = [("size", f"{_bytes(result.checkpoint_bytes)} per checkpoint (fp32 weights {MASTER_BYTES} B + AdamW "
+                                f"moments {ADAM_BYTES} B per parameter), {args.checkpoint_type}")]
+    if args.checkpoint_type != "FULL_STATE_DICT":
+        checkpoint_rows.append(("per rank", f"{_bytes(result.checkpoint_bytes / layout.world_size)} written by each of "
+                                            f"{layout.world_size} ranks"))
+    if args.save is not None and args.train_iters is not None:
+        count = args.train_iters // args.save_interval + (args.train_iters % args.save_interval > 0)
+        kept = count if args.keep_last_k is None else min(count, args.keep_last_k)
+        checkpoint_rows.append(("on disk", f"{count:,} saves every {args.save_interval:,} iterations, {kept:,} kept: "
+                                           f"{_bytes(kept * result.checkpoint_bytes)} in {args.save}"
+                                           + ("" if args.keep_last_k else " (--keep-last-k bounds it)")))
+    lines += _section("Checkpoints", checkpoint_rows)
+
+    lines += ["", "Data"] + ["  " + line for line in result.data_lines]
+    if result.warnings:
+        lines += ["", "Warnings"] + [f"  - {warning}" for warning in result.warnings]
+    return "\n".join(lines)
+
+
+def describe(args: argparse.Namespace) -> str:
+    """The dry-run report for parsed pretrain.py arguments; raises DryRunError/ArgumentError/ValueError."""
+    return format_plan(plan(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the report (rank 0 only under a launcher); 0, or 2 with an error message."""
+    if launcher_rank() != 0:
+        return 0
+    from kotomamba.flops import FlopsConfigError
+    from kotomamba.model import ModelConfigError
+    from kotomamba.precision import PrecisionConfigError
+
+    try:
+        report = describe(args)
+    except (DryRunError, ArgumentError, ModelConfigError, PrecisionConfigError, FlopsConfigError) as error:
+        print(f"pretrain.py: error: {error}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0

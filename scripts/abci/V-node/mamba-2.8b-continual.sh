@@ -1,0 +1,119 @@
+#!/bin/bash
+#$ -l rt_F=64
+#$ -l h_rt=72:00:00
+#$ -j y
+#$ -o outputs/abci/V-node/mamba-2.8b-continual/
+#$ -cwd
+#
+# Continual pretraining of Mamba 2.8B on 64 ABCI V-nodes (4 x V100 16 GB each, 256 GPUs), fp16 with dynamic loss scaling (no bf16 on V100).
+#
+#   mkdir -p outputs/abci/V-node/mamba-2.8b-continual
+#   qsub -g YOUR_GROUP scripts/abci/V-node/mamba-2.8b-continual.sh [more pretrain.py flags]
+#
+# Extra arguments are appended to pretrain.py's flags (the last value of a flag wins). Resubmitting
+# the script resumes from the newest checkpoint in CHECKPOINT_DIR. Check the plan first on a login
+# node (no GPU needed): the same pretrain.py flags plus
+#   --dry-run --dry-run-world-size 256 --dry-run-gpus-per-node 4
+# Batch: 1024 = micro batch 2 x 256 GPUs x 2 accumulation steps; the micro batch keeps the
+# dry run's memory estimate well inside V100 16 GB with a 50k vocabulary (a larger vocabulary needs more).
+# V100 needs mamba-ssm/causal-conv1d kernels compiled for sm_70 and a torch build that still has
+# sm_70 kernels (install.md, "ABCI").
+#
+# Continual pretraining: the weights of BASE_MODEL_DIR (a mamba-ssm / Hugging Face checkpoint
+# directory with config.json and model.safetensors or pytorch_model.bin, e.g. state-spaces/mamba-2.8b)
+# are trained further on new data at a low learning rate: 6e-5 with 1,000 warmup iterations, cosine
+# decay to 6e-6; batch, optimizer, weight decay and clipping as the 2.8B run from scratch. The data
+# must be tokenized with the base model's tokenizer (GPT-NeoX's for state-spaces/mamba-*, see
+# scripts/abci/data/tokenize-huggingface.sh): the tokenizer may not have more tokens than the base
+# model's embedding has rows. TRAIN_ITERS x 1024 x 2048 is the token budget (25,000: 52B tokens).
+set -euo pipefail
+
+# ---- paths: edit these ----
+GROUP_DIR=/groups/YOUR_GROUP
+DATASET_DIR=${GROUP_DIR}/datasets
+BASE_MODEL_DIR=${GROUP_DIR}/hf_checkpoints/mamba-2.8b
+TOKENIZER_DIR=${GROUP_DIR}/tokenizers/gpt-neox-20b
+CHECKPOINT_DIR=${GROUP_DIR}/checkpoints/V-node/mamba-2.8b-continual
+VENV=.venv
+# --data-path: WEIGHT PREFIX pairs; a prefix is preprocess_data.py's output without .bin/.idx.
+DATA_PATH=(
+  0.5 "${DATASET_DIR}/ja_wiki_text_document"
+  0.5 "${DATASET_DIR}/en_wiki_text_document"
+)
+
+# ---- model and hyperparameters ----
+SEQ_LENGTH=2048
+MICRO_BATCH_SIZE=2
+GLOBAL_BATCH_SIZE=1024
+TRAIN_ITERS=25000
+LR=6e-5
+MIN_LR=6e-6
+LR_WARMUP_ITERS=1000
+WEIGHT_DECAY=0.1
+GRAD_CLIP_NORM=1.0
+SHARDING_STRATEGY=FULL_SHARD
+SAVE_INTERVAL=500
+# Save and stop 30 minutes before h_rt ends, so that the next submission resumes from there.
+EXIT_DURATION_MINUTES=4290
+
+# ---- cluster ----
+GPUS_PER_NODE=4
+NUM_NODES=${NHOSTS:?submit this script with qsub, which sets NHOSTS}
+NUM_GPUS=$((NUM_NODES * GPUS_PER_NODE))
+HOSTFILE=hostfile/hostfile_${JOB_ID}
+CUDA_MODULE=cuda/12.1/12.1.1
+CUDNN_MODULE=cudnn/8.9/8.9.2
+NCCL_MODULE=nccl/2.18/2.18.1-1
+HPCX_MODULE=hpcx/2.12
+
+# The venv first, then the modules: HPC-X's mpirun must come before the one the venv's openmpi
+# package installs. Neither script is written for nounset.
+set +u
+# shellcheck source=/dev/null
+source "${VENV}/bin/activate"
+# shellcheck source=/dev/null
+source /etc/profile.d/modules.sh
+module load "${CUDA_MODULE}" "${CUDNN_MODULE}" "${NCCL_MODULE}" "${HPCX_MODULE}"
+set -u
+
+# Rank 0 runs on this host, the first of the job; the ranks reach it over bond0.
+MASTER_ADDR=$(/usr/sbin/ip -4 addr show dev bond0 | awk '/inet / {sub("/.*", "", $2); print $2; exit}')
+MASTER_PORT=$((10000 + JOB_ID % 50000))
+export MASTER_ADDR MASTER_PORT
+
+mkdir -p "$(dirname "${HOSTFILE}")" "${CHECKPOINT_DIR}"
+awk -v slots="${GPUS_PER_NODE}" '{print $1 " slots=" slots}' "${SGE_JOB_HOSTLIST}" > "${HOSTFILE}"
+
+mpirun -np "${NUM_GPUS}" --npernode "${GPUS_PER_NODE}" \
+  -hostfile "${HOSTFILE}" \
+  -x MASTER_ADDR -x MASTER_PORT -x PATH -x LD_LIBRARY_PATH \
+  -bind-to none -map-by slot \
+  python pretrain.py \
+  --use-mpi \
+  --base-model "${BASE_MODEL_DIR}" \
+  --tokenizer-type HuggingFaceTokenizer \
+  --tokenizer-model "${TOKENIZER_DIR}" \
+  --data-path "${DATA_PATH[@]}" \
+  --seq-length "${SEQ_LENGTH}" \
+  --micro-batch-size "${MICRO_BATCH_SIZE}" \
+  --global-batch-size "${GLOBAL_BATCH_SIZE}" \
+  --train-iters "${TRAIN_ITERS}" \
+  --lr "${LR}" \
+  --min-lr "${MIN_LR}" \
+  --lr-decay-style cosine \
+  --lr-warmup-iters "${LR_WARMUP_ITERS}" \
+  --weight-decay "${WEIGHT_DECAY}" \
+  --adam-beta1 0.9 \
+  --adam-beta2 0.95 \
+  --grad-clip-norm "${GRAD_CLIP_NORM}" \
+  --fp16 \
+  --sharding-strategy "${SHARDING_STRATEGY}" \
+  --fsdp-activation-checkpointing \
+  --low-cpu-fsdp \
+  --eval-interval 500 \
+  --eval-iters 10 \
+  --save "${CHECKPOINT_DIR}" \
+  --load "${CHECKPOINT_DIR}" \
+  --save-interval "${SAVE_INTERVAL}" \
+  --exit-duration-in-mins "${EXIT_DURATION_MINUTES}" \
+  "$@"

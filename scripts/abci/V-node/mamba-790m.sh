@@ -1,0 +1,116 @@
+#!/bin/bash
+#$ -l rt_F=8
+#$ -l h_rt=72:00:00
+#$ -j y
+#$ -o outputs/abci/V-node/mamba-790m/
+#$ -cwd
+#
+# Mamba 790M from scratch on 8 ABCI V-nodes (4 x V100 16 GB each, 32 GPUs), fp16 with dynamic loss scaling (no bf16 on V100).
+#
+#   mkdir -p outputs/abci/V-node/mamba-790m
+#   qsub -g YOUR_GROUP scripts/abci/V-node/mamba-790m.sh [more pretrain.py flags]
+#
+# Extra arguments are appended to pretrain.py's flags (the last value of a flag wins). Resubmitting
+# the script resumes from the newest checkpoint in CHECKPOINT_DIR. Check the plan first on a login
+# node (no GPU needed): the same pretrain.py flags plus
+#   --dry-run --dry-run-world-size 32 --dry-run-gpus-per-node 4
+# Batch: 256 = micro batch 2 x 32 GPUs x 4 accumulation steps; the micro batch keeps the
+# dry run's memory estimate well inside V100 16 GB with a 50k vocabulary (a larger vocabulary needs more).
+# V100 needs mamba-ssm/causal-conv1d kernels compiled for sm_70 and a torch build that still has
+# sm_70 kernels (install.md, "ABCI").
+#
+# Hyperparameters: the Mamba paper (Gu & Dao 2023, arXiv:2312.00752), Appendix E.2.1 "Scaling Law
+# Details": Table 12 gives GPT-3's model sizes with a 0.5M-token batch (256 x 2048) and Chinchilla-style
+# step counts (760M: 29,000 steps); its "improved recipe" uses a peak learning rate 5x GPT-3's
+# (760M: 2.5e-4 x 5 = 1.25e-3), linear warmup then cosine decay to 1e-5, AdamW betas (0.9, 0.95),
+# weight decay 0.1, gradient clipping 1.0. Warmup: GPT-3's 375M tokens = 715 iterations.
+set -euo pipefail
+
+# ---- paths: edit these ----
+GROUP_DIR=/groups/YOUR_GROUP
+DATASET_DIR=${GROUP_DIR}/datasets
+TOKENIZER_MODEL=${GROUP_DIR}/tokenizers/tokenizer.model
+CHECKPOINT_DIR=${GROUP_DIR}/checkpoints/V-node/mamba-790m
+VENV=.venv
+# --data-path: WEIGHT PREFIX pairs; a prefix is preprocess_data.py's output without .bin/.idx.
+DATA_PATH=(
+  0.5 "${DATASET_DIR}/ja_wiki_text_document"
+  0.5 "${DATASET_DIR}/en_wiki_text_document"
+)
+
+# ---- model and hyperparameters ----
+MODEL=790m
+SEQ_LENGTH=2048
+MICRO_BATCH_SIZE=2
+GLOBAL_BATCH_SIZE=256
+TRAIN_ITERS=29000
+LR=1.25e-3
+MIN_LR=1e-5
+LR_WARMUP_ITERS=715
+WEIGHT_DECAY=0.1
+GRAD_CLIP_NORM=1.0
+SHARDING_STRATEGY=FULL_SHARD
+SAVE_INTERVAL=1000
+# Save and stop 30 minutes before h_rt ends, so that the next submission resumes from there.
+EXIT_DURATION_MINUTES=4290
+
+# ---- cluster ----
+GPUS_PER_NODE=4
+NUM_NODES=${NHOSTS:?submit this script with qsub, which sets NHOSTS}
+NUM_GPUS=$((NUM_NODES * GPUS_PER_NODE))
+HOSTFILE=hostfile/hostfile_${JOB_ID}
+CUDA_MODULE=cuda/12.1/12.1.1
+CUDNN_MODULE=cudnn/8.9/8.9.2
+NCCL_MODULE=nccl/2.18/2.18.1-1
+HPCX_MODULE=hpcx/2.12
+
+# The venv first, then the modules: HPC-X's mpirun must come before the one the venv's openmpi
+# package installs. Neither script is written for nounset.
+set +u
+# shellcheck source=/dev/null
+source "${VENV}/bin/activate"
+# shellcheck source=/dev/null
+source /etc/profile.d/modules.sh
+module load "${CUDA_MODULE}" "${CUDNN_MODULE}" "${NCCL_MODULE}" "${HPCX_MODULE}"
+set -u
+
+# Rank 0 runs on this host, the first of the job; the ranks reach it over bond0.
+MASTER_ADDR=$(/usr/sbin/ip -4 addr show dev bond0 | awk '/inet / {sub("/.*", "", $2); print $2; exit}')
+MASTER_PORT=$((10000 + JOB_ID % 50000))
+export MASTER_ADDR MASTER_PORT
+
+mkdir -p "$(dirname "${HOSTFILE}")" "${CHECKPOINT_DIR}"
+awk -v slots="${GPUS_PER_NODE}" '{print $1 " slots=" slots}' "${SGE_JOB_HOSTLIST}" > "${HOSTFILE}"
+
+mpirun -np "${NUM_GPUS}" --npernode "${GPUS_PER_NODE}" \
+  -hostfile "${HOSTFILE}" \
+  -x MASTER_ADDR -x MASTER_PORT -x PATH -x LD_LIBRARY_PATH \
+  -bind-to none -map-by slot \
+  python pretrain.py \
+  --use-mpi \
+  --model "${MODEL}" \
+  --tokenizer-type SentencePieceTokenizer \
+  --tokenizer-model "${TOKENIZER_MODEL}" \
+  --data-path "${DATA_PATH[@]}" \
+  --seq-length "${SEQ_LENGTH}" \
+  --micro-batch-size "${MICRO_BATCH_SIZE}" \
+  --global-batch-size "${GLOBAL_BATCH_SIZE}" \
+  --train-iters "${TRAIN_ITERS}" \
+  --lr "${LR}" \
+  --min-lr "${MIN_LR}" \
+  --lr-decay-style cosine \
+  --lr-warmup-iters "${LR_WARMUP_ITERS}" \
+  --weight-decay "${WEIGHT_DECAY}" \
+  --adam-beta1 0.9 \
+  --adam-beta2 0.95 \
+  --grad-clip-norm "${GRAD_CLIP_NORM}" \
+  --fp16 \
+  --sharding-strategy "${SHARDING_STRATEGY}" \
+  --low-cpu-fsdp \
+  --eval-interval 500 \
+  --eval-iters 10 \
+  --save "${CHECKPOINT_DIR}" \
+  --load "${CHECKPOINT_DIR}" \
+  --save-interval "${SAVE_INTERVAL}" \
+  --exit-duration-in-mins "${EXIT_DURATION_MINUTES}" \
+  "$@"
