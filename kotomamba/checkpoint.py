@@ -821,6 +821,8 @@ class CheckpointManager:
             reason = f"--exit-duration-in-mins {args.exit_duration_in_mins:g} reached"
         elif args.exit_interval and iteration % args.exit_interval == 0:
             reason = f"--exit-interval {args.exit_interval}"
+        if reason is not None and not signum and iteration >= args.train_iters:
+            reason = None  # the run is complete anyway: finish normally (final save, test evaluation)
         if self.save_dir is not None and (reason or iteration % args.save_interval == 0):
             self.save(state)
         if reason is None:

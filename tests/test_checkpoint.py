@@ -124,11 +124,12 @@ def test_validation_stream_continues_where_it_stopped(argv, ctx, tmp_path, monke
 
 def test_fp16_loss_scale_and_skipped_steps_resume_exactly(argv, ctx, tmp_path):
     # Scale 2**20 overflows the first two steps (the optimizer has no state yet at the checkpoint), then
-    # backs off far enough for steps 3 and 4.
-    fp16 = [a for a in argv if a != "--fp32"] + ["--fp16", "--initial-loss-scale", str(2.0**20), "--hysteresis", "1"]
+    # backs off far enough for step 3.
+    fp16 = [a for a in argv if a != "--fp32"] + ["--fp16", "--initial-loss-scale", str(2.0**20), "--hysteresis", "1",
+                                                 "--train-iters", "3"]
     save = tmp_path / "run"
     whole = run(ctx, fp16)
-    assert whole["skipped"] == [True, True, False, False]
+    assert whole["skipped"] == [True, True, False]
     first = run(ctx, fp16 + ["--save", str(save), "--exit-interval", "2"])
     metadata = json.loads((save / "iter_0000002" / "checkpoint.json").read_text())
     assert not metadata["has_optimizer_state"] and metadata["train_state"]["skipped_iterations"] == 2
@@ -296,6 +297,34 @@ def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(argv, c
     assert resumed["loss"] == reference["loss"][1:]
     assert sorted(p.name for p in save.iterdir()) == ["iter_0000001", "iter_0000002", "iter_0000003",
                                                       "iter_0000004", "latest"]
+
+
+def test_scheduler_signal_to_torchrun_saves_and_exits(argv, tmp_path):
+    """SLURM-style: SIGUSR1 to the torchrun agent, which forwards it; the workers save and exit."""
+    save = tmp_path / "run"
+    (tmp_path / "runs.json").write_text(json.dumps({"long": argv + ["--micro-batch-size", "2", "--train-iters", "200",
+                                                                    "--save", str(save), "--save-interval", "1"]}))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "--signals-to-handle", "SIGTERM,SIGUSR1", "--shutdown-timeout", "120", str(WORKER),
+               str(tmp_path / "runs.json"), str(tmp_path / "results.json")]
+    agent = subprocess.Popen(command, env=launcher_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not (save / "latest").exists():
+            assert agent.poll() is None, agent.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        agent.send_signal(signal.SIGUSR1)
+        agent.wait(timeout=240)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        agent.stderr.close()
+    result = json.loads((tmp_path / "results.json").read_text())["long"]  # the workers returned normally
+    stopped = result["iteration"][-1]
+    assert 1 <= stopped < 200
+    assert (save / "latest").read_text().strip() == f"iter_{stopped:07d}"
 
 
 # ------------------------------------------------------------------------------------------------
