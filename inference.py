@@ -13,7 +13,6 @@ unless --tokenizer-type / --tokenizer-model say otherwise.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
 import re
@@ -35,8 +34,6 @@ _SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16"}
 _ITERATION_DIR = re.compile(r"iter_\d+")
-# mamba-ssm builds every norm with eps 1e-5 (MambaLMHeadModel passes no norm_epsilon).
-_MAMBA_SSM_NORM_EPS = 1e-5
 
 
 class InferenceInputError(ValueError):
@@ -183,7 +180,7 @@ def load_model_and_tokenizer(path: str, device: torch.device, dtype: torch.dtype
     ``tokenizer_type`` / ``tokenizer_model`` override the tokenizer saved with the model; a type
     alone picks how the saved files are read (e.g. GPTSentencePieceTokenizer for tokenizer.model).
     """
-    from kotomamba.model import CheckpointError, load_base_model
+    from kotomamba.model import CheckpointError, load_base_model, mamba_ssm_model_from_hf, read_weights
 
     directory = Path(path)
     if not directory.exists():
@@ -205,7 +202,8 @@ def load_model_and_tokenizer(path: str, device: torch.device, dtype: torch.dtype
             model = load_base_model(str(directory), tokenizer.vocab_size, device=device, dtype=dtype)
             loaded = LoadedModel(model.eval(), tokenizer, f"mamba-ssm model {directory}")
         elif model_type in ("mamba", "mamba2"):
-            model = mamba_ssm_model_from_hf(config, _read_hf_weights(directory), device, dtype, str(directory))
+            weights, state_dict = read_weights(directory)
+            model = mamba_ssm_model_from_hf(config, state_dict, device, dtype, str(weights))
             loaded = LoadedModel(model, tokenizer, f"Hugging Face {model_type} model {directory}")
         else:
             raise CheckpointError(f"{directory / 'config.json'}: model_type {model_type!r} is not a Mamba model "
@@ -250,125 +248,10 @@ def _load_training_checkpoint(directory: Path, device: torch.device, dtype: torc
         model, info = loader(str(directory), torch.device("cpu"))
     except unreadable as error:
         raise InferenceInputError(str(error)) from None
+    from kotomamba.model import model_from_state_dict
+
     # Rebuilt from the state dict so that device and dtypes are those of mamba-ssm's constructor.
-    return _instantiate(model.config, model.state_dict(), device, dtype, str(directory)), info
-
-
-def mamba_ssm_model_from_hf(hf_config: dict[str, Any], state_dict: dict[str, torch.Tensor], device: torch.device,
-                            dtype: torch.dtype, source: str = "Hugging Face model") -> MambaLMHeadModel:
-    """mamba-ssm's MambaLMHeadModel with the weights of a transformers MambaForCausalLM / Mamba2ForCausalLM.
-
-    ``hf_config`` is the config.json dict (``config.to_dict()``). The parameter names are the same
-    except the embedding (backbone.embeddings -> backbone.embedding); the vocabulary is not padded
-    (pad_vocab_size_multiple 1), so logits have exactly the Hugging Face model's columns.
-    """
-    from mamba_ssm.models.config_mamba import MambaConfig
-
-    model_type = hf_config.get("model_type")
-    get = _config_getter(hf_config, source)
-    if get("hidden_act", "silu") not in ("silu", "swish"):
-        raise InferenceInputError(f"{source}: hidden_act {hf_config['hidden_act']!r} is not supported "
-                                  f"(mamba-ssm's mixers use silu)")
-    d_model, expand = get("hidden_size"), get("expand", 2)
-    common = {"d_state": get("state_size"), "d_conv": get("conv_kernel", 4), "expand": expand,
-              "conv_bias": get("use_conv_bias", True), "bias": get("use_bias", False)}
-    if model_type == "mamba":
-        ssm_cfg = {"layer": "Mamba1", **common, "dt_rank": get("time_step_rank", "auto")}
-        tied_default = True
-    elif model_type == "mamba2":
-        heads, head_dim = get("num_heads"), get("head_dim")
-        if heads * head_dim != int(expand * d_model):
-            raise InferenceInputError(f"{source}: num_heads x head_dim = {heads * head_dim} must equal expand x "
-                                      f"hidden_size = {int(expand * d_model)} to map onto mamba-ssm's Mamba2")
-        ssm_cfg = {"layer": "Mamba2", **common, "headdim": head_dim, "ngroups": get("n_groups", 1),
-                   "chunk_size": get("chunk_size", 256),
-                   "dt_limit": tuple(_json_float(v) for v in get("time_step_limit", (0.0, float("inf")))),
-                   "rmsnorm": True, "norm_before_gate": False}
-        tied_default = False
-    else:
-        raise InferenceInputError(f"{source}: model_type {model_type!r} is not 'mamba' or 'mamba2'")
-    config = MambaConfig(
-        d_model=d_model, d_intermediate=0, n_layer=get("num_hidden_layers"), vocab_size=get("vocab_size"),
-        ssm_cfg=ssm_cfg, attn_layer_idx=[], attn_cfg={}, rms_norm=True,
-        residual_in_fp32=get("residual_in_fp32", True), fused_add_norm=True, pad_vocab_size_multiple=1,
-        tie_embeddings=get("tie_word_embeddings", tied_default))
-    renamed = {("backbone.embedding." + key[len("backbone.embeddings."):]
-                if key.startswith("backbone.embeddings.") else key): tensor for key, tensor in state_dict.items()}
-    if config.tie_embeddings:
-        renamed.pop("lm_head.weight", None)
-    model = _instantiate(config, renamed, device, dtype, source)
-    eps = get("layer_norm_epsilon", _MAMBA_SSM_NORM_EPS)
-    if eps != _MAMBA_SSM_NORM_EPS:
-        # mamba-ssm's norms read their eps attribute on every call; the config has no field for it.
-        for module in model.modules():
-            if hasattr(module, "eps") and hasattr(module, "weight"):
-                module.eps = eps
-    return model
-
-
-def _json_float(value: Any) -> float:
-    # transformers 5 writes non-finite floats as {"__float__": "Infinity"}; older versions as Infinity.
-    return float(value["__float__"]) if isinstance(value, dict) and "__float__" in value else float(value)
-
-
-def _config_getter(config: dict[str, Any], source: str):
-    def get(key: str, default: Any = dataclasses.MISSING) -> Any:
-        if key in config and config[key] is not None:
-            return config[key]
-        if default is dataclasses.MISSING:
-            raise InferenceInputError(f"{source}: config.json has no {key!r}")
-        return default
-
-    return get
-
-
-def _instantiate(config: Any, state_dict: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
-                 source: str) -> MambaLMHeadModel:
-    """A MambaLMHeadModel built as mamba-ssm builds it in ``dtype`` (A_log and D stay float32), holding ``state_dict``."""
-    from kotomamba.model import CheckpointError, build_model
-
-    model = build_model(config, on_meta=True, dtype=dtype)
-    model.to_empty(device=device)
-    try:
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as error:  # shape mismatches
-        raise CheckpointError(f"{source}: weights do not match the config: {error}") from None
-    missing = [key for key in missing if not (config.tie_embeddings and key == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: weights do not match the config: missing {sorted(missing)}, "
-                              f"unexpected {sorted(unexpected)}")
-    model.tie_weights()
-    return model.eval()
-
-
-def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors, pytorch_model.bin, or their sharded forms (*.index.json)."""
-    import torch
-    from safetensors.torch import load_file
-
-    from kotomamba.model import CheckpointError
-
-    def read(file: Path) -> dict[str, torch.Tensor]:
-        try:
-            if file.suffix == ".safetensors":
-                return load_file(str(file), device="cpu")
-            return torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as error:  # every reader failure becomes one readable message
-            raise CheckpointError(f"cannot read weights {file}: {error}") from None
-
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (directory / name).is_file():
-            return read(directory / name)
-        index = directory / f"{name}.index.json"
-        if index.is_file():
-            shards = sorted(set(_read_json(index, directory).get("weight_map", {}).values()))
-            if not shards:
-                raise CheckpointError(f"{index} has no weight_map")
-            state_dict: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state_dict.update(read(directory / shard))
-            return state_dict
-    raise CheckpointError(f"{directory} has no model.safetensors, pytorch_model.bin or sharded index of them")
+    return model_from_state_dict(model.config, model.state_dict(), device, dtype, str(directory)).eval(), info
 
 
 def _read_json(path: Path, directory: Path) -> dict[str, Any]:

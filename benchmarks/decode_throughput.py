@@ -2,7 +2,7 @@
 Hugging Face ``generate`` on the same weights.
 
 For each preset a transformers MambaForCausalLM (Mamba2ForCausalLM for mamba2-* presets) of the
-preset's shape is randomly initialized, and inference.py's converter turns its weights into
+preset's shape is randomly initialized, and kotomamba.model's converter (the one inference.py uses) turns its weights into
 mamba-ssm's MambaLMHeadModel, so both decode exactly the same model. Both decode greedily, without
 stopping at EOS, from a prompt of --prompt-length random tokens, --new-tokens tokens per sequence.
 
@@ -114,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from kotomamba.kernels import select_kernel_backend
 
     select_kernel_backend(device)  # before anything imports mamba_ssm (transformers does when it is installed)
-    from inference import mamba_ssm_model_from_hf
-    from kotomamba.model import MODEL_PRESETS
+    from kotomamba.model import MODEL_PRESETS, mamba_ssm_model_from_hf
 
     if args.tiny:
         presets, vocab, dtype = {"tiny": TINY_PRESET}, 512, torch.float32

@@ -1,10 +1,13 @@
-"""Export a training checkpoint to mamba-ssm's or Hugging Face transformers' model format.
+"""Export a training checkpoint (or convert a model directory) to mamba-ssm's or Hugging Face transformers'
+model format.
 
     python -m kotomamba.convert CHECKPOINT OUTPUT_DIR --format mamba-ssm   # config.json + pytorch_model.bin
     python -m kotomamba.convert CHECKPOINT OUTPUT_DIR --format hf          # MambaForCausalLM / Mamba2ForCausalLM
 
 CHECKPOINT is a run's --save directory (the checkpoint ``latest`` names) or one ``iter_*`` directory,
-of any --checkpoint-type. Both formats get a copy of the checkpoint's tokenizer files.
+of any --checkpoint-type; or a model directory with a config.json: a Hugging Face MambaForCausalLM /
+Mamba2ForCausalLM (e.g. to continue pretraining it with ``--base-model``) or a mamba-ssm model. Both
+formats get a copy of the tokenizer files.
 
 * ``mamba-ssm``: what ``MambaLMHeadModel.save_pretrained`` writes. Loads with
   ``MambaLMHeadModel.from_pretrained(OUTPUT_DIR)`` (a local directory is read directly, no hub access)
@@ -38,6 +41,9 @@ if TYPE_CHECKING:
 
 FORMATS = ("mamba-ssm", "hf")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXPORT_INFO = "kotomamba_export.json"
+# Tokenizer files copied from a model directory, besides tokenizer* and *.model.
+_TOKENIZER_FILE_NAMES = {"special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt"}
 
 # mamba-ssm mixer options that only shape initialization (or kernels), not the function computed.
 _INIT_ONLY_OPTIONS = {
@@ -124,12 +130,11 @@ def hf_state_dict(model: MambaLMHeadModel) -> dict[str, torch.Tensor]:
     return renamed
 
 
-def _write_hf(model: MambaLMHeadModel, tokenizer: Any, directory: Path) -> None:
+def _write_hf(model: MambaLMHeadModel, special_ids: dict[str, int | None], directory: Path) -> None:
     from transformers import Mamba2ForCausalLM, MambaForCausalLM
 
-    config = hf_config(model.config, bos=tokenizer.bos if tokenizer else None,
-                       eos=tokenizer.eod if tokenizer else None, pad=tokenizer.pad if tokenizer else None,
-                       embedding_rows=model.backbone.embedding.num_embeddings)
+    config = hf_config(model.config, bos=special_ids["bos_token_id"], eos=special_ids["eos_token_id"],
+                       pad=special_ids["pad_token_id"], embedding_rows=model.backbone.embedding.num_embeddings)
     config.architectures = ["Mamba2ForCausalLM" if config.model_type == "mamba2" else "MambaForCausalLM"]
     model_class = Mamba2ForCausalLM if config.model_type == "mamba2" else MambaForCausalLM
     with torch.device("meta"):
@@ -145,9 +150,10 @@ def _write_hf(model: MambaLMHeadModel, tokenizer: Any, directory: Path) -> None:
 
 
 def export(checkpoint: str, output: str, format: str, dtype: str = "fp32") -> Path:
-    """Write CHECKPOINT's model in ``format`` ("mamba-ssm" or "hf") to ``output``; returns the directory."""
-    from kotomamba.checkpoint import load_model_from_checkpoint
+    """Write CHECKPOINT's model in ``format`` ("mamba-ssm" or "hf") to ``output``; returns the directory.
 
+    CHECKPOINT is a training checkpoint, or a model directory (a config.json): mamba-ssm's format, or
+    a Hugging Face MambaForCausalLM / Mamba2ForCausalLM."""
     if format not in FORMATS:
         raise ExportError(f"--format {format!r} is not one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
@@ -155,8 +161,7 @@ def export(checkpoint: str, output: str, format: str, dtype: str = "fp32") -> Pa
     target = Path(output)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ExportError(f"{target} already exists and is not an empty directory; remove it or choose another output")
-    model, info = load_model_from_checkpoint(checkpoint, torch.device("cpu"))
-    tokenizer = _saved_tokenizer(info)
+    model, special_ids, tokenizer_files, provenance = _load_source(checkpoint)
     if format == "hf":
         hf_config(model.config)  # refuse before writing anything
     model = model.to(DTYPES[dtype])
@@ -166,14 +171,15 @@ def export(checkpoint: str, output: str, format: str, dtype: str = "fp32") -> Pa
     try:
         temporary.mkdir()
         if format == "mamba-ssm":
-            model.save_pretrained(str(temporary))  # mamba-ssm's own writer: config.json + pytorch_model.bin
+            # mamba-ssm's own writer: config.json + pytorch_model.bin, a plain state dict of tensors (loadable
+            # with torch.load(weights_only=True)); from_pretrained reads no other weights file.
+            model.save_pretrained(str(temporary))
         else:
-            _write_hf(model, tokenizer, temporary)
-        for path in _tokenizer_files(info):
+            _write_hf(model, special_ids, temporary)
+        for path in tokenizer_files:
             shutil.copy2(path, temporary / path.name)
-        provenance = {"checkpoint": info["checkpoint_dir"], "iteration": info["iteration"], "format": format,
-                      "dtype": dtype, "tokenizer_type": info["tokenizer_type"], "tokenizer_name": info["tokenizer_name"]}
-        (temporary / "kotomamba_export.json").write_text(json.dumps(provenance, indent=2))
+        provenance.update(format=format, dtype=dtype, **special_ids)
+        (temporary / EXPORT_INFO).write_text(json.dumps(provenance, indent=2))
         if target.exists():
             target.rmdir()  # empty, checked above
         os.rename(temporary, target)
@@ -181,6 +187,47 @@ def export(checkpoint: str, output: str, format: str, dtype: str = "fp32") -> Pa
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return target
+
+
+def _load_source(checkpoint: str) -> tuple[MambaLMHeadModel, dict[str, int | None], list[Path], dict[str, Any]]:
+    """(fp32 model on the CPU, its special token ids, tokenizer files to copy, provenance) of CHECKPOINT."""
+    from kotomamba.checkpoint import load_model_from_checkpoint
+    from kotomamba.model import load_base_model
+
+    directory = Path(checkpoint)
+    if not (directory / "config.json").is_file():  # training checkpoints hold model_config.json instead
+        model, info = load_model_from_checkpoint(checkpoint, torch.device("cpu"))
+        tokenizer = _saved_tokenizer(info)
+        special_ids = {"bos_token_id": tokenizer.bos if tokenizer else None,
+                       "eos_token_id": tokenizer.eod if tokenizer else None,
+                       "pad_token_id": tokenizer.pad if tokenizer else None}
+        provenance = {"checkpoint": info["checkpoint_dir"], "iteration": info["iteration"],
+                      "tokenizer_type": info["tokenizer_type"], "tokenizer_name": info["tokenizer_name"]}
+        return model, special_ids, _tokenizer_files(info), provenance
+    model = load_base_model(checkpoint, device="cpu", dtype=torch.float32)  # validates config.json
+    config = json.loads((directory / "config.json").read_text())
+    source_format = "hf" if "model_type" in config else "mamba-ssm"
+    # Special token ids: a Hugging Face config.json has them; our mamba-ssm exports record them in EXPORT_INFO.
+    known = config if source_format == "hf" else _read_export_info(directory)
+    special_ids = {key: known.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    files = [path for place in (directory, directory / "tokenizer") if place.is_dir()
+             for path in sorted(place.iterdir()) if path.is_file() and _is_tokenizer_file(path.name)]
+    return model, special_ids, files, {"source": str(directory), "source_format": source_format}
+
+
+def _read_export_info(directory: Path) -> dict[str, Any]:
+    path = directory / EXPORT_INFO
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ExportError(f"cannot read {path}: {error}") from None
+    return values if isinstance(values, dict) else {}
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name.startswith("tokenizer") or name.endswith(".model") or name in _TOKENIZER_FILE_NAMES
 
 
 def _saved_tokenizer(info: dict[str, Any]) -> Any:
@@ -202,10 +249,12 @@ def _tokenizer_files(info: dict[str, Any]) -> list[Path]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m kotomamba.convert",
-        description="Export a kotomamba training checkpoint as a mamba-ssm or Hugging Face transformers model.",
+        description="Export a kotomamba training checkpoint (or convert a model directory) as a mamba-ssm or "
+                    "Hugging Face transformers model.",
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT",
-                        help="a run's --save directory (uses its latest checkpoint) or one iter_* directory")
+                        help="a run's --save directory (uses its latest checkpoint), one iter_* directory, or a "
+                             "Hugging Face Mamba/Mamba-2 or mamba-ssm model directory")
     parser.add_argument("output", metavar="OUTPUT_DIR", help="where to write the model (must not exist, or be empty)")
     parser.add_argument("--format", required=True, choices=FORMATS,
                         help="mamba-ssm: config.json + pytorch_model.bin (MambaLMHeadModel.from_pretrained, "

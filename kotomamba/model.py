@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import pickle
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -247,57 +248,191 @@ def _copy_tensors(source: nn.Module, target: nn.Module) -> None:
 # Continual pretraining
 
 
-def load_base_model(dir: str, vocab_size: int, device: torch.device | str = "cpu",
+def load_base_model(dir: str, vocab_size: int | None = None, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32) -> MambaLMHeadModel:
-    """A MambaLMHeadModel on ``device`` from ``dir``/config.json and model.safetensors or pytorch_model.bin.
+    """A MambaLMHeadModel on ``device`` from a mamba-ssm model directory (config.json with d_model) or a
+    Hugging Face Mamba / Mamba-2 directory (config.json with model_type "mamba" / "mamba2", converted),
+    with model.safetensors or pytorch_model.bin (or their sharded forms).
 
-    The model keeps the checkpoint's vocabulary; a tokenizer with more tokens than the embedding
-    has rows is an error.
+    The model keeps the checkpoint's vocabulary; a tokenizer (``vocab_size``) with more tokens than
+    the embedding has rows is an error.
     """
     directory = Path(dir)
     if not directory.is_dir():
         raise CheckpointError(f"base model directory {directory} does not exist")
     values, source = _read_config_json(directory)
-    if "vocab_size" not in values:
-        raise CheckpointError(f"{source} has no vocab_size")
-    config = _make_config(values, source)
-    model = build_model(config, on_meta=True, dtype=dtype)
-    embedding_rows = model.backbone.embedding.num_embeddings
-    if vocab_size > embedding_rows:
+    hf_model_type = values.get("model_type")
+    if hf_model_type is not None:
+        config, norm_eps = mamba_ssm_config_from_hf(values, source)
+        if norm_eps != MAMBA_SSM_NORM_EPS:
+            # MambaConfig has no norm epsilon: the converted model, its checkpoints and exports would lose it.
+            raise CheckpointError(
+                f"{source}: layer_norm_epsilon {norm_eps:g} cannot be expressed in mamba-ssm's config (its norms "
+                f"always use {MAMBA_SSM_NORM_EPS:g}); this model can only be used for inference (inference.py)")
+    else:
+        if "vocab_size" not in values:
+            raise CheckpointError(f"{source} has no vocab_size")
+        config = _make_config(values, source)
+    multiple = config.pad_vocab_size_multiple
+    embedding_rows = -(-config.vocab_size // multiple) * multiple  # MambaLMHeadModel's padding
+    if vocab_size is not None and vocab_size > embedding_rows:
         raise CheckpointError(
             f"tokenizer has {vocab_size} tokens but the base model in {directory} has only {embedding_rows} "
-            f"embedding rows (vocab_size {config.vocab_size} padded to a multiple of {config.pad_vocab_size_multiple})"
+            f"embedding rows (vocab_size {config.vocab_size} padded to a multiple of {multiple})"
         )
-    weights_path, state_dict = _read_weights(directory)
+    weights_path, state_dict = read_weights(directory)
+    if hf_model_type is not None:
+        state_dict = mamba_ssm_state_dict_from_hf(state_dict, config)
+    return model_from_state_dict(config, state_dict, device, dtype, f"{weights_path} (config {source})")
+
+
+def model_from_state_dict(config: MambaConfig, state_dict: dict[str, torch.Tensor], device: torch.device | str,
+                          dtype: torch.dtype, source: str) -> MambaLMHeadModel:
+    """A MambaLMHeadModel built as mamba-ssm builds it in ``dtype``, on ``device``, holding ``state_dict``
+    (which must match it, except a tied lm_head.weight that may be absent). ``source`` names the weights."""
+    # Allocated without the (slow, pointless) random initialization: every tensor is loaded below.
+    model = build_model(config, on_meta=True, dtype=dtype)
     _materialize(model, device)
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as error:  # shape mismatches
-        raise CheckpointError(f"{weights_path} does not match {source}: {error}") from None
+        raise CheckpointError(f"{source}: the weights do not match the config: {error}") from None
     if config.tie_embeddings:
         missing = [key for key in missing if key != "lm_head.weight"]
     if missing or unexpected:
-        raise CheckpointError(
-            f"{weights_path} does not match {source}: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
-        )
+        raise CheckpointError(f"{source}: the weights do not match the config: missing {sorted(missing)}, "
+                              f"unexpected {sorted(unexpected)}")
     model.tie_weights()
     return model
 
 
-def _read_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    safetensors_path = directory / "model.safetensors"
-    bin_path = directory / "pytorch_model.bin"
+def read_weights(directory: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(file read, state dict) of model.safetensors or pytorch_model.bin in ``directory``, or of their
+    sharded forms (``*.index.json``). safetensors is preferred: reading it runs no unpickler."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = directory / name
+        if path.is_file():
+            return path, _read_weights_file(path)
+        index = directory / f"{name}.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+                raise CheckpointError(f"cannot read the shard index {index}: {type(error).__name__}: "
+                                      f"{_first_line(error)}") from None
+            if not shards:
+                raise CheckpointError(f"{index} names no weight files")
+            state_dict: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state_dict.update(_read_weights_file(directory / shard))
+            return index, state_dict
+    raise CheckpointError(f"{directory} has neither model.safetensors nor pytorch_model.bin (nor a sharded index)")
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     try:
-        if safetensors_path.exists():
+        if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return safetensors_path, load_file(str(safetensors_path), device="cpu")
-        if bin_path.exists():
-            return bin_path, torch.load(bin_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # every reader failure becomes one readable message
-        path = safetensors_path if safetensors_path.exists() else bin_path
-        raise CheckpointError(f"cannot read weights {path}: {error}") from None
-    raise CheckpointError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # every reader failure becomes one readable line
+        raise CheckpointError(f"cannot read weights {path}: {describe_load_failure(error)}") from None
+
+
+def describe_load_failure(error: BaseException) -> str:
+    """One line for a failed ``torch.load(weights_only=True)`` / safetensors read. A file holding pickled
+    objects other than tensors is refused rather than unpickled: unpickling runs arbitrary code."""
+    if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in str(error):
+        return ("refused: it holds pickled objects other than tensors, and loading it would need arbitrary "
+                "unpickling (which can run any code); only plain tensor files are read")
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face transformers' MambaForCausalLM / Mamba2ForCausalLM -> mamba-ssm
+
+HF_MODEL_TYPES = ("mamba", "mamba2")
+# mamba-ssm builds every norm with eps 1e-5 (MambaLMHeadModel passes no norm_epsilon).
+MAMBA_SSM_NORM_EPS = 1e-5
+
+
+def mamba_ssm_config_from_hf(hf_config: dict, source: str) -> tuple[MambaConfig, float]:
+    """The mamba-ssm MambaConfig computing what a transformers Mamba / Mamba-2 config.json dict
+    computes, and the norms' epsilon (which MambaConfig cannot hold). The vocabulary is not padded
+    (pad_vocab_size_multiple 1), so logits have exactly the Hugging Face model's columns."""
+    model_type = hf_config.get("model_type")
+
+    def get(key: str, default: object = dataclasses.MISSING):
+        if hf_config.get(key) is not None:
+            return hf_config[key]
+        if default is dataclasses.MISSING:
+            raise CheckpointError(f"{source}: Hugging Face {model_type} config has no {key!r}")
+        return default
+
+    if model_type not in HF_MODEL_TYPES:
+        raise CheckpointError(f"{source}: model_type {model_type!r} is not a Mamba model (expected 'mamba' or "
+                              f"'mamba2'), and it has no d_model of a mamba-ssm config")
+    if get("hidden_act", "silu") not in ("silu", "swish"):
+        raise CheckpointError(f"{source}: hidden_act {hf_config['hidden_act']!r} is not supported "
+                              f"(mamba-ssm's mixers use silu)")
+    d_model, expand = get("hidden_size"), get("expand", 2)
+    common = {"d_state": get("state_size"), "d_conv": get("conv_kernel", 4), "expand": expand,
+              "conv_bias": get("use_conv_bias", True), "bias": get("use_bias", False)}
+    if model_type == "mamba":
+        ssm_cfg = {"layer": "Mamba1", **common, "dt_rank": get("time_step_rank", "auto")}
+        tied_default = True
+    else:
+        heads, head_dim = get("num_heads"), get("head_dim")
+        if heads * head_dim != int(expand * d_model):
+            raise CheckpointError(f"{source}: num_heads x head_dim = {heads * head_dim} must equal expand x "
+                                  f"hidden_size = {int(expand * d_model)} to map onto mamba-ssm's Mamba2")
+        ssm_cfg = {"layer": "Mamba2", **common, "headdim": head_dim, "ngroups": get("n_groups", 1),
+                   "chunk_size": get("chunk_size", 256),
+                   "dt_limit": tuple(_json_float(v) for v in get("time_step_limit", (0.0, float("inf")))),
+                   "rmsnorm": True, "norm_before_gate": False}
+        tied_default = False  # transformers' Mamba2Config default
+    config = _mamba_config_class()(
+        d_model=d_model, d_intermediate=0, n_layer=get("num_hidden_layers"), vocab_size=get("vocab_size"),
+        ssm_cfg=ssm_cfg, attn_layer_idx=[], attn_cfg={}, rms_norm=True,
+        residual_in_fp32=get("residual_in_fp32", True), fused_add_norm=True, pad_vocab_size_multiple=1,
+        tie_embeddings=get("tie_word_embeddings", tied_default))
+    return config, float(get("layer_norm_epsilon", MAMBA_SSM_NORM_EPS))
+
+
+def _json_float(value: object) -> float:
+    # transformers 5 writes non-finite floats as {"__float__": "Infinity"}; older versions as Infinity.
+    return float(value["__float__"]) if isinstance(value, dict) and "__float__" in value else float(value)
+
+
+def mamba_ssm_state_dict_from_hf(state_dict: dict[str, torch.Tensor], config: MambaConfig) -> dict[str, torch.Tensor]:
+    """transformers parameter names -> mamba-ssm's (only the embedding is named differently)."""
+    renamed = {("backbone.embedding." + key[len("backbone.embeddings."):]
+                if key.startswith("backbone.embeddings.") else key): tensor for key, tensor in state_dict.items()}
+    if config.tie_embeddings:
+        renamed.pop("lm_head.weight", None)  # the embedding itself
+    return renamed
+
+
+def mamba_ssm_model_from_hf(hf_config: dict, state_dict: dict[str, torch.Tensor], device: torch.device | str,
+                            dtype: torch.dtype, source: str = "Hugging Face model") -> MambaLMHeadModel:
+    """mamba-ssm's MambaLMHeadModel with the weights of a transformers MambaForCausalLM / Mamba2ForCausalLM
+    (``hf_config`` is its config.json dict), in eval mode, computing the same function, including a norm
+    epsilon other than mamba-ssm's (set on the modules; such a model is for inference only)."""
+    config, norm_eps = mamba_ssm_config_from_hf(hf_config, source)
+    model = model_from_state_dict(config, mamba_ssm_state_dict_from_hf(state_dict, config), device, dtype, source)
+    if norm_eps != MAMBA_SSM_NORM_EPS:
+        # mamba-ssm's norms read their eps attribute on every call; the config has no field for it.
+        for module in model.modules():
+            if hasattr(module, "eps") and hasattr(module, "weight"):
+                module.eps = norm_eps
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------

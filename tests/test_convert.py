@@ -140,3 +140,78 @@ def test_an_existing_output_is_never_overwritten(checkpoints, tmp_path, capsys):
     assert [p.name for p in output.iterdir()] == ["keep.txt"]
     assert main([str(tmp_path / "nothing"), str(tmp_path / "out"), "--format", "hf"]) == 2
     assert "holds no kotomamba checkpoint" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face models in: converted to mamba-ssm's format, and used directly as --base-model
+
+
+def tiny_hf_model(model_type: str, directory: Path, hf_tokenizer_dir: Path, **overrides):
+    """A random transformers Mamba / Mamba-2 saved with save_pretrained, with a tokenizer next to it."""
+    import shutil
+
+    import transformers
+
+    torch.manual_seed(0)
+    if model_type == "mamba":
+        config = transformers.MambaConfig(vocab_size=510, hidden_size=32, num_hidden_layers=2, state_size=8,
+                                          bos_token_id=1, eos_token_id=2, pad_token_id=3, **overrides)
+        model = transformers.MambaForCausalLM(config)
+    else:
+        config = transformers.Mamba2Config(vocab_size=510, hidden_size=32, num_hidden_layers=2, state_size=16,
+                                           num_heads=4, head_dim=16, n_groups=2, chunk_size=8, bos_token_id=1,
+                                           eos_token_id=2, pad_token_id=3, **overrides)
+        model = transformers.Mamba2ForCausalLM(config)
+    model.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf_tokenizer_dir / name, directory / name)
+    return model.eval()
+
+
+@pytest.mark.parametrize("model_type", ["mamba", "mamba2"])
+def test_hugging_face_model_round_trips_through_the_mamba_ssm_format(model_type, hf_tokenizer_dir, tmp_path):
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    from transformers import AutoModelForCausalLM
+
+    original = tiny_hf_model(model_type, tmp_path / "hf", hf_tokenizer_dir)
+    assert main([str(tmp_path / "hf"), str(tmp_path / "ours"), "--format", "mamba-ssm"]) == 0
+    ours_dir = tmp_path / "ours"
+    assert {"config.json", "pytorch_model.bin", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in ours_dir.iterdir()}
+    torch.load(ours_dir / "pytorch_model.bin", weights_only=True)  # plain tensors: no unpickling needed
+    ours = MambaLMHeadModel.from_pretrained(str(ours_dir)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(sample_tokens()).logits, original(sample_tokens()).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+    back = export(str(ours_dir), str(tmp_path / "back"), "hf")
+    assert {"model.safetensors", "tokenizer.json"} <= {p.name for p in back.iterdir()}
+    returned = AutoModelForCausalLM.from_pretrained(str(back)).eval()
+    assert returned.config.eos_token_id == 2 and returned.config.pad_token_id == 3
+    expected = original.state_dict()
+    assert returned.state_dict().keys() == expected.keys()
+    for name, tensor in returned.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    with torch.no_grad():
+        assert torch.equal(returned(sample_tokens()).logits, original(sample_tokens()).logits)
+
+
+def test_base_model_may_be_a_hugging_face_directory(ctx, hf_tokenizer_dir, tokenized_corpus, tmp_path):
+    from kotomamba.model import CheckpointError, load_base_model
+
+    original = tiny_hf_model("mamba2", tmp_path / "hf", hf_tokenizer_dir)
+    argv = ["--base-model", str(tmp_path / "hf"), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+            str(hf_tokenizer_dir), "--data-path", str(tokenized_corpus), "--split", "100,0,0", "--seq-length", "16",
+            "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2", "--lr", "0",
+            "--eval-iters", "0", "--num-workers", "0", "--fp32", "--save", str(tmp_path / "continued")]
+    result = run_configurations({"continued": argv}, ctx)["continued"]
+    assert result["iteration"] == [1, 2], result
+    continued, _ = load_model_from_checkpoint(str(tmp_path / "continued"), torch.device("cpu"))
+    with torch.no_grad():  # lr 0: training kept exactly the Hugging Face weights
+        torch.testing.assert_close(continued(sample_tokens()).logits, original(sample_tokens()).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+    # A norm epsilon mamba-ssm's config cannot hold would be lost in checkpoints: refused, naming the file.
+    tiny_hf_model("mamba", tmp_path / "eps", hf_tokenizer_dir, layer_norm_epsilon=0.1)
+    with pytest.raises(CheckpointError, match=r"eps/config.json: layer_norm_epsilon 0.1 cannot be expressed"):
+        load_base_model(str(tmp_path / "eps"))

@@ -220,7 +220,7 @@ def test_load_base_model_errors(tmp_path):
         load_base_model(str(tmp_path), vocab_size=VOCAB)
     other = build_model(tiny_config("mamba1_mlp"))
     torch.save(other.state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="does not match"):
+    with pytest.raises(CheckpointError, match="weights do not match the config"):
         load_base_model(str(tmp_path), vocab_size=VOCAB)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_base_model(str(tmp_path / "missing"), vocab_size=VOCAB)
