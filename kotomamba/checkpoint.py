@@ -97,6 +97,9 @@ SHARDED_TYPES = ("SHARDED_STATE_DICT", "LOCAL_STATE_DICT")
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Training samples hashed on each side of consumed_samples to detect a changed data order on resume.
 FINGERPRINT_SAMPLES = 8
+# checkpoint.json keys a resume reads; a file without them is damaged (e.g. truncated, then "repaired").
+_REQUIRED_METADATA = {"format_version", "iteration", "checkpoint_type", "world_size", "train_state", "data",
+                      "tokenizer"}
 
 
 class TrainingCheckpointError(RuntimeError):
@@ -215,12 +218,21 @@ def read_metadata(checkpoint_dir: Path) -> dict[str, Any]:
         raise TrainingCheckpointError(f"cannot read {path}: {error.strerror or error}") from None
     except json.JSONDecodeError as error:
         raise TrainingCheckpointError(f"{path} is not valid JSON: {error}") from None
+    except UnicodeDecodeError:
+        raise TrainingCheckpointError(f"{path} is not valid JSON (it holds binary data): the file is damaged") from None
+    if not isinstance(metadata, dict):
+        raise TrainingCheckpointError(f"{path} is not a kotomamba checkpoint description (not a JSON object): "
+                                      f"the file is damaged")
     version = metadata.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, int) and version > FORMAT_VERSION:
         raise TrainingCheckpointError(
             f"{path}: checkpoint format {version!r} was written by a newer kotomamba "
             f"({metadata.get('kotomamba_version')}); this is {__version__} (format {FORMAT_VERSION})"
         )
+    missing = sorted(_REQUIRED_METADATA - set(metadata))
+    if missing or not isinstance(version, int):
+        raise TrainingCheckpointError(f"{path} is not a kotomamba checkpoint description (missing or invalid "
+                                      f"{missing or ['format_version']}): the file is damaged")
     return metadata
 
 
@@ -300,7 +312,31 @@ def _describe_failure(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         where = f": {error.filename}" if error.filename else ""
         return f"{error.strerror}{where}"
-    return f"{type(error).__name__}: {error}"
+    from kotomamba.model import describe_load_failure
+
+    return describe_load_failure(error)
+
+
+def _sharded_files_problem(location: Path) -> str | None:
+    """Damage that torch.distributed.checkpoint would report without naming the file: an unreadable
+    .metadata, or a shard file missing or shorter than .metadata records. None when none is found."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(location)).read_metadata()
+        storage = metadata.storage_data or {}
+        needed: dict[str, int] = {}
+        for info in storage.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    except Exception as error:  # a damaged .metadata fails in many ways
+        return f"cannot read {location / '.metadata'}: {_describe_failure(error)}"
+    for name, size in sorted(needed.items()):
+        path = location / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size < size:
+            return f"{path} is truncated ({path.stat().st_size} bytes; {size} expected)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,8 +556,12 @@ class CheckpointManager:
                 setattr(state, field.name, saved_state[field.name])
         if metadata["world_size"] == self.ctx.world_size:
             rng_path = _rng_file(directory, self.ctx.rank)
-            error = _capture(lambda: _set_rng_state(torch.load(rng_path, weights_only=True)))
-            self._agree(error and f"cannot restore RNG states from {rng_path}: {error}")
+            try:
+                _set_rng_state(torch.load(rng_path, weights_only=True))
+                error = None
+            except Exception as exc:  # a missing or damaged file
+                error = f"cannot restore RNG states from {rng_path}: {_describe_failure(exc)}"
+            self._agree(error)
         else:
             logger.info("RNG states are per rank and the checkpoint has %d; this run has %d processes, whose "
                         "generators keep their seeded state", metadata["world_size"], self.ctx.world_size)
@@ -537,7 +577,7 @@ class CheckpointManager:
         path = directory / MODEL_CONFIG
         try:
             saved = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise TrainingCheckpointError(f"cannot read {path}: {error}") from None
         current = _config_dict(self.model_config)
         differences = [f"{key} {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now"
@@ -606,7 +646,8 @@ class CheckpointManager:
             else:
                 payload = {"model": get_model_state_dict(self.model)}
             location = directory / SHARDED_STATE
-            error = None
+            error = _sharded_files_problem(location)
+            self._agree(error and f"cannot read checkpoint {location}: {error}")
             try:
                 dcp.load(payload, checkpoint_id=str(location))
             except BaseException as exc:  # DCP reports read failures as CheckpointException (a BaseException)
@@ -930,7 +971,7 @@ def load_model_from_checkpoint(path: str, device: torch.device) -> tuple[MambaLM
     config_path = directory / MODEL_CONFIG
     try:
         values = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise TrainingCheckpointError(f"cannot read {config_path}: {error}") from None
     # Allocated without the (slow, pointless) random initialization: every tensor is loaded below.
     model = build_model(_make_config(values, str(config_path)), on_meta=True, dtype=torch.float32)
@@ -941,6 +982,9 @@ def load_model_from_checkpoint(path: str, device: torch.device) -> tuple[MambaLM
         if metadata["checkpoint_type"] in SHARDED_TYPES:
             import torch.distributed.checkpoint as dcp
 
+            problem = _sharded_files_problem(directory / SHARDED_STATE)
+            if problem is not None:
+                raise TrainingCheckpointError(f"cannot read the model of checkpoint {directory}: {problem}")
             payload = {"model": model_state}
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                 warnings.simplefilter("ignore", UserWarning)
@@ -949,10 +993,13 @@ def load_model_from_checkpoint(path: str, device: torch.device) -> tuple[MambaLM
         else:
             model_state = torch.load(directory / FULL_STATE, map_location="cpu", mmap=True, weights_only=True)["model"]
             _retie(model_state, model.config)
+    except TrainingCheckpointError:
+        raise
     except BaseException as exc:  # CheckpointException is a BaseException
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        raise TrainingCheckpointError(f"cannot read the model of checkpoint {directory}: {_describe_failure(exc)}") from None
+        location = directory / (SHARDED_STATE if metadata["checkpoint_type"] in SHARDED_TYPES else FULL_STATE)
+        raise TrainingCheckpointError(f"cannot read the model of checkpoint {location}: {_describe_failure(exc)}") from None
     model.load_state_dict(model_state)
     model.tie_weights()
     tokenizer = metadata["tokenizer"]

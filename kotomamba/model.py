@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import json
 import pickle
+import re
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -344,9 +345,15 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
 def describe_load_failure(error: BaseException) -> str:
     """One line for a failed ``torch.load(weights_only=True)`` / safetensors read. A file holding pickled
     objects other than tensors is refused rather than unpickled: unpickling runs arbitrary code."""
-    if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in str(error):
-        return ("refused: it holds pickled objects other than tensors, and loading it would need arbitrary "
-                "unpickling (which can run any code); only plain tensor files are read")
+    text = str(error)
+    custom = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if custom:
+        return (f"refused: it holds a pickled {custom.group(1)} object, and loading it would need arbitrary "
+                f"unpickling (which can run any code); only files of plain tensors are read")
+    if isinstance(error, pickle.UnpicklingError):
+        detail = re.search(r"WeightsUnpickler error: *\n?\s*(.+)", text)
+        return (f"not a file of tensors (damaged, or not written by torch.save): "
+                f"{detail.group(1).strip() if detail else _first_line(error)}")
     return f"{type(error).__name__}: {_first_line(error)}"
 
 

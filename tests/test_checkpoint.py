@@ -378,3 +378,57 @@ def test_resharding_async_saves_and_signals_with_two_processes(argv, ctx, refere
         resumed = run(ctx, argv + ["--load", str(out / name)])
         assert resumed["iteration"] == [3, 4]
         assert_close(resumed["loss"], reference["loss"][2:])
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged checkpoints: refused with one line naming the file, never trained from scratch
+
+
+class NotATensor:
+    """A custom object: pickling it into a checkpoint makes loading need arbitrary unpickling."""
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(os.urandom(4096))
+
+
+def _custom_object(path: Path) -> None:
+    torch.save({"model": {}, "optimizer": {}, "note": NotATensor()}, path)
+
+
+@pytest.mark.parametrize("checkpoint_type, damaged, damage, named", [
+    ("SHARDED_STATE_DICT", "state/__0_0.distcp", _truncate, "__0_0.distcp"),
+    ("SHARDED_STATE_DICT", "state/.metadata", _garbage, "state"),
+    ("FULL_STATE_DICT", "state.pt", _truncate, "state.pt"),
+    ("FULL_STATE_DICT", "state.pt", _garbage, "state.pt"),
+    ("FULL_STATE_DICT", "state.pt", _custom_object, "state.pt"),
+    ("SHARDED_STATE_DICT", "checkpoint.json", _truncate, "checkpoint.json"),
+    ("FULL_STATE_DICT", "checkpoint.json", _garbage, "checkpoint.json"),
+])
+def test_damaged_checkpoint_is_refused_naming_the_file(argv, ctx, interrupted, tmp_path, checkpoint_type, damaged,
+                                                      damage, named):
+    copy = tmp_path / "save"
+    shutil.copytree(interrupted[checkpoint_type], copy)
+    damage(copy / "iter_0000002" / damaged)
+    if checkpoint_type == "FULL_STATE_DICT":
+        argv = argv + ["--checkpoint-type", "FULL_STATE_DICT"]
+    result = run(ctx, argv + ["--load", str(copy)])
+    assert "error" in result, result  # not a fresh start
+    assert named in result["error"] and "\n" not in result["error"], result["error"]
+    with pytest.raises(checkpoint_module.TrainingCheckpointError) as refused:
+        load_model_from_checkpoint(str(copy), torch.device("cpu"))
+    assert named in str(refused.value) and "\n" not in str(refused.value)
+    if damage is _custom_object:
+        assert "arbitrary unpickling" in result["error"] and "arbitrary unpickling" in str(refused.value)
+
+
+def test_damaged_rng_state_is_refused_naming_the_file(argv, ctx, interrupted, tmp_path):
+    copy = tmp_path / "save"
+    shutil.copytree(interrupted["SHARDED_STATE_DICT"], copy)
+    _truncate(copy / "iter_0000002" / "rng" / "rank_00000.pt")
+    result = run(ctx, argv + ["--load", str(copy)])
+    assert "rng/rank_00000.pt" in result["error"] and "\n" not in result["error"], result
