@@ -28,12 +28,12 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from kotomamba.distributed import DistributedContext
+from kotomamba.precision import FP32_PARAMETER_NAMES
 
 logger = logging.getLogger(__name__)
 
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
-# Parameter names (last component) that the selective-scan kernels read in fp32.
-FP32_SENSITIVE_PARAMETERS = ("A_log", "D", "dt_bias")
+# Mamba-1 keeps its dt bias in dt_proj; the kernels read it in fp32 like the FP32_PARAMETER_NAMES.
 FP32_SENSITIVE_SUFFIXES = ("dt_proj.bias",)
 
 
@@ -83,7 +83,7 @@ def build_mesh(ctx: DistributedContext, strategy: str) -> DeviceMesh:
 
 
 def is_fp32_sensitive(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in FP32_SENSITIVE_PARAMETERS or name.endswith(FP32_SENSITIVE_SUFFIXES)
+    return name.rsplit(".", 1)[-1] in FP32_PARAMETER_NAMES or name.endswith(FP32_SENSITIVE_SUFFIXES)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

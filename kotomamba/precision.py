@@ -22,13 +22,11 @@ mamba-ssm builds Mamba-1's ``A_log``/``D`` in fp32 whatever the model dtype, and
 all of them before use: ``A = -torch.exp(self.A_log.float())`` and ``self.D.float()`` in
 ``mamba_simple.py``/``mamba2.py``, ``delta_bias.float()`` in ``selective_scan_interface.py``, and the
 Triton SSD kernels load A, dt_bias and D with ``.to(tl.float32)`` (``ssd_chunk_state.py``,
-``ssd_chunk_scan.py``). So fp32 values cost nothing extra. FSDP2 casts every parameter of one
-``fully_shard`` unit to that unit's ``param_dtype``: under ``bf16`` a unit holding a whole mixer
-feeds the kernels bf16-rounded copies (``A_log`` to about 0.4% relative error). The optimizer
-still updates the fp32 master copies, so training accumulates in fp32. To feed exact fp32 values,
-shard the mixer's linear/conv submodules as their own units with ``fsdp_mixed_precision(policy)``
-and the mixer itself (then owning only A_log, D, dt_bias) with
-``fsdp_mixed_precision(policy, keep_fp32=True)``; ``FP32_PARAMETER_NAMES`` lists the names.
+``ssd_chunk_scan.py``). So fp32 values cost nothing extra. FSDP2 casts every parameter of one ``fully_shard`` unit to that
+unit's ``param_dtype``, which under ``bf16`` would feed the kernels bf16-rounded copies (``A_log`` to
+about 0.4% relative error); ``kotomamba.parallel.parallelize`` therefore keeps these parameters out
+of FSDP (replicated, fp32, gradients averaged by ``ShardedModel.sync_replicated_gradients``) whenever
+the parameter dtype is not fp32. ``FP32_PARAMETER_NAMES`` lists the names.
 """
 from __future__ import annotations
 
@@ -145,22 +143,6 @@ def resolve_precision(
         compute_dtype=compute_dtype,
         use_loss_scaling=uses_fp16,
     )
-
-
-def fsdp_mixed_precision(policy: PrecisionPolicy, keep_fp32: bool = False):
-    """FSDP2 ``MixedPrecisionPolicy`` for ``policy``, or None when everything is fp32.
-
-    ``keep_fp32=True`` gives the policy for units that must compute with fp32 parameters (the
-    mixer unit owning only ``A_log``/``D``/``dt_bias``); gradients are still reduced in
-    ``policy.reduce_dtype``. Outputs are not cast (``output_dtype=None``): casting would apply at
-    every unit boundary; the loss upcasts logits to fp32 itself.
-    """
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    param_dtype = torch.float32 if keep_fp32 else policy.param_dtype
-    if param_dtype == torch.float32 and policy.reduce_dtype == torch.float32:
-        return None
-    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=policy.reduce_dtype)
 
 
 def autocast_context(policy: PrecisionPolicy, device_type: str):

@@ -15,7 +15,6 @@ from kotomamba.precision import (
     PrecisionConfigError,
     autocast_context,
     build_loss_scaler,
-    fsdp_mixed_precision,
     resolve_precision,
 )
 
@@ -61,18 +60,6 @@ def test_overrides_and_their_effects():
 def test_bad_precision_flags_name_the_flag(args, flag):
     with pytest.raises(PrecisionConfigError, match=flag):
         resolve_precision(*args)
-
-
-def test_fsdp_mixed_precision_policies():
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    assert fsdp_mixed_precision(resolve_precision("fp32")) is None
-    bf16 = fsdp_mixed_precision(resolve_precision("bf16"))
-    assert isinstance(bf16, MixedPrecisionPolicy)
-    assert (bf16.param_dtype, bf16.reduce_dtype, bf16.output_dtype) == (torch.bfloat16, torch.float32, None)
-    assert fsdp_mixed_precision(resolve_precision("bf16"), keep_fp32=True) is None
-    fp16_ssm = fsdp_mixed_precision(resolve_precision("fp16"), keep_fp32=True)
-    assert (fp16_ssm.param_dtype, fp16_ssm.reduce_dtype) == (torch.float32, torch.float16)
 
 
 def test_autocast_context_casts_matmuls_only_when_needed():
