@@ -103,6 +103,11 @@ def load_model_config(model: str, vocab_size: int, overrides: dict | None = None
         values, source = copy.deepcopy(MODEL_PRESETS[model]), f"preset {model!r}"
     elif Path(model).exists():
         values, source = _read_config_json(model)
+        if "model_type" in values:  # a Hugging Face config.json (--base-model DIR --from-scratch)
+            try:
+                values = dataclasses.asdict(mamba_ssm_config_from_hf(values, source)[0])
+            except CheckpointError as error:
+                raise ModelConfigError(str(error)) from None
     else:
         raise ModelConfigError(
             f"--model {model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor an existing "
@@ -352,7 +357,7 @@ def describe_load_failure(error: BaseException) -> str:
                 f"unpickling (which can run any code); only files of plain tensors are read")
     if isinstance(error, pickle.UnpicklingError):
         detail = re.search(r"WeightsUnpickler error: *\n?\s*(.+)", text)
-        return (f"not a file of tensors (damaged, or not written by torch.save): "
+        return (f"damaged, or not the kind of file expected: "
                 f"{detail.group(1).strip() if detail else _first_line(error)}")
     return f"{type(error).__name__}: {_first_line(error)}"
 

@@ -215,3 +215,12 @@ def test_base_model_may_be_a_hugging_face_directory(ctx, hf_tokenizer_dir, token
     tiny_hf_model("mamba", tmp_path / "eps", hf_tokenizer_dir, layer_norm_epsilon=0.1)
     with pytest.raises(CheckpointError, match=r"eps/config.json: layer_norm_epsilon 0.1 cannot be expressed"):
         load_base_model(str(tmp_path / "eps"))
+
+
+def test_from_scratch_takes_a_hugging_face_directory_architecture(hf_tokenizer_dir, tmp_path):
+    from kotomamba.model import load_model_config
+
+    tiny_hf_model("mamba2", tmp_path / "hf", hf_tokenizer_dir)
+    config = load_model_config(str(tmp_path / "hf"), 502)  # what --base-model DIR --from-scratch builds
+    assert (config.d_model, config.n_layer, config.vocab_size) == (32, 2, 502)
+    assert config.ssm_cfg["layer"] == "Mamba2" and config.ssm_cfg["headdim"] == 16
