@@ -670,7 +670,13 @@ class CheckpointManager:
                 except Exception as exc:  # any reader failure is a damaged or missing file
                     error = f"cannot read checkpoint {location}: {_describe_failure(exc)}"
                 else:
-                    _retie(full["model"], self.model_config)
+                    missing = [k for k in ("model", "optimizer")[: 1 + with_optimizer]
+                               if not isinstance(full, dict) or not isinstance(full.get(k), dict)]
+                    if missing:
+                        error = f"checkpoint {location} has no {' or '.join(repr(k) for k in missing)} state"
+                        full = {"model": {}, "optimizer": {}}
+                    else:
+                        _retie(full["model"], self.model_config)
             self._agree(error)
             # Rank 0 holds the file; set_*_state_dict broadcast it and keep each rank's shard. (Two calls:
             # set_state_dict treats the other ranks' empty model state as "optimizer only".)
@@ -991,7 +997,10 @@ def load_model_from_checkpoint(path: str, device: torch.device) -> tuple[MambaLM
                 dcp.load(payload, checkpoint_id=str(directory / SHARDED_STATE), no_dist=True)
             model_state = payload["model"]
         else:
-            model_state = torch.load(directory / FULL_STATE, map_location="cpu", mmap=True, weights_only=True)["model"]
+            full = torch.load(directory / FULL_STATE, map_location="cpu", mmap=True, weights_only=True)
+            if not isinstance(full, dict) or not isinstance(full.get("model"), dict):
+                raise TrainingCheckpointError(f"checkpoint {directory / FULL_STATE} has no 'model' state")
+            model_state = full["model"]
             _retie(model_state, model.config)
     except TrainingCheckpointError:
         raise

@@ -400,12 +400,17 @@ def _custom_object(path: Path) -> None:
     torch.save({"model": {}, "optimizer": {}, "note": NotATensor()}, path)
 
 
+def _no_model_state(path: Path) -> None:
+    torch.save({"weights": torch.zeros(1)}, path)
+
+
 @pytest.mark.parametrize("checkpoint_type, damaged, damage, named", [
     ("SHARDED_STATE_DICT", "state/__0_0.distcp", _truncate, "__0_0.distcp"),
     ("SHARDED_STATE_DICT", "state/.metadata", _garbage, "state"),
     ("FULL_STATE_DICT", "state.pt", _truncate, "state.pt"),
     ("FULL_STATE_DICT", "state.pt", _garbage, "state.pt"),
     ("FULL_STATE_DICT", "state.pt", _custom_object, "state.pt"),
+    ("FULL_STATE_DICT", "state.pt", _no_model_state, "state.pt"),
     ("SHARDED_STATE_DICT", "checkpoint.json", _truncate, "checkpoint.json"),
     ("FULL_STATE_DICT", "checkpoint.json", _garbage, "checkpoint.json"),
 ])
