@@ -59,13 +59,15 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(name: str, title: str, body: str, path: Path = BENCHMARKS_MD) -> None:
+def write_section(name: str, title: str, body: str, path: Path = BENCHMARKS_MD,
+                  facts: dict[str, str] | None = None, command: str | None = None) -> None:
     """Replace (or append) the section `name` of docs/benchmarks.md with `body`, headed by the
-    environment and the exact command that produced it."""
-    env = ", ".join(f"{k} {v}" for k, v in environment().items())
+    environment and the exact command that produced it (this process's unless `facts`/`command`
+    say otherwise, e.g. when rendering results measured on another machine)."""
+    env = ", ".join(f"{k} {v}" for k, v in (facts or environment()).items())
     section = (
         f"<!-- BEGIN {name} -->\n## {title}\n\n"
-        f"Environment: {env}\n\nCommand: `{command_line()}`\n\n{body.strip()}\n<!-- END {name} -->"
+        f"Environment: {env}\n\nCommand: `{command or command_line()}`\n\n{body.strip()}\n<!-- END {name} -->"
     )
     text = path.read_text() if path.exists() else _HEADER
     pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)

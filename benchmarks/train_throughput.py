@@ -3,6 +3,8 @@ on the same shapes, the same machine, in one run.
 
     python benchmarks/train_throughput.py --plan standard          # on a GPU machine (1 and 2 GPUs)
     python benchmarks/train_throughput.py --plan tiny              # CPU smoke test of every runner
+    python benchmarks/train_throughput.py --only 2.8b --results r.jsonl --no-report   # a part of the plan
+    python benchmarks/train_throughput.py --report-from r1.jsonl r2.jsonl            # docs from saved parts
 
 Runners (each measurement in its own process, launched with torchrun when it uses 2 GPUs):
   kotomamba   our training loop (`kotomamba.train.run_training`, i.e. pretrain.py) on a Megatron
@@ -299,6 +301,33 @@ def summarize(rows: list[tuple[Case, dict]], gpu_name: str) -> str:
     return "\n".join(lines)
 
 
+def measured_environment() -> dict[str, str]:
+    """The facts printed above the table, read on the machine that measures."""
+    from benchmarks.report import environment
+
+    from importlib import metadata
+
+    facts = environment()
+    for package in ("mamba-ssm", "causal-conv1d", "transformers"):
+        try:
+            facts[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            facts[package] = "not installed"
+    return facts
+
+
+def write_report(records: list[dict], commands: list[str]) -> None:
+    from benchmarks.report import write_section
+
+    rows = [(Case(**r["case"]), r["result"]) for r in records]
+    facts = records[-1].get("environment", {})
+    gpu_name = facts.get("gpu", "cpu").split("x ", 1)[-1]
+    body = summarize(rows, gpu_name)
+    print(body)
+    write_section("train_throughput", f"Training throughput ({gpu_name})", __doc__.split("\n\n", 2)[2] + "\n" + body,
+                  facts=facts, command=" ; ".join(dict.fromkeys(commands)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", default="standard", choices=("tiny", "quick", "standard"))
@@ -308,6 +337,8 @@ def main() -> None:
     parser.add_argument("--case-timeout", type=int, default=300)
     parser.add_argument("--results", default=None, help="Append each case's result to this JSONL file.")
     parser.add_argument("--no-report", action="store_true", help="Do not write docs/benchmarks.md.")
+    parser.add_argument("--report-from", nargs="+", default=None, metavar="RESULTS",
+                        help="Write docs/benchmarks.md from --results files of earlier runs; measure nothing.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data-prefix", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
@@ -315,33 +346,43 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if args.report_from:
+        records = [json.loads(line) for path in args.report_from for line in Path(path).read_text().splitlines()
+                   if line.strip()]
+        if not records:
+            parser.error(f"--report-from {' '.join(args.report_from)}: no results in these files")
+        write_report(records, [r.get("command", "") for r in records])
+        return
 
     import torch
 
-    gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    from benchmarks.report import command_line
+
     available = torch.cuda.device_count() if torch.cuda.is_available() else 2
     cases = [c for c in plan(args.plan) if c.gpus <= available and (args.only is None or args.only in c.label)]
+    if not cases:
+        parser.error(f"no case of --plan {args.plan} matches --only {args.only!r} on {available} GPU(s)")
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="kotomamba-bench-")
     longest = max(c.seq for c in cases)
     needed = max((args.warmup + args.steps) * c.micro_batch * c.gpus * (c.seq + 1) for c in cases)
     data_prefix = random_dataset(Path(args.workdir), max(needed * 2, longest * 64))
-    rows = []
+    facts, command = measured_environment(), command_line()
+    records = []
     for case in cases:
         result = measure(case, args, data_prefix)
-        rows.append((case, result))
+        record = {"case": asdict(case), "result": result, "environment": facts, "command": command}
+        records.append(record)
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items() if k != "error_tail"}
         print(f"{case.label}: {shown}", flush=True)
         if result.get("status") not in ("ok", "out of memory"):
             print(result.get("error_tail", ""), flush=True)
         if args.results:
             with open(args.results, "a") as f:
-                f.write(json.dumps({"case": asdict(case), "result": result}) + "\n")
-    body = summarize(rows, gpu_name)
-    print(body)
-    if not args.no_report:
-        from benchmarks.report import write_section
-
-        write_section("train_throughput", f"Training throughput ({gpu_name})", __doc__.split("\n\n", 2)[2] + "\n" + body)
+                f.write(json.dumps(record) + "\n")
+    if args.no_report:
+        print(summarize([(Case(**r["case"]), r["result"]) for r in records], facts.get("gpu", "cpu")))
+    else:
+        write_report(records, [command])
 
 
 if __name__ == "__main__":
