@@ -128,7 +128,8 @@ def parallelize(
     common = dict(
         mesh=mesh,
         mp_policy=mp_policy,
-        offload_policy=CPUOffloadPolicy() if cpu_offload else None,
+        # Pinned host memory needs an accelerator; on a CPU-only run offloading is a no-op anyway.
+        offload_policy=CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda") if cpu_offload else None,
     )
     if common["offload_policy"] is None:
         del common["offload_policy"]

@@ -110,13 +110,15 @@ def test_gradient_accumulation_equals_one_large_micro_batch(base_argv, baseline,
     assert_close(runs["micro4"]["loss"], baseline["loss"], rtol=1e-5)
 
 
-def test_activation_checkpointing_and_meta_device_init_change_nothing(base_argv, baseline, single_process):
+def test_checkpointing_offload_and_meta_device_init_change_nothing(base_argv, baseline, single_process):
     runs = run_in_process(
         single_process,
         checkpointing=base_argv + ["--fsdp-activation-checkpointing"],
+        offload=base_argv + ["--fsdp-cpu-offload"],
         low_cpu=base_argv + ["--low-cpu-fsdp"],
     )
     assert runs["checkpointing"]["loss"] == pytest.approx(baseline["loss"], rel=1e-6)
+    assert runs["offload"]["loss"] == pytest.approx(baseline["loss"], rel=1e-6)
     assert runs["low_cpu"]["loss"] == baseline["loss"]  # bitwise: same initial weights
 
 
@@ -197,6 +199,7 @@ def test_two_processes_with_torchrun_match_one_process_for_every_strategy(base_a
     strategies = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
     runs = {s: base_argv + ["--sharding-strategy", s] for s in strategies}
     runs["bf16_mixed"] = [a for a in base_argv if a != "--fp32"] + ["--bf16"]
+    runs["offload"] = base_argv + ["--fsdp-cpu-offload"]
     # A base model whose embedding is smaller than the tokenizer: every rank must stop, none may hang.
     too_small = small_base_model(tmp_path / "base", vocab_size=100)
     model_flag = base_argv.index("--model")
@@ -208,6 +211,7 @@ def test_two_processes_with_torchrun_match_one_process_for_every_strategy(base_a
         assert_close(results[strategy]["loss"], baseline["loss"], rtol=1e-5)
         assert_close(results[strategy]["grad_norm"], baseline["grad_norm"], rtol=1e-4)
     assert results["bf16_mixed"]["loss"][0] == pytest.approx(baseline["loss"][0], rel=3e-2)
+    assert_close(results["offload"]["loss"], baseline["loss"], rtol=1e-5)
 
 
 def mpirun_executable() -> str | None:
