@@ -8,6 +8,7 @@ root unit. The sharding strategies users know from FSDP1 map onto FSDP2 as follo
 | FULL_SHARD          | 1-D (world)                  | True                  |
 | SHARD_GRAD_OP       | 1-D (world)                  | False                 |
 | HYBRID_SHARD        | 2-D (nodes, GPUs per node)   | True                  |
+| _HYBRID_SHARD_ZERO2 | 2-D (nodes, GPUs per node)   | False                 |
 | NO_SHARD            | 2-D (world, 1): replicate    | True (nothing to free)|
 
 mamba-ssm's fp32-sensitive parameters (`A_log`, `D`, `dt_bias`/`dt_proj.bias`) are kept out of
@@ -27,12 +28,14 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-from kotomamba.distributed import DistributedContext
+from kotomamba.distributed import DistributedContext, LaunchError
 from kotomamba.precision import FP32_PARAMETER_NAMES
 
 logger = logging.getLogger(__name__)
 
-SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
+# Strategies that keep the all-gathered parameters from forward to backward (ZeRO-2 style).
+KEEP_PARAMETERS_AFTER_FORWARD = ("SHARD_GRAD_OP", "_HYBRID_SHARD_ZERO2")
 # Mamba-1 keeps its dt bias in dt_proj; the kernels read it in fp32 like the FP32_PARAMETER_NAMES.
 FP32_SENSITIVE_SUFFIXES = ("dt_proj.bias",)
 
@@ -73,8 +76,8 @@ def build_mesh(ctx: DistributedContext, strategy: str) -> DeviceMesh:
     if strategy == "NO_SHARD":
         return init_device_mesh(device_type, (ctx.world_size, 1), mesh_dim_names=("replicate", "shard"))
     if ctx.world_size % ctx.local_world_size:
-        raise ValueError(
-            f"--sharding-strategy HYBRID_SHARD needs the same number of processes on every node: "
+        raise LaunchError(
+            f"--sharding-strategy {strategy} needs the same number of processes on every node: "
             f"world size {ctx.world_size} is not a multiple of {ctx.local_world_size} per node"
         )
     return init_device_mesh(
@@ -133,7 +136,7 @@ def parallelize(
     )
     if common["offload_policy"] is None:
         del common["offload_policy"]
-    reshard = strategy != "SHARD_GRAD_OP"
+    reshard = strategy not in KEEP_PARAMETERS_AFTER_FORWARD
     blocks = transformer_blocks(model)
     for i, block in enumerate(blocks):
         block_ignored = {p for p in block.parameters() if p in ignored}

@@ -196,7 +196,7 @@ def small_base_model(directory: Path, vocab_size: int) -> Path:
 
 
 def test_two_processes_with_torchrun_match_one_process_for_every_strategy(base_argv, baseline, tmp_path):
-    strategies = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+    strategies = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
     runs = {s: base_argv + ["--sharding-strategy", s] for s in strategies}
     runs["bf16_mixed"] = [a for a in base_argv if a != "--fp32"] + ["--bf16"]
     runs["offload"] = base_argv + ["--fsdp-cpu-offload"]
