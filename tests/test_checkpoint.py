@@ -23,6 +23,7 @@ from kotomamba.checkpoint import load_model_from_checkpoint
 from kotomamba.distributed import init_distributed, shutdown_distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
+from launching import launcher_environment, run_worker, torchrun_command  # noqa: E402
 from training_worker import run_configurations  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -265,13 +266,6 @@ def test_latest_naming_a_missing_checkpoint_is_an_error(tmp_path):
 # Crash safety: SIGKILL while saving
 
 
-def launcher_environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(argv, ctx, reference, tmp_path):
     save, marker = tmp_path / "run", tmp_path / "paused"
     runs = {"killed": {"argv": argv + ["--save", str(save), "--save-interval", "1"],
@@ -304,8 +298,8 @@ def test_scheduler_signal_to_torchrun_saves_and_exits(argv, tmp_path):
     save = tmp_path / "run"
     (tmp_path / "runs.json").write_text(json.dumps({"long": argv + ["--micro-batch-size", "2", "--train-iters", "200",
                                                                     "--save", str(save), "--save-interval", "1"]}))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               "--signals-to-handle", "SIGTERM,SIGUSR1", "--shutdown-timeout", "120", str(WORKER),
+    command = torchrun_command(2, "--signals-to-handle", "SIGTERM,SIGUSR1", "--shutdown-timeout", "120") + [
+        str(WORKER),
                str(tmp_path / "runs.json"), str(tmp_path / "results.json")]
     agent = subprocess.Popen(command, env=launcher_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -351,13 +345,7 @@ def test_resharding_async_saves_and_signals_with_two_processes(argv, ctx, refere
         "bf16_first": bf16 + ["--save", str(out / "bf16"), "--exit-interval", "2"],
         "bf16_second": bf16 + ["--load", str(out / "bf16")],
     }
-    runs_path, results_path = tmp_path / "runs.json", tmp_path / "results.json"
-    runs_path.write_text(json.dumps(runs))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
-               str(runs_path), str(results_path)]
-    completed = subprocess.run(command, env=launcher_environment(), capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
-    results = json.loads(results_path.read_text())
+    results = run_worker(torchrun_command(2), runs, tmp_path)
 
     # 1 -> 2 processes: the same training within float tolerance (reductions are ordered differently).
     for name in ("from1", "from1_full"):

@@ -3,9 +3,7 @@ figures of whole, unsharded tensors; on one process, and under torchrun across F
 replicated over a mesh dimension, or FSDP-ignored fp32 replicas), in a real 2-process training run too."""
 from __future__ import annotations
 
-import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from kotomamba.optimizer_stats import QUANTITIES, STATISTICS, OptimizerStats, st
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import write_model_config  # noqa: E402
 from reference_training import grouped_stats, model_stats, plain_training  # noqa: E402
-from test_training import launcher_environment, torchrun_command  # noqa: E402
+from launching import run_worker, torchrun_command  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "optimizer_stats_worker.py"
@@ -101,12 +99,7 @@ def torchrun_results(tmp_path_factory, tiny_mamba1_config, sentencepiece_model, 
     ]
     spec = {"model_config": str(write_model_config(tmp / "odd.json", ODD_MODEL)), "vocab_size": ODD_VOCAB,
             "training": {"fsdp": training_argv}}
-    spec_path, results_path = tmp / "spec.json", tmp / "results.json"
-    spec_path.write_text(json.dumps(spec))
-    completed = subprocess.run(torchrun_command(2) + [str(WORKER), str(spec_path), str(results_path)],
-                               env=launcher_environment(), capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
-    results = json.loads(results_path.read_text())
+    results = run_worker(torchrun_command(2), spec, tmp, worker=WORKER, name="spec")
     results["training_argv"] = training_argv
     results["tensorboard"] = plot.read_tensorboard(tmp / "tb")
     results["tensorboard_files"] = list((tmp / "tb").glob("*tfevents*"))

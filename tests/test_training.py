@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from kotomamba.arguments import parse_args
 from kotomamba.distributed import init_distributed, shutdown_distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
+from launching import run_worker, torchrun_command  # noqa: E402
 from training_worker import run_configurations  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,28 +158,6 @@ def test_skip_batch_consumes_the_global_batch_without_training(base_argv, baseli
     assert skip["loss"][2] != baseline["loss"][2]  # iteration 3 saw batch 3 with weights updated once
 
 
-def launcher_environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def run_launcher(command: list[str], runs: dict[str, list[str]], tmp_path: Path) -> dict[str, dict]:
-    runs_path, results_path = tmp_path / "runs.json", tmp_path / "results.json"
-    runs_path.write_text(json.dumps(runs))
-    completed = subprocess.run(
-        command + [str(WORKER), str(runs_path), str(results_path)] + (["--use-mpi"] if "mpirun" in command[0] else []),
-        env=launcher_environment(), capture_output=True, text=True, timeout=600,
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
-    return json.loads(results_path.read_text())
-
-
-def torchrun_command(nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-
-
 def small_base_model(directory: Path, vocab_size: int) -> Path:
     """A mamba-ssm format directory (config.json + model.safetensors) whose embedding has `vocab_size` rows."""
     from safetensors.torch import save_file
@@ -204,7 +182,7 @@ def test_two_processes_with_torchrun_match_one_process_for_every_strategy(base_a
     too_small = small_base_model(tmp_path / "base", vocab_size=100)
     model_flag = base_argv.index("--model")
     runs["embedding_too_small"] = base_argv[:model_flag] + base_argv[model_flag + 2:] + ["--base-model", str(too_small)]
-    results = run_launcher(torchrun_command(2), runs, tmp_path)
+    results = run_worker(torchrun_command(2), runs, tmp_path)
     assert "tokens but the base model" in results["embedding_too_small"]["error"]
     assert "has only 100 embedding rows" in results["embedding_too_small"]["error"]
     for strategy in strategies:
@@ -225,7 +203,7 @@ def test_two_processes_with_mpirun_match_one_process(base_argv, baseline, tmp_pa
     if os.geteuid() == 0:
         command.append("--allow-run-as-root")
     command += ["-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", "-x", "PATH", sys.executable]
-    results = run_launcher(command, {"mpi": base_argv}, tmp_path)
+    results = run_worker(command, {"mpi": base_argv}, tmp_path)
     assert_close(results["mpi"]["loss"], baseline["loss"], rtol=1e-5)
 
 

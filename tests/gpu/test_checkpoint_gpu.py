@@ -6,8 +6,6 @@ resumed run is compared with an uninterrupted one within what that nondeterminis
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,18 +18,12 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[2]
-WORKER = REPO / "tests" / "training_worker.py"
+sys.path.insert(0, str(REPO / "tests"))
+from launching import run_worker, torchrun_command  # noqa: E402
 
 
 def launch(nproc: int, runs: dict, tmp_path: Path) -> dict[str, dict]:
-    runs_path, results_path = tmp_path / f"runs{nproc}.json", tmp_path / f"results{nproc}.json"
-    runs_path.write_text(json.dumps(runs))
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(WORKER), str(runs_path), str(results_path)]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
-    results = json.loads(results_path.read_text())
+    results = run_worker(torchrun_command(nproc), runs, tmp_path, timeout=900, name=f"runs{nproc}")
     assert all("error" not in result for result in results.values()), results
     return results
 

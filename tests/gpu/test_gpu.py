@@ -5,7 +5,6 @@ preset against bf16 over 200 steps."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +18,8 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[2]
-WORKER = REPO / "tests" / "training_worker.py"
-
-
-def environment(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    env.update(extra)
-    return env
+sys.path.insert(0, str(REPO / "tests"))
+from launching import launcher_environment, run_worker, torchrun_command  # noqa: E402
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -38,7 +32,7 @@ def test_cuda_kernels_match_the_reference_functions(name, tmp_path):
     for backend, extra in (("cuda", {}), ("reference", {"KOTOMAMBA_KERNEL_BACKEND": "reference"})):
         path = tmp_path / f"{backend}.pt"
         completed = subprocess.run([sys.executable, str(REPO / "tests/gpu/kernel_outputs.py"), name, str(path)],
-                                   env=environment(**extra), capture_output=True, text=True, timeout=600)
+                                   env=launcher_environment(**extra), capture_output=True, text=True, timeout=600)
         assert completed.returncode == 0, completed.stderr[-4000:]
         outputs[backend] = torch.load(path)
         assert outputs[backend]["backend"] == backend
@@ -69,13 +63,7 @@ def gpu_argv(tmp_path_factory, sentencepiece_model, tokenized_corpus) -> list[st
 
 
 def launch(nproc: int, runs: dict[str, list[str]], tmp_path: Path) -> dict[str, dict]:
-    runs_path, results_path = tmp_path / f"runs{nproc}.json", tmp_path / f"results{nproc}.json"
-    runs_path.write_text(json.dumps(runs))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(WORKER), str(runs_path), str(results_path)]
-    completed = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=900)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
-    return json.loads(results_path.read_text())
+    return run_worker(torchrun_command(nproc), runs, tmp_path, timeout=900, name=f"runs{nproc}")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
