@@ -360,12 +360,12 @@ def summarize_model(args: argparse.Namespace, precision: PrecisionPolicy, warnin
 
 
 def shard_group_size(strategy: str, layout: WorldLayout) -> int:
-    """Ranks one parameter is split over: all, the node (hybrid), or none (NO_SHARD)."""
-    if strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
-        return layout.world_size
-    if strategy in ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"):
-        return layout.gpus_per_node
-    return 1
+    """Ranks one parameter is split over: all, the node (hybrid), or none (NO_SHARD) — the "shard"
+    dimension of the device mesh training builds."""
+    from kotomamba.parallel import mesh_layout
+
+    shape, _ = mesh_layout(strategy, layout.world_size, layout.gpus_per_node)
+    return shape[-1]
 
 
 def estimate_memory(args: argparse.Namespace, model: ModelSummary, precision: PrecisionPolicy,

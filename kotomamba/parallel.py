@@ -67,22 +67,26 @@ class ShardedModel:
             offset += g.numel()
 
 
-def build_mesh(ctx: DistributedContext, strategy: str) -> DeviceMesh:
+def mesh_layout(strategy: str, world_size: int, processes_per_node: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The device-mesh shape and dimension names of a --sharding-strategy; parameters are split over the
+    last dimension ("shard"), replicated over the first of a 2-D mesh ("replicate")."""
     if strategy not in SHARDING_STRATEGIES:
         raise ValueError(f"--sharding-strategy {strategy!r} is not one of {', '.join(SHARDING_STRATEGIES)}")
-    device_type = ctx.device.type
     if strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
-        return init_device_mesh(device_type, (ctx.world_size,), mesh_dim_names=("shard",))
+        return (world_size,), ("shard",)
     if strategy == "NO_SHARD":
-        return init_device_mesh(device_type, (ctx.world_size, 1), mesh_dim_names=("replicate", "shard"))
-    if ctx.world_size % ctx.local_world_size:
+        return (world_size, 1), ("replicate", "shard")
+    if world_size % processes_per_node:
         raise LaunchError(
             f"--sharding-strategy {strategy} needs the same number of processes on every node: "
-            f"world size {ctx.world_size} is not a multiple of {ctx.local_world_size} per node"
+            f"world size {world_size} is not a multiple of {processes_per_node} per node"
         )
-    return init_device_mesh(
-        device_type, (ctx.num_nodes, ctx.local_world_size), mesh_dim_names=("replicate", "shard")
-    )
+    return (world_size // processes_per_node, processes_per_node), ("replicate", "shard")
+
+
+def build_mesh(ctx: DistributedContext, strategy: str) -> DeviceMesh:
+    shape, names = mesh_layout(strategy, ctx.world_size, ctx.local_world_size)
+    return init_device_mesh(ctx.device.type, shape, mesh_dim_names=names)
 
 
 def is_fp32_sensitive(name: str) -> bool:
