@@ -120,11 +120,13 @@ def run_kotomamba(case: Case, steps: int, warmup: int, data_prefix: str, config_
         "--log-interval", str(warmup + steps), *device_precision, *case.options.split(),
     ]
     times: list[float] = []
+    completed = False
     try:
         run_training(parse_args(argv), ctx, lambda state, result: times.append(time.perf_counter()))
         peak = torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else 0.0
+        completed = True
     finally:
-        shutdown_distributed()
+        shutdown_distributed(completed)
     return {"step_s": (times[-1] - times[warmup - 1]) / steps, "peak_gib": peak, "world": ctx.world_size,
             "rank": ctx.rank}
 
@@ -133,7 +135,6 @@ def run_recipe(case: Case, steps: int, warmup: int) -> dict:
     import functools
 
     import torch
-    import torch.distributed as dist
     import torch.nn.functional as F
     from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision, ShardingStrategy
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
@@ -158,8 +159,7 @@ def run_recipe(case: Case, steps: int, warmup: int) -> dict:
     times = _plain_loop(model, optimizer, case, steps, warmup, ctx.device,
                         lambda logits, labels: F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1)))
     peak = torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else 0.0
-    dist.barrier()
-    shutdown_distributed()
+    shutdown_distributed(completed=True)
     return {"step_s": times, "peak_gib": peak, "world": ctx.world_size, "rank": ctx.rank}
 
 

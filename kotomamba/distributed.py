@@ -140,9 +140,15 @@ def init_distributed(use_mpi: bool = False, device_type: str | None = None, time
     return ctx
 
 
-def shutdown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown_distributed(completed: bool = False) -> None:
+    """Destroy the process groups. `completed`: every rank finished without an error, so they first
+    meet at a barrier; no rank then tears its connections down while a peer is still using them (gloo
+    aborted the process in that race). After an error there is no barrier: a dead peer would hang it."""
+    if not dist.is_initialized():
+        return
+    if completed and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def all_ranks_agree(ok: bool, device: torch.device) -> bool:

@@ -168,10 +168,13 @@ def pretrain(args: Namespace, on_step: StepCallback | None = None) -> TrainState
     """Train as `args` say, in a process group set up from the launcher's environment."""
     ctx = init_distributed(args.use_mpi)
     setup_logging(ctx.rank)
+    completed = False
     try:
-        return run_training(args, ctx, on_step)
+        state = run_training(args, ctx, on_step)
+        completed = True
+        return state
     finally:
-        shutdown_distributed()
+        shutdown_distributed(completed)
 
 
 def run_training(args: Namespace, ctx: DistributedContext, on_step: StepCallback | None = None) -> TrainState:

@@ -13,10 +13,12 @@ TRAINING_WORKER = REPO / "tests" / "training_worker.py"
 
 
 def launcher_environment(**extra: str) -> dict[str, str]:
-    """This environment, with the repository importable and one thread per process (2 ranks share 2 cores)."""
+    """This environment, with the repository importable, one thread per process (2 ranks share 2 cores)
+    and Python stacks on a fatal signal."""
     env = dict(os.environ)
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
     env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"  # a worker that aborts in C++ still shows where its Python threads were
     env.update(extra)
     return env
 

@@ -77,6 +77,7 @@ def main() -> None:
     spec_path, results_path = sys.argv[1:3]
     spec = json.loads(Path(spec_path).read_text())
     ctx = init_distributed()
+    completed = False
     try:
         from kotomamba.kernels import select_kernel_backend
 
@@ -88,8 +89,9 @@ def main() -> None:
         results["training"] = run_configurations(spec["training"], ctx)
         if ctx.rank == 0:
             Path(results_path).write_text(json.dumps(results))
+        completed = True
     finally:
-        shutdown_distributed()
+        shutdown_distributed(completed)
 
 
 if __name__ == "__main__":

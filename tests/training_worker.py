@@ -77,13 +77,15 @@ def run_configurations(runs: dict[str, list[str] | dict], ctx: DistributedContex
 def main() -> None:
     runs_path, results_path, *rest = sys.argv[1:]
     ctx = init_distributed(use_mpi="--use-mpi" in rest)
+    completed = False
     try:
         runs = json.loads(Path(runs_path).read_text())
         results = run_configurations(runs, ctx)
         if ctx.rank == 0:
             Path(results_path).write_text(json.dumps(results))
+        completed = True
     finally:
-        shutdown_distributed()
+        shutdown_distributed(completed)
 
 
 if __name__ == "__main__":
