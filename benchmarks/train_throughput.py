@@ -66,10 +66,13 @@ def plan(name: str) -> list[Case]:
                   Case("hf", model, 1, 2048, mbs)]
     cases += [
         Case("kotomamba", "2.8b", 1, 2048, 8),
+        Case("kotomamba", "2.8b", 1, 2048, 8, "--cross-entropy-chunk-tokens 4096"),
+        Case("kotomamba", "2.8b", 1, 2048, 16, "--cross-entropy-chunk-tokens 4096"),
         Case("kotomamba", "2.8b", 2, 2048, 4), Case("kotomamba", "2.8b", 2, 2048, 8),
         Case("recipe", "2.8b", 2, 2048, 4), Case("recipe", "2.8b", 2, 2048, 8),
         Case("kotomamba", "mamba2-2.7b", 1, 2048, 4), Case("recipe", "mamba2-2.7b", 1, 2048, 4),
         Case("kotomamba", "1.4b", 1, 8192, 1), Case("kotomamba", "1.4b", 1, 16384, 1),
+        Case("kotomamba", "1.4b", 1, 16384, 1, "--cross-entropy-chunk-tokens 4096"),
     ]
     return cases
 

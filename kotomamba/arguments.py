@@ -446,6 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Recompute each Mamba block's activations in backward, trading compute for memory.",
     )
     fsdp.add_argument(
+        "--cross-entropy-chunk-tokens", type=int, default=0, metavar="N",
+        help="Compute the output layer and the loss N tokens at a time, so the full batch × sequence × "
+             "vocabulary logits (and their fp32 copy and gradient) never exist at once: saves memory for "
+             "larger micro-batches or sequences at the cost of recomputing the output layer in backward. "
+             "Same loss and gradients. Default 0: from the full logits.",
+    )
+    fsdp.add_argument(
         "--fsdp-cpu-offload", action="store_true",
         help="Keep sharded parameters (and optimizer state) in CPU memory between uses.",
     )
@@ -817,7 +824,8 @@ def _validate_numbers(args: argparse.Namespace) -> None:
         "--loss-scale-window": (args.loss_scale_window, 1), "--hysteresis": (args.hysteresis, 1),
         "--eval-interval": (args.eval_interval, 1), "--eval-iters": (args.eval_iters, 0),
         "--log-interval": (args.log_interval, 1), "--optimizer-stats-interval": (args.optimizer_stats_interval, 0),
-        "--max-consecutive-skips": (args.max_consecutive_skips, 0), "--save-interval": (args.save_interval, 1),
+        "--max-consecutive-skips": (args.max_consecutive_skips, 0),
+        "--cross-entropy-chunk-tokens": (args.cross_entropy_chunk_tokens, 0), "--save-interval": (args.save_interval, 1),
         "--keep-last-k": (args.keep_last_k, 1), "--exit-interval": (args.exit_interval, 1),
         "--dry-run-world-size": (args.dry_run_world_size, 1), "--dry-run-gpus-per-node": (args.dry_run_gpus_per_node, 1),
     }

@@ -288,24 +288,35 @@ def _layer_activation_bytes(config: MambaConfig, layer_idx: int, compute: int, r
 
 
 def activation_bytes(config: MambaConfig, micro_batch_size: int, seq_length: int, compute: int, checkpointing: bool,
-                     embedding_rows: int) -> tuple[int, str]:
+                     embedding_rows: int, loss_chunk_tokens: int = 0) -> tuple[int, str]:
     """Activation memory of one micro-batch on one GPU, and the assumptions behind it."""
     residual = 4 if config.residual_in_fp32 else compute
     layers = [_layer_activation_bytes(config, i, compute, residual, seq_length) for i in range(config.n_layer)]
     tokens = micro_batch_size * seq_length
     # Final norm and lm_head input, then the logits: compute-dtype logits, their fp32 copy for the
     # loss (log-softmax) and the fp32 gradient that backward starts from.
-    head = residual * config.d_model + compute * config.d_model + (compute + 8) * embedding_rows
+    logits_per_token = (compute + 8) * embedding_rows
+    head = residual * config.d_model + compute * config.d_model + logits_per_token
+    head_once = 0
+    if loss_chunk_tokens:
+        # kotomamba.loss keeps one fp32 log-normalizer per token; the logits exist for one chunk at a
+        # time, next to an fp32 accumulator for the output layer's gradient.
+        head = residual * config.d_model + compute * config.d_model + 4
+        head_once = min(loss_chunk_tokens, tokens) * logits_per_token + 4 * embedding_rows * config.d_model
     if checkpointing:
         # Each block keeps only its inputs (hidden states and residual); backward recomputes one block at a time.
         largest = max(layers, key=lambda layer: layer[0] * tokens + layer[1] * micro_batch_size)
         total = (tokens * (config.n_layer * (compute + residual) * config.d_model + largest[0] + head)
-                 + micro_batch_size * largest[1])
+                 + micro_batch_size * largest[1] + head_once)
         note = "activation checkpointing on: block inputs of every layer plus one recomputed layer"
     else:
-        total = tokens * (sum(layer[0] for layer in layers) + head) + micro_batch_size * sum(layer[1] for layer in layers)
+        total = (tokens * (sum(layer[0] for layer in layers) + head) + micro_batch_size * sum(layer[1] for layer in layers)
+                 + head_once)
         note = "no activation checkpointing: every layer's saved tensors"
-    note += f"; logits {(compute + 8) * embedding_rows:,} B per token"
+    if loss_chunk_tokens:
+        note += f"; logits of {min(loss_chunk_tokens, tokens):,} tokens at a time ({head_once:,} B)"
+    else:
+        note += f"; logits {logits_per_token:,} B per token"
     return total, note
 
 
@@ -334,7 +345,8 @@ def summarize_model(args: argparse.Namespace, precision: PrecisionPolicy, warnin
         sensitive = sum(p.numel() for name, p in model.named_parameters() if is_fp32_sensitive(name))
     compute = precision.compute_dtype.itemsize
     activations, activation_note = activation_bytes(
-        config, args.micro_batch_size, args.seq_length, compute, args.fsdp_activation_checkpointing, embedding_rows
+        config, args.micro_batch_size, args.seq_length, compute, args.fsdp_activation_checkpointing, embedding_rows,
+        args.cross_entropy_chunk_tokens,
     )
     if continual:
         vocab_note = f"{args.base_model}/config.json; " + (

@@ -37,11 +37,6 @@ def setup_logging(rank: int) -> None:
     logging.basicConfig(level=level, format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
 
 
-def language_model_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, computed in fp32 whatever the logits' dtype."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1))
-
-
 @dataclass
 class TrainState:
     """Progress counters; everything a resume needs besides model, optimizer and scaler state."""
@@ -195,6 +190,7 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
     from kotomamba.checkpoint import CheckpointManager, evaluation_resume_position
     from kotomamba.flops import flops_per_token, peak_flops
     from kotomamba.kernels import configure_triton_cache, select_kernel_backend
+    from kotomamba.loss import training_loss
     from kotomamba.optim import LRSchedule, apply_lr, build_optimizer, clip_grad_norm, marked_no_weight_decay_names
     from kotomamba.optimizer_stats import OptimizerStats, summary_line
     from kotomamba.parallel import parallelize
@@ -215,6 +211,7 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
         cpu_offload=args.fsdp_cpu_offload,
     )
     model = sharded.module
+    compute_loss = training_loss(model, args.cross_entropy_chunk_tokens)
     optimizer = build_optimizer(
         model, lr=args.lr, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_eps, no_decay_names=no_decay_names,
@@ -277,8 +274,7 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
             labels = batch["labels"].to(ctx.device, non_blocking=True)
             sharded.set_gradient_sync(micro_step == accumulation - 1)
             with autocast():
-                logits = model(tokens).logits
-            loss = language_model_loss(logits, labels)
+                loss = compute_loss(tokens, labels)
             scaler.scale_loss(loss / accumulation).backward()
             loss_sum += loss.detach()
         sharded.sync_replicated_gradients()

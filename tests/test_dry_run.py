@@ -263,6 +263,17 @@ def test_logits_activation_term_grows_with_the_vocabulary():
     assert large.memory.activations - small.memory.activations == 2048 * 1024 * (2 + 8)
 
 
+def test_chunked_loss_bounds_the_logits_term_by_the_chunk():
+    argv = ("--model", "130m", *NULL, "--micro-batch-size", "4", "--seq-length", "2048")
+    full = plan(dry(*argv), {})
+    chunked = plan(dry(*argv, "--cross-entropy-chunk-tokens", "1024"), {})
+    rows, d_model, tokens = full.model.embedding_rows, 768, 4 * 2048
+    logits = (2 + 8) * rows  # bf16 logits, fp32 copy and gradient, per token
+    expected_saving = tokens * (logits - 4) - (1024 * logits + 4 * rows * d_model)
+    assert full.memory.activations - chunked.memory.activations == expected_saving
+    assert "logits of 1,024 tokens at a time" in dry_run.format_plan(chunked)
+
+
 def test_cpu_offload_moves_the_sharded_state_to_host_memory():
     offloaded = _memory("--fsdp-cpu-offload")
     on_gpu = _memory()

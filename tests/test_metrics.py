@@ -289,7 +289,7 @@ def stability_runs(single_process, tiny_mamba1_config, sentencepiece_model, toke
     """Iteration 2's loss made NaN once (a spike); the same run with --skip-batch 2 2; a loss that stays
     NaN from iteration 2 on (stuck), which must stop after --max-consecutive-skips; and --skip-batch 2 2
     given to a run resumed from a checkpoint at iteration 1 (with W&B and TensorBoard)."""
-    import kotomamba.train
+    import kotomamba.loss
 
     tmp = tmp_path_factory.mktemp("stability")
     argv = training_argv(tiny_mamba1_config, sentencepiece_model, [str(tokenized_corpus)]) + [
@@ -303,7 +303,7 @@ def stability_runs(single_process, tiny_mamba1_config, sentencepiece_model, toke
         ("before_resume", resumable + ["--exit-interval", "1"], range(0)),
         ("resumed", resumable + ["--load", str(tmp / "save"), "--skip-batch", "2", "2"], range(0)),
     )
-    loss_function = kotomamba.train.language_model_loss
+    loss_function = kotomamba.loss.language_model_loss
     calls = {"count": 0, "poisoned": range(0)}
 
     def spiking_loss(logits, labels):
@@ -313,7 +313,7 @@ def stability_runs(single_process, tiny_mamba1_config, sentencepiece_model, toke
 
     runs = {}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kotomamba.train, "language_model_loss", spiking_loss)
+        patch.setattr(kotomamba.loss, "language_model_loss", spiking_loss)
         patch.setenv("WANDB_MODE", "offline")
         patch.setenv("WANDB_SILENT", "true")
         patch.delenv("WANDB_DIR", raising=False)

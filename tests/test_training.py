@@ -110,13 +110,16 @@ def test_gradient_accumulation_equals_one_large_micro_batch(base_argv, baseline,
     assert_close(runs["micro4"]["loss"], baseline["loss"], rtol=1e-5)
 
 
-def test_checkpointing_offload_and_meta_device_init_change_nothing(base_argv, baseline, single_process):
+def test_checkpointing_offload_meta_device_init_and_chunked_loss_change_nothing(base_argv, baseline, single_process):
     runs = run_in_process(
         single_process,
         checkpointing=base_argv + ["--fsdp-activation-checkpointing"],
         offload=base_argv + ["--fsdp-cpu-offload"],
         low_cpu=base_argv + ["--low-cpu-fsdp"],
+        chunked_loss=base_argv + ["--cross-entropy-chunk-tokens", "5"],  # 64 tokens per micro-batch: uneven chunks
     )
+    assert_close(runs["chunked_loss"]["loss"], baseline["loss"], rtol=1e-6)
+    assert_close(runs["chunked_loss"]["grad_norm"], baseline["grad_norm"], rtol=1e-5)
     assert runs["checkpointing"]["loss"] == pytest.approx(baseline["loss"], rel=1e-6)
     assert runs["offload"]["loss"] == pytest.approx(baseline["loss"], rel=1e-6)
     assert runs["low_cpu"]["loss"] == baseline["loss"]  # bitwise: same initial weights
@@ -124,7 +127,12 @@ def test_checkpointing_offload_and_meta_device_init_change_nothing(base_argv, ba
 
 def test_bf16_and_fp16_presets_train(base_argv, baseline, single_process):
     argv = [a for a in base_argv if a != "--fp32"] + ["--train-iters", "4"]
-    runs = run_in_process(single_process, bf16=argv + ["--bf16"], fp16=argv + ["--fp16", "--initial-loss-scale", "1024"])
+    fp16 = argv + ["--fp16", "--initial-loss-scale", "1024"]
+    runs = run_in_process(single_process, bf16=argv + ["--bf16"], fp16=fp16,
+                          fp16_chunked_loss=fp16 + ["--cross-entropy-chunk-tokens", "24"])
+    # The chunked loss under fp16 autocast and loss scaling: the same first loss, then the same curve.
+    assert runs["fp16_chunked_loss"]["loss"][0] == pytest.approx(runs["fp16"]["loss"][0], rel=1e-5)
+    assert_close(runs["fp16_chunked_loss"]["loss"], runs["fp16"]["loss"], rtol=1e-2)
     for name in ("bf16", "fp16"):
         losses = runs[name]["loss"]
         assert all(math.isfinite(loss) for loss in losses), (name, losses)
@@ -178,6 +186,8 @@ def test_two_processes_with_torchrun_match_one_process_for_every_strategy(base_a
     runs = {s: base_argv + ["--sharding-strategy", s] for s in strategies}
     runs["bf16_mixed"] = [a for a in base_argv if a != "--fp32"] + ["--bf16"]
     runs["offload"] = base_argv + ["--fsdp-cpu-offload"]
+    runs["chunked_loss"] = base_argv + ["--cross-entropy-chunk-tokens", "24"]
+    runs["bf16_chunked_loss"] = runs["bf16_mixed"] + ["--cross-entropy-chunk-tokens", "24"]
     # A base model whose embedding is smaller than the tokenizer: every rank must stop, none may hang.
     too_small = small_base_model(tmp_path / "base", vocab_size=100)
     model_flag = base_argv.index("--model")
@@ -190,6 +200,11 @@ def test_two_processes_with_torchrun_match_one_process_for_every_strategy(base_a
         assert_close(results[strategy]["grad_norm"], baseline["grad_norm"], rtol=1e-4)
     assert results["bf16_mixed"]["loss"][0] == pytest.approx(baseline["loss"][0], rel=3e-2)
     assert_close(results["offload"]["loss"], baseline["loss"], rtol=1e-5)
+    # FSDP gathers the root's parameters (tied embedding / lm_head) for the chunked loss as for forward.
+    assert_close(results["chunked_loss"]["loss"], baseline["loss"], rtol=1e-5)
+    assert_close(results["chunked_loss"]["grad_norm"], baseline["grad_norm"], rtol=1e-4)
+    assert results["bf16_chunked_loss"]["loss"][0] == pytest.approx(results["bf16_mixed"]["loss"][0], rel=1e-5)
+    assert_close(results["bf16_chunked_loss"]["loss"], results["bf16_mixed"]["loss"], rtol=1e-2)
 
 
 def mpirun_executable() -> str | None:

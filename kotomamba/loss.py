@@ -1,0 +1,110 @@
+"""The training loss: next-token cross-entropy, either from the model's full logits or computed a chunk
+of tokens at a time from the final hidden states, so that the `batch × sequence × vocabulary` logits
+(and their fp32 copy and gradient) never exist at once.
+
+The chunked form is the same function: the output layer is applied per chunk in the compute dtype,
+the log-softmax is taken in fp32 (or wider), and backward recomputes each chunk's logits (one extra output-layer
+matmul) instead of keeping them. The gradient is scaled by the incoming gradient (loss scale,
+accumulation) before it is cast to the compute dtype, as unfused backward does, so fp16 does not
+underflow.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.fsdp import register_fsdp_forward_method
+
+LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def language_model_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in fp32 whatever the logits' dtype."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1))
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype `lm_head` would run in here: autocast's when it is on, else the inputs'."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
+                compute_dtype: torch.dtype) -> torch.Tensor:
+        w = weight.to(compute_dtype)
+        wide = torch.promote_types(compute_dtype, torch.float32)
+        log_normalizers = torch.empty(hidden.size(0), dtype=wide, device=hidden.device)
+        total = torch.zeros((), dtype=wide, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.size(0), chunk_tokens):
+                stop = start + chunk_tokens
+                logits = (hidden[start:stop].to(compute_dtype) @ w.t()).to(wide)
+                log_normalizers[start:stop] = torch.logsumexp(logits, dim=-1)
+                target = logits.gather(1, labels[start:stop, None]).squeeze(1)
+                total += (log_normalizers[start:stop] - target).sum()
+        ctx.save_for_backward(hidden, weight, labels, log_normalizers)
+        ctx.chunk_tokens, ctx.compute_dtype = chunk_tokens, compute_dtype
+        return total / hidden.size(0)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        hidden, weight, labels, log_normalizers = ctx.saved_tensors
+        chunk_tokens, compute_dtype = ctx.chunk_tokens, ctx.compute_dtype
+        wide = log_normalizers.dtype
+        scale = grad_output.to(wide) / hidden.size(0)
+        w = weight.to(compute_dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if ctx.needs_input_grad[1] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.size(0), chunk_tokens):
+                stop = start + chunk_tokens
+                h = hidden[start:stop].to(compute_dtype)
+                # d loss / d logits = (softmax - one_hot) * scale
+                grad_logits = torch.exp((h @ w.t()).to(wide) - log_normalizers[start:stop, None])
+                rows = torch.arange(h.size(0), device=h.device)
+                grad_logits[rows, labels[start:stop]] -= 1
+                grad_logits = (grad_logits * scale).to(compute_dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start:stop] = grad_logits @ w
+                if grad_weight is not None:
+                    grad_weight += (grad_logits.t() @ h).to(wide)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk_tokens: int) -> torch.Tensor:
+    """`language_model_loss(hidden @ weight.T, labels)` without materializing the logits:
+    `hidden` (..., d_model), `weight` (vocabulary, d_model), `labels` (...), `chunk_tokens` tokens at a time."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    compute_dtype = _compute_dtype(hidden)
+    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1),
+                                     chunk_tokens, compute_dtype)
+
+
+def _chunked_model_loss(self: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Bound to a MambaLMHeadModel: its forward up to the final norm, then the chunked loss through its
+    (possibly tied) output layer. mamba-ssm's lm_head is a bias-free Linear."""
+    hidden = self.backbone(tokens)
+    return linear_cross_entropy(hidden, self.lm_head.weight, labels, self._loss_chunk_tokens)
+
+
+def training_loss(model: nn.Module, chunk_tokens: int = 0) -> LossFunction:
+    """`loss(tokens, labels)` for `model` (a mamba-ssm MambaLMHeadModel, FSDP-sharded or not):
+    through the full logits when `chunk_tokens` is 0, else chunked. Call it under the run's autocast."""
+    if not chunk_tokens:
+        return lambda tokens, labels: language_model_loss(model(tokens).logits, labels)
+    if getattr(model.lm_head, "bias", None) is not None:
+        raise ValueError("the chunked loss needs a bias-free lm_head, as mamba-ssm builds it")
+    model._loss_chunk_tokens = chunk_tokens
+    model.chunked_loss = _chunked_model_loss.__get__(model)
+    # FSDP all-gathers the root's parameters (embedding, final norm, lm_head) around `forward` only;
+    # this makes it do the same around our method (a no-op for an unsharded model).
+    register_fsdp_forward_method(model, "chunked_loss")
+    return model.chunked_loss
