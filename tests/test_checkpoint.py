@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -362,10 +363,21 @@ def test_resharding_async_saves_and_signals_with_two_processes(argv, ctx, refere
 
     # 2 -> 1 process.
     for name in ("save2", "save2_full"):
-        assert json.loads((out / name / "iter_0000002" / "checkpoint.json").read_text())["world_size"] == 2
+        saved = out / name / "iter_0000002"
+        assert json.loads((saved / "checkpoint.json").read_text())["world_size"] == 2
+        # Both ranks checksummed a share of the files; the merged record covers every file.
+        assert json.loads((saved / "checksums.json").read_text()) == independent_checksums(saved)
+        assert {"rng/rank_00000.pt", "rng/rank_00001.pt"} <= set(independent_checksums(saved))
         resumed = run(ctx, argv + ["--load", str(out / name)])
         assert resumed["iteration"] == [3, 4]
         assert_close(resumed["loss"], reference["loss"][2:])
+
+
+def independent_checksums(checkpoint_dir: Path) -> dict[str, dict]:
+    """Size and CRC32 of every file but checksums.json, computed here without kotomamba."""
+    return {str(path.relative_to(checkpoint_dir)): {"bytes": path.stat().st_size,
+                                                    "crc32": f"{zlib.crc32(path.read_bytes()):08x}"}
+            for path in checkpoint_dir.rglob("*") if path.is_file() and path.name != "checksums.json"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -384,6 +396,10 @@ def _garbage(path: Path) -> None:
     path.write_bytes(os.urandom(4096))
 
 
+def _same_size_garbage(path: Path) -> None:
+    path.write_bytes(os.urandom(path.stat().st_size))
+
+
 def _custom_object(path: Path) -> None:
     torch.save({"model": {}, "optimizer": {}, "note": NotATensor()}, path)
 
@@ -392,9 +408,19 @@ def _no_model_state(path: Path) -> None:
     torch.save({"weights": torch.zeros(1)}, path)
 
 
-@pytest.mark.parametrize("checkpoint_type, damaged, damage, named", [
+def _flip_one_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+# `named_by_reader`: what the error names when checksums.json was written after the damage (a file
+# written wrong, a checkpoint of an older version): the readers themselves must still say which file.
+@pytest.mark.parametrize("checksums", ["recorded at save", "recomputed after the damage"])
+@pytest.mark.parametrize("checkpoint_type, damaged, damage, named_by_reader", [
     ("SHARDED_STATE_DICT", "state/__0_0.distcp", _truncate, "__0_0.distcp"),
-    ("SHARDED_STATE_DICT", "state/.metadata", _garbage, "state"),
+    ("SHARDED_STATE_DICT", "state/__0_0.distcp", _same_size_garbage, "state"),  # DCP does not say which shard
+    ("SHARDED_STATE_DICT", "state/.metadata", _garbage, ".metadata"),
     ("FULL_STATE_DICT", "state.pt", _truncate, "state.pt"),
     ("FULL_STATE_DICT", "state.pt", _garbage, "state.pt"),
     ("FULL_STATE_DICT", "state.pt", _custom_object, "state.pt"),
@@ -403,10 +429,15 @@ def _no_model_state(path: Path) -> None:
     ("FULL_STATE_DICT", "checkpoint.json", _garbage, "checkpoint.json"),
 ])
 def test_damaged_checkpoint_is_refused_naming_the_file(argv, ctx, interrupted, tmp_path, checkpoint_type, damaged,
-                                                      damage, named):
+                                                      damage, named_by_reader, checksums):
     copy = tmp_path / "save"
     shutil.copytree(interrupted[checkpoint_type], copy)
-    damage(copy / "iter_0000002" / damaged)
+    checkpoint_dir = copy / "iter_0000002"
+    damage(checkpoint_dir / damaged)
+    named = Path(damaged).name
+    if checksums == "recomputed after the damage":  # (checkpoint.json is read, and refused, before them)
+        (checkpoint_dir / "checksums.json").write_text(json.dumps(independent_checksums(checkpoint_dir)))
+        named = named_by_reader
     if checkpoint_type == "FULL_STATE_DICT":
         argv = argv + ["--checkpoint-type", "FULL_STATE_DICT"]
     result = run(ctx, argv + ["--load", str(copy)])
@@ -415,8 +446,38 @@ def test_damaged_checkpoint_is_refused_naming_the_file(argv, ctx, interrupted, t
     with pytest.raises(checkpoint_module.TrainingCheckpointError) as refused:
         load_model_from_checkpoint(str(copy), torch.device("cpu"))
     assert named in str(refused.value) and "\n" not in str(refused.value)
-    if damage is _custom_object:
+    if checksums == "recorded at save" and damaged != "checkpoint.json":
+        assert f"{damaged} is damaged" in result["error"], result["error"]
+    if damage is _custom_object and checksums != "recorded at save":
         assert "arbitrary unpickling" in result["error"] and "arbitrary unpickling" in str(refused.value)
+
+
+@pytest.mark.parametrize("checkpoint_type", ["SHARDED_STATE_DICT", "FULL_STATE_DICT"])
+def test_checksums_cover_every_file_and_catch_a_flipped_bit(argv, ctx, interrupted, tmp_path, checkpoint_type):
+    """A single flipped bit in the model state loads without any reader noticing; the checksum does."""
+    saved = interrupted[checkpoint_type] / "iter_0000002"
+    assert json.loads((saved / "checksums.json").read_text()) == independent_checksums(saved)
+    copy = tmp_path / "save"
+    shutil.copytree(interrupted[checkpoint_type], copy)
+    state = next(p for p in sorted((copy / "iter_0000002").rglob("*")) if p.suffix in (".distcp", ".pt")
+                 and "rng" not in p.parts)
+    _flip_one_bit(state)
+    argv = argv + ["--checkpoint-type", checkpoint_type]
+    result = run(ctx, argv + ["--load", str(copy)])
+    relative = state.relative_to(copy / "iter_0000002")
+    assert f"{relative} is damaged: its CRC32 is" in result.get("error", ""), result
+    with pytest.raises(checkpoint_module.TrainingCheckpointError, match=f"{relative} is damaged"):
+        load_model_from_checkpoint(str(copy), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage"])
+def test_missing_or_damaged_checksums_file_is_refused(argv, ctx, interrupted, tmp_path, damage):
+    copy = tmp_path / "save"
+    shutil.copytree(interrupted["SHARDED_STATE_DICT"], copy)
+    checksums = copy / "iter_0000002" / "checksums.json"
+    checksums.unlink() if damage == "missing" else checksums.write_bytes(os.urandom(64))
+    result = run(ctx, argv + ["--load", str(copy)])
+    assert "checksums.json" in result.get("error", "") and "\n" not in result["error"], result
 
 
 def test_damaged_rng_state_is_refused_naming_the_file(argv, ctx, interrupted, tmp_path):
