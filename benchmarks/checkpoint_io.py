@@ -5,7 +5,7 @@ and how long a save blocks training (synchronous against --async-save), on the C
     python benchmarks/checkpoint_io.py --model 130m --no-write
 
 The saves and loads are kotomamba.checkpoint.CheckpointManager's own code paths (`_save_sharded`,
-`_save_full`, `_load_model_and_optimizer`) on a world of one process (gloo), with fp32 weights and
+`_save_full`, `_write_checksums`, `_load_model_and_optimizer`) on a world of one process (gloo), with fp32 weights and
 AdamW moments of every parameter. "Blocks training" is the time until the save call returns: what
 `after_iteration` waits for, apart from a few milliseconds writing checkpoint.json and the RNG files.
 With --async-save the rest is written in the background. The model is not FSDP-wrapped: on one
@@ -84,11 +84,15 @@ def run_case(manager: Any, checkpoint_type: str, directory: Path) -> dict[str, f
     saved = time.perf_counter() - started
     size = directory_bytes(directory)
     started = time.perf_counter()
+    error = manager._write_checksums(directory)
+    assert error is None, error
+    checksummed = time.perf_counter() - started
+    started = time.perf_counter()
     manager._load_model_and_optimizer(directory, {"checkpoint_type": checkpoint_type, "has_optimizer_state": True})
     loaded = time.perf_counter() - started
     if manager._writer is not None:
         manager._writer.shutdown()
-    return {"blocked": blocked, "save": saved, "load": loaded, "bytes": size}
+    return {"blocked": blocked, "save": saved, "checksums": checksummed, "load": loaded, "bytes": size}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,12 +122,13 @@ def main(argv: list[str] | None = None) -> None:
             result = run_case(manager, checkpoint_type, root / label.replace(" ", "_"))
             shutil.rmtree(root / label.replace(" ", "_"))
             print(label, result, flush=True)
-            rows.append([f"`{label}`", f"{result['blocked']:.1f}", f"{result['save']:.1f}", f"{result['load']:.1f}",
+            rows.append([f"`{label}`", f"{result['blocked']:.1f}", f"{result['save']:.1f}", f"{result['checksums']:.1f}",
+                         f"{result['load']:.1f}",
                          f"{result['bytes'] / 1e9:.2f}", f"{result['bytes'] / 1e9 / result['save']:.2f}"])
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutdown_distributed()
-    table = markdown_table(["checkpoint", "blocks training (s)", "save (s)", "load (s)", "size (GB)", "save GB/s"], rows)
+    table = markdown_table(["checkpoint", "blocks training (s)", "save (s)", "checksums (s)", "load (s)", "size (GB)", "save GB/s"], rows)
     body = (
         f"Preset `{args.model}` (Mamba-1, vocab {VOCAB}): {count_parameters(model) / 1e6:.0f}M parameters, "
         f"fp32 weights + AdamW moments = {state_bytes / 1e9:.2f} GB of state, on the CPU in one process "
@@ -133,7 +138,11 @@ def main(argv: list[str] | None = None) -> None:
         "milliseconds for checkpoint.json and the RNG files). With `--async-save` the state is copied to host "
         "memory (sharded: torch.distributed.checkpoint's staging; FULL: a clone) and written by a background "
         "thread, so training resumes after the copy; without it, after the write. *save*: until the files are "
-        "written. *load*: reading back into the model and optimizer as a resume does (`FULL_STATE_DICT` "
+        "written. *checksums*: CRC32 of every file (checksums.json), taken once all ranks have written and "
+        "before publishing, and again to verify a checkpoint before a resume reads it. It adds to what a save "
+        "blocks: a synchronous save blocks for save + checksums, an asynchronous one for the copy and then, "
+        "when the next save or the end of the run waits for it, the checksums. With N ranks each checksums 1/N "
+        "of the files (here one process hashes all of them, about 1 GB/s). *load*: reading back into the model and optimizer as a resume does (`FULL_STATE_DICT` "
         "memory-maps `state.pt`). torch.distributed.checkpoint fsyncs its files, while `state.pt` is written by "
         "`torch.save` without an fsync, so part of the FULL save time is spent only reaching the page cache; the "
         "sharded format also stores the tied `lm_head.weight` (a second copy of the embedding). Recently written "

@@ -93,3 +93,19 @@ def test_fp16_preset_trains_200_steps_like_bf16_without_spikes(gpu_argv, tmp_pat
             assert loss < best + 0.5, f"fp16 loss spike at iteration {i + 1}: {loss} after best {best}"
         best = min(best, loss)
     assert abs(sum(fp16["loss"][-10:]) - sum(bf16["loss"][-10:])) / 10 < 0.1
+
+
+def test_chunked_loss_trains_like_the_full_logits_loss(gpu_argv, tmp_path):
+    """--cross-entropy-chunk-tokens with the real kernels, bf16 and fp16 (loss scaling): the same curve."""
+    runs = {}
+    for precision in ("bf16", "fp16"):
+        argv = gpu_argv + [f"--{precision}", "--train-iters", "30"]
+        runs[precision] = argv
+        runs[f"{precision}_chunked"] = argv + ["--cross-entropy-chunk-tokens", "384"]  # 1024 tokens: uneven chunks
+    results = launch(1, runs, tmp_path)
+    for precision in ("bf16", "fp16"):
+        full, chunked = results[precision]["loss"], results[f"{precision}_chunked"]["loss"]
+        print(json.dumps({precision: {"first": [full[0], chunked[0]], "last": [full[-1], chunked[-1]]}}))
+        assert len(full) == len(chunked) == 30
+        assert abs(full[0] - chunked[0]) < 1e-3 * full[0]  # the same weights: only rounding differs
+        assert max(abs(a - b) for a, b in zip(full, chunked)) < 0.05
