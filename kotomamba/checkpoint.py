@@ -33,7 +33,7 @@ intact. ``--keep-last-k`` deletes only complete, older checkpoints, never the on
 Damage after publishing (a truncated or overwritten shard, a flipped bit) is caught before loading:
 every file's size and CRC32 are recorded in ``checksums.json``, computed by all ranks in parallel (each
 a share of the files) once every rank has written, and verified the same way when a run resumes; the
-error names the file. CRC32 runs at about 3 GB/s per core.
+error names the file. Cost: about 1 GB/s per rank (docs/benchmarks.md, checkpoint_io).
 
 Resume rules (also in README "Checkpoints and export"):
 
