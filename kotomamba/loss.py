@@ -17,12 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import register_fsdp_forward_method
 
-LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# loss(tokens, labels, reduction="mean"): the mean over all tokens, or with reduction="none" each
+# token's loss in the shape of `labels` (evaluation).
+LossFunction = Callable[..., torch.Tensor]
 
 
-def language_model_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, computed in fp32 whatever the logits' dtype."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1))
+def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy, computed in fp32 whatever the logits' dtype: the mean, or per token."""
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), reduction=reduction)
+    return loss.view(labels.shape) if reduction == "none" else loss
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -88,18 +91,40 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                                      chunk_tokens, compute_dtype)
 
 
-def _chunked_model_loss(self: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+@torch.no_grad()
+def per_token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            chunk_tokens: int) -> torch.Tensor:
+    """Each token's loss (shape of `labels`), `chunk_tokens` at a time, without gradients (evaluation)."""
+    compute_dtype = _compute_dtype(hidden)
+    flat_hidden, flat_labels = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
+    w = weight.to(compute_dtype)
+    losses = torch.empty(flat_labels.shape, dtype=torch.promote_types(compute_dtype, torch.float32),
+                         device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, flat_labels.numel(), chunk_tokens):
+            stop = start + chunk_tokens
+            logits = (flat_hidden[start:stop].to(compute_dtype) @ w.t()).to(losses.dtype)
+            target = logits.gather(1, flat_labels[start:stop, None]).squeeze(1)
+            losses[start:stop] = torch.logsumexp(logits, dim=-1) - target
+    return losses.view(labels.shape)
+
+
+def _chunked_model_loss(self: nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
+                        reduction: str = "mean") -> torch.Tensor:
     """Bound to a MambaLMHeadModel: its forward up to the final norm, then the chunked loss through its
     (possibly tied) output layer. mamba-ssm's lm_head is a bias-free Linear."""
     hidden = self.backbone(tokens)
+    if reduction == "none":
+        return per_token_cross_entropy(hidden, self.lm_head.weight, labels, self._loss_chunk_tokens)
     return linear_cross_entropy(hidden, self.lm_head.weight, labels, self._loss_chunk_tokens)
 
 
 def training_loss(model: nn.Module, chunk_tokens: int = 0) -> LossFunction:
-    """`loss(tokens, labels)` for `model` (a mamba-ssm MambaLMHeadModel, FSDP-sharded or not):
-    through the full logits when `chunk_tokens` is 0, else chunked. Call it under the run's autocast."""
+    """`loss(tokens, labels, reduction="mean")` for `model` (a mamba-ssm MambaLMHeadModel, FSDP-sharded
+    or not): through the full logits when `chunk_tokens` is 0, else chunked (training and evaluation).
+    Call it under the run's autocast."""
     if not chunk_tokens:
-        return lambda tokens, labels: language_model_loss(model(tokens).logits, labels)
+        return lambda tokens, labels, reduction="mean": language_model_loss(model(tokens).logits, labels, reduction)
     if getattr(model.lm_head, "bias", None) is not None:
         raise ValueError("the chunked loss needs a bias-free lm_head, as mamba-ssm builds it")
     model._loss_chunk_tokens = chunk_tokens

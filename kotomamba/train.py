@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from kotomamba import arguments, metrics
 from kotomamba.distributed import DistributedContext, all_ranks_agree, init_distributed, shutdown_distributed
+from kotomamba.loss import LossFunction, training_loss
 from kotomamba.sinks import MetricLogger
 
 logger = logging.getLogger("kotomamba")
@@ -110,8 +110,8 @@ def build_datasets(args: Namespace, min_train_samples: int = 0):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterator[dict], num_micro_batches: int, ctx: DistributedContext,
-             autocast) -> dict[str, float]:
+def evaluate(model: nn.Module, compute_loss: LossFunction, batches: Iterator[dict], num_micro_batches: int,
+             ctx: DistributedContext, autocast) -> dict[str, float]:
     """Mean loss over `num_micro_batches` micro-batches per rank, reduced across ranks; per blend
     component as well (`loss/dataset<i>`, in --*-data-path order)."""
     model.eval()
@@ -121,9 +121,7 @@ def evaluate(model: nn.Module, batches: Iterator[dict], num_micro_batches: int, 
         batch = next(batches)
         tokens, labels = batch["tokens"].to(ctx.device), batch["labels"].to(ctx.device)
         with autocast():
-            logits = model(tokens).logits
-        per_token = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), reduction="none")
-        per_sample = per_token.view(labels.shape).sum(dim=1).double()
+            per_sample = compute_loss(tokens, labels, reduction="none").sum(dim=1).double()
         total[0] += per_sample.sum()
         total[1] += labels.numel()
         for dataset_id, loss_sum in zip(batch.get("dataset_id", torch.zeros(0)).tolist(), per_sample):
@@ -190,7 +188,6 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
     from kotomamba.checkpoint import CheckpointManager, evaluation_resume_position
     from kotomamba.flops import flops_per_token, peak_flops
     from kotomamba.kernels import configure_triton_cache, select_kernel_backend
-    from kotomamba.loss import training_loss
     from kotomamba.optim import LRSchedule, apply_lr, build_optimizer, clip_grad_norm, marked_no_weight_decay_names
     from kotomamba.optimizer_stats import OptimizerStats, summary_line
     from kotomamba.parallel import parallelize
@@ -347,7 +344,7 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
 
         if valid_batches is not None and iteration % args.eval_interval == 0:
             with meter.paused():  # evaluation time is not training time
-                evaluation = evaluate(model, valid_batches, args.eval_iters * accumulation, ctx, autocast)
+                evaluation = evaluate(model, compute_loss, valid_batches, args.eval_iters * accumulation, ctx, autocast)
             state.consumed_valid_samples += args.eval_iters * args.global_batch_size
             values = metrics.evaluation_metrics("valid", evaluation, valid_names)
             metric_logger.log(iteration, values, metrics.format_evaluation_line("valid", iteration, values))
@@ -361,7 +358,7 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
     checkpointer.finish(state)  # the final checkpoint, and any background write completed
     if evaluating and test_ds is not None and not checkpointer.exited:
         test_batches = cycle(data_lib.build_loader(test_ds, 0, **loader_options))
-        evaluation = evaluate(model, test_batches, args.eval_iters * accumulation, ctx, autocast)
+        evaluation = evaluate(model, compute_loss, test_batches, args.eval_iters * accumulation, ctx, autocast)
         values = metrics.evaluation_metrics("test", evaluation, test_names)
         metric_logger.log(state.iteration, values, metrics.format_evaluation_line("test", state.iteration, values))
     return state

@@ -102,7 +102,12 @@ def test_the_real_model_gets_the_same_loss_and_gradients(config_fixture, request
         loss = training_loss(model, chunk_tokens)(tokens, labels)
         loss.backward()
         results[chunk_tokens] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
-    (full_loss, full_grads), (chunked_loss, chunked_grads) = results[0], results[6]
+        per_token = training_loss(model, chunk_tokens)(tokens, labels, reduction="none")
+        results[chunk_tokens] += (per_token,)
+    (full_loss, full_grads, full_per_token), (chunked_loss, chunked_grads, chunked_per_token) = results[0], results[6]
+    assert chunked_per_token.shape == labels.shape  # evaluation's per-token losses, also chunked
+    torch.testing.assert_close(chunked_per_token, full_per_token, rtol=1e-5, atol=1e-6)
+    assert full_per_token.mean().item() == pytest.approx(full_loss, rel=1e-6)
     assert chunked_loss == pytest.approx(full_loss, rel=1e-6)
     assert model.lm_head.weight is model.backbone.embedding.weight
     for name, grad in full_grads.items():

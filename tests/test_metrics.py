@@ -306,7 +306,9 @@ def stability_runs(single_process, tiny_mamba1_config, sentencepiece_model, toke
     loss_function = kotomamba.loss.language_model_loss
     calls = {"count": 0, "poisoned": range(0)}
 
-    def spiking_loss(logits, labels):
+    def spiking_loss(logits, labels, reduction="mean"):
+        if reduction != "mean":  # evaluation
+            return loss_function(logits, labels, reduction)
         calls["count"] += 1
         loss = loss_function(logits, labels)
         return loss + float("nan") if calls["count"] in calls["poisoned"] else loss

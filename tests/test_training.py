@@ -125,6 +125,19 @@ def test_checkpointing_offload_meta_device_init_and_chunked_loss_change_nothing(
     assert runs["low_cpu"]["loss"] == baseline["loss"]  # bitwise: same initial weights
 
 
+def test_chunked_loss_also_evaluates_like_the_full_logits(base_argv, single_process, tmp_path):
+    """Validation with --cross-entropy-chunk-tokens: per-token losses a chunk at a time, the same figures."""
+    from kotomamba import plot
+
+    runs = {name: base_argv + ["--eval-interval", "3", "--eval-iters", "2", "--tensorboard-dir", str(tmp_path / name),
+                               *extra]
+            for name, extra in (("full", []), ("chunked", ["--cross-entropy-chunk-tokens", "5"]))}
+    run_in_process(single_process, **runs)
+    full, chunked = (plot.read_tensorboard(tmp_path / name) for name in runs)
+    assert set(full["valid/loss"]) == set(chunked["valid/loss"]) == {3}
+    assert chunked["valid/loss"][3] == pytest.approx(full["valid/loss"][3], rel=1e-6)
+
+
 def test_bf16_and_fp16_presets_train(base_argv, baseline, single_process):
     argv = [a for a in base_argv if a != "--fp32"] + ["--train-iters", "4"]
     fp16 = argv + ["--fp16", "--initial-loss-scale", "1024"]
@@ -246,3 +259,4 @@ def test_global_batch_that_does_not_divide_is_refused(base_argv, capsys):
 def test_unknown_flag_is_refused(base_argv, capsys):
     code, err = run_pretrain(base_argv + ["--learning-rate", "1"], capsys)
     assert code == 2 and "--learning-rate" in err
+
