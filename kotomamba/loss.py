@@ -36,24 +36,31 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return hidden.dtype
 
 
+def _token_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
+                  compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token losses and log-normalizers (logsumexp of the logits) of flat `hidden` (tokens, d_model)
+    and `labels` (tokens,), in fp32 or wider, the logits computed `chunk_tokens` rows at a time."""
+    w = weight.to(compute_dtype)
+    wide = torch.promote_types(compute_dtype, torch.float32)
+    losses = torch.empty(labels.shape, dtype=wide, device=hidden.device)
+    log_normalizers = torch.empty_like(losses)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, labels.numel(), chunk_tokens):
+            stop = start + chunk_tokens
+            logits = (hidden[start:stop].to(compute_dtype) @ w.t()).to(wide)
+            log_normalizers[start:stop] = torch.logsumexp(logits, dim=-1)
+            losses[start:stop] = log_normalizers[start:stop] - logits.gather(1, labels[start:stop, None]).squeeze(1)
+    return losses, log_normalizers
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
                 compute_dtype: torch.dtype) -> torch.Tensor:
-        w = weight.to(compute_dtype)
-        wide = torch.promote_types(compute_dtype, torch.float32)
-        log_normalizers = torch.empty(hidden.size(0), dtype=wide, device=hidden.device)
-        total = torch.zeros((), dtype=wide, device=hidden.device)
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.size(0), chunk_tokens):
-                stop = start + chunk_tokens
-                logits = (hidden[start:stop].to(compute_dtype) @ w.t()).to(wide)
-                log_normalizers[start:stop] = torch.logsumexp(logits, dim=-1)
-                target = logits.gather(1, labels[start:stop, None]).squeeze(1)
-                total += (log_normalizers[start:stop] - target).sum()
+        losses, log_normalizers = _token_losses(hidden, weight, labels, chunk_tokens, compute_dtype)
         ctx.save_for_backward(hidden, weight, labels, log_normalizers)
         ctx.chunk_tokens, ctx.compute_dtype = chunk_tokens, compute_dtype
-        return total / hidden.size(0)
+        return losses.sum() / hidden.size(0)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -95,17 +102,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 def per_token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                             chunk_tokens: int) -> torch.Tensor:
     """Each token's loss (shape of `labels`), `chunk_tokens` at a time, without gradients (evaluation)."""
-    compute_dtype = _compute_dtype(hidden)
-    flat_hidden, flat_labels = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
-    w = weight.to(compute_dtype)
-    losses = torch.empty(flat_labels.shape, dtype=torch.promote_types(compute_dtype, torch.float32),
-                         device=hidden.device)
-    with torch.autocast(hidden.device.type, enabled=False):
-        for start in range(0, flat_labels.numel(), chunk_tokens):
-            stop = start + chunk_tokens
-            logits = (flat_hidden[start:stop].to(compute_dtype) @ w.t()).to(losses.dtype)
-            target = logits.gather(1, flat_labels[start:stop, None]).squeeze(1)
-            losses[start:stop] = torch.logsumexp(logits, dim=-1) - target
+    losses, _ = _token_losses(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1), chunk_tokens,
+                              _compute_dtype(hidden))
     return losses.view(labels.shape)
 
 
