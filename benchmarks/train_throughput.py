@@ -54,7 +54,8 @@ class Case:
 
 def plan(name: str) -> list[Case]:
     if name == "tiny":  # FSDP1, hence the recipe, needs a GPU
-        return [Case(r, "tiny", 1, 64, 2) for r in ("kotomamba", "hf")]
+        return [Case(r, "tiny", 1, 64, 2) for r in ("kotomamba", "hf")] + [
+            Case("kotomamba", "tiny", 1, 64, 2, "--cross-entropy-chunk-tokens 32")]
     if name == "quick":
         return [
             Case("kotomamba", "2.8b", 1, 2048, 4),
