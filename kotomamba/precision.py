@@ -31,11 +31,11 @@ the parameter dtype is not fp32. ``FP32_PARAMETER_NAMES`` lists the names.
 from __future__ import annotations
 
 import contextlib
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 FP32_PARAMETER_NAMES = ("A_log", "D", "dt_bias")
@@ -152,38 +152,26 @@ def autocast_context(policy: PrecisionPolicy, device_type: str):
     return torch.autocast(device_type=device_type, dtype=policy.compute_dtype)
 
 
-def _found_non_finite_and_unscale(
-    parameters: Iterable[torch.Tensor], inverse_scale: float | None, process_group
-) -> bool:
-    """Unscale gradients in place (when ``inverse_scale`` is given) and agree on non-finite values.
-
-    Works on each gradient's local shard: every rank checks its own shard, then a MAX all-reduce
-    of the flag makes every rank take the same decision.
-    """
-    local_grads = []
+def _unscale_gradients(parameters: Iterable[torch.Tensor], inverse_scale: float) -> None:
+    """Multiply every gradient (each rank its local shard) by ``inverse_scale``: one fused multiply per
+    device and dtype instead of one kernel per tensor."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
     for parameter in parameters:
         grad = parameter.grad
         if grad is not None:
-            local_grads.append(grad.to_local() if isinstance(grad, DTensor) else grad)
-    device = local_grads[0].device if local_grads else torch.device("cpu")
-    found_inf = torch.zeros((), dtype=torch.float32, device=device)
-    for grad in local_grads:
-        if inverse_scale is not None:
-            grad.mul_(inverse_scale)
-        found_inf = torch.maximum(found_inf, (~torch.isfinite(grad)).any().float().to(device))
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_backend(process_group) == "nccl" and device.type != "cuda":
-            found_inf = found_inf.cuda()
-        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=process_group)
-    return bool(found_inf.item() > 0)
+            local = grad.to_local() if isinstance(grad, DTensor) else grad
+            groups[(local.device, local.dtype)].append(local)
+    for grads in groups.values():
+        torch._foreach_mul_(grads, inverse_scale)
 
 
 class DynamicLossScaler:
     """Megatron's ``DynamicGradScaler`` for fp16 training.
 
-    Multiply the loss by ``scale`` before backward; ``unscale_and_check`` divides the gradients by
-    ``scale`` and reports (identically on every rank) whether any is inf/nan, in which case the loop
-    skips ``optimizer.step()``. ``update(found_inf)``: every overflow resets the growth counter and
+    Multiply the loss by ``scale`` before backward; ``unscale_`` divides the gradients by ``scale``.
+    Whether a gradient overflowed the loop learns from the global gradient norm, which it computes
+    anyway: one inf/nan on any rank makes it non-finite on every rank; the step is then skipped.
+    ``update(overflow)``: every overflow resets the growth counter and
     uses up one unit of ``hysteresis``; once hysteresis is used up each further overflow multiplies
     the scale by ``backoff_factor`` (not below ``min_scale``). After ``growth_interval`` clean steps
     in a row the scale grows by ``growth_factor`` and hysteresis is refilled.
@@ -223,12 +211,12 @@ class DynamicLossScaler:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale
 
-    def unscale_and_check(self, parameters: Iterable[torch.Tensor], process_group=None) -> bool:
-        """Divide gradients by ``scale`` in place; True when any rank saw an inf/nan gradient."""
-        return _found_non_finite_and_unscale(parameters, 1.0 / self.scale, process_group)
+    def unscale_(self, parameters: Iterable[torch.Tensor]) -> None:
+        """Divide the gradients by ``scale`` in place."""
+        _unscale_gradients(parameters, 1.0 / self.scale)
 
-    def update(self, found_inf: bool) -> None:
-        if found_inf:
+    def update(self, overflow: bool) -> None:
+        if overflow:
             self._growth_tracker = 0
             self._hysteresis_tracker -= 1
             if self._hysteresis_tracker <= 0:
@@ -256,18 +244,18 @@ class DynamicLossScaler:
 
 
 class NoLossScaler:
-    """Same surface as ``DynamicLossScaler`` for bf16/fp32: scale 1, gradients untouched, but
-    non-finite gradients are still detected on all ranks so the loop can skip the step."""
+    """Same surface as ``DynamicLossScaler`` for bf16/fp32: scale 1, gradients untouched. (Non-finite
+    gradients still skip the step: the loop checks the global gradient norm.)"""
 
     scale = 1.0
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss
 
-    def unscale_and_check(self, parameters: Iterable[torch.Tensor], process_group=None) -> bool:
-        return _found_non_finite_and_unscale(parameters, None, process_group)
+    def unscale_(self, parameters: Iterable[torch.Tensor]) -> None:
+        """Nothing to undo."""
 
-    def update(self, found_inf: bool) -> None:
+    def update(self, overflow: bool) -> None:
         """Nothing to adapt."""
 
     def state_dict(self) -> dict:

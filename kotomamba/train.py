@@ -277,9 +277,11 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
         sharded.sync_replicated_gradients()
         dist.all_reduce(loss_sum)
         mean_loss = loss_sum.item() / (accumulation * ctx.world_size)
-        found_inf = scaler.unscale_and_check(parameters)
+        scaler.unscale_(parameters)
         grad_norm = clip_grad_norm(parameters, args.grad_clip_norm).item()
-        skipped = found_inf or not math.isfinite(grad_norm) or not math.isfinite(mean_loss)
+        # The norm is reduced over every shard and rank: one inf/nan gradient anywhere (an fp16 overflow)
+        # makes it non-finite everywhere, so every rank skips the same steps.
+        skipped = not math.isfinite(grad_norm) or not math.isfinite(mean_loss)
         if not skipped:
             optimizer.step()
         loss_scale = scaler.scale

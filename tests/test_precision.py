@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 
 import pytest
 import torch
@@ -112,13 +113,14 @@ def test_loss_scaler_backoff_with_hysteresis_and_min_scale():
     assert scaler.scale == 4.0
 
 
-def test_loss_scaler_unscale_and_skip():
+def test_loss_scaler_unscales_every_gradient():
     scaler = DynamicLossScaler(initial_scale=4.0)
-    parameters = [_parameter_with_grad([4.0, -8.0]), _parameter_with_grad([2.0])]
-    assert scaler.unscale_and_check(parameters) is False
+    parameters = [_parameter_with_grad([4.0, -8.0]), _parameter_with_grad([2.0]),
+                  nn.Parameter(torch.zeros(2, dtype=torch.float64))]
+    parameters[2].grad = torch.tensor([8.0, 12.0], dtype=torch.float64)  # another dtype: another fused group
+    scaler.unscale_(parameters)
     assert parameters[0].grad.tolist() == [1.0, -2.0] and parameters[1].grad.tolist() == [0.5]
-    parameters = [_parameter_with_grad([4.0]), _parameter_with_grad([float("inf")])]
-    assert scaler.unscale_and_check(parameters) is True
+    assert parameters[2].grad.tolist() == [2.0, 3.0]
 
 
 def test_loss_scaler_state_dict_round_trip_and_megatron_tensor_scale():
@@ -142,23 +144,24 @@ def test_loss_scaler_rejects_bad_settings(kwargs):
         DynamicLossScaler(**kwargs)
 
 
-def test_no_loss_scaler_detects_nan_without_touching_grads():
+def test_no_loss_scaler_leaves_gradients_alone():
     scaler = NoLossScaler()
     loss = torch.tensor(2.5)
     assert scaler.scale_loss(loss) is loss and scaler.scale == 1.0
     parameters = [_parameter_with_grad([3.0]), _parameter_with_grad([float("nan")])]
-    assert scaler.unscale_and_check(parameters) is True
+    scaler.unscale_(parameters)
     assert parameters[0].grad.tolist() == [3.0]
-    assert scaler.unscale_and_check([_parameter_with_grad([3.0])]) is False
 
 
-def _found_inf_worker(rank: int, world_size: int, init_file: str, result_file: str) -> None:
+def _overflow_worker(rank: int, world_size: int, init_file: str, result_file: str) -> None:
     torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool (as DataLoader workers)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
         timeout=datetime.timedelta(seconds=60),
     )
     from torch.distributed.fsdp import fully_shard
+
+    from kotomamba.optim import clip_grad_norm
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
@@ -167,37 +170,31 @@ def _found_inf_worker(rank: int, world_size: int, init_file: str, result_file: s
     full_before = [p.grad.full_tensor().clone() for p in model.parameters()]
 
     scaler = DynamicLossScaler(initial_scale=8.0)
-    clean_found_inf = scaler.unscale_and_check(model.parameters())
+    scaler.unscale_(model.parameters())
     full_after = [p.grad.full_tensor() for p in model.parameters()]
     unscaled = all(torch.allclose(a, b / 8.0) for a, b in zip(full_after, full_before))
+    clean_norm = float(clip_grad_norm(model.parameters(), max_norm=None))
 
-    if rank == 1:  # only this rank's shard overflows
-        next(model.parameters()).grad.to_local()[0].fill_(float("inf"))
-    scaled_found_inf = scaler.unscale_and_check(model.parameters())
-    if rank == 1:
-        next(model.parameters()).grad.to_local()[0].fill_(float("nan"))
-    unscaled_found_inf = NoLossScaler().unscale_and_check(model.parameters())
-    torch.save(
-        {
-            "clean": clean_found_inf,
-            "unscaled": unscaled,
-            "scaled_found_inf": scaled_found_inf,
-            "no_scaler_found_inf": unscaled_found_inf,
-        },
-        f"{result_file}.{rank}",
-    )
+    norms = {}
+    for bad in ("inf", "nan"):
+        if rank == 1:  # only this rank's shard overflows
+            next(model.parameters()).grad.to_local()[0].fill_(float(bad))
+        norms[bad] = float(clip_grad_norm(model.parameters(), max_norm=1.0))
+    torch.save({"unscaled": unscaled, "clean_norm": clean_norm, "norms": norms}, f"{result_file}.{rank}")
     dist.destroy_process_group()
 
 
-def test_found_inf_is_agreed_across_ranks(tmp_path):
+def test_an_overflow_on_one_rank_makes_every_rank_skip(tmp_path):
+    """Sharded gradients are unscaled on each rank's shard; an inf or nan in one rank's shard makes the
+    global gradient norm, which the loop's skip decision reads, non-finite on every rank."""
     result_file = str(tmp_path / "result.pt")
     # fork, not spawn: children inherit the imported modules (1 s instead of ~10 s of imports).
     mp.start_processes(
-        _found_inf_worker, args=(2, str(tmp_path / "init"), result_file), nprocs=2, start_method="fork"
+        _overflow_worker, args=(2, str(tmp_path / "init"), result_file), nprocs=2, start_method="fork"
     )
     for rank in range(2):
         result = torch.load(f"{result_file}.{rank}")
-        assert result["clean"] is False, rank
         assert result["unscaled"], rank
-        assert result["scaled_found_inf"] is True, rank
-        assert result["no_scaler_found_inf"] is True, rank
+        assert math.isfinite(result["clean_norm"]) and result["clean_norm"] > 0, rank
+        assert math.isinf(result["norms"]["inf"]), rank
+        assert math.isnan(result["norms"]["nan"]), rank
