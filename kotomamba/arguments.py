@@ -446,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Recompute each Mamba block's activations in backward, trading compute for memory.",
     )
     fsdp.add_argument(
+        "--activation-checkpointing-layers", type=int, default=None, metavar="N",
+        help="Recompute only the first N Mamba blocks in backward (implies --fsdp-activation-checkpointing); "
+             "the other blocks keep their activations. Between no checkpointing and full: spend the memory "
+             "left over on less recomputation. Default: every block when checkpointing is on.",
+    )
+    fsdp.add_argument(
         "--cross-entropy-chunk-tokens", type=int, default=0, metavar="N",
         help="Compute the output layer and the loss N tokens at a time, so the full batch × sequence × "
              "vocabulary logits (and their fp32 copy and gradient) never exist at once: saves memory for "
@@ -595,6 +601,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     _validate_and_derive(args)
     return args
+
+
+def checkpointed_block_count(args: argparse.Namespace, n_layer: int) -> int:
+    """How many of the model's `n_layer` blocks (the first ones) recompute their activations in backward."""
+    if not args.fsdp_activation_checkpointing:
+        return 0
+    count = args.activation_checkpointing_layers
+    if count is None:
+        return n_layer
+    if count > n_layer:
+        raise ArgumentError(f"--activation-checkpointing-layers {count}: the model has only {n_layer} Mamba blocks")
+    return count
 
 
 def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, data_parallel_size: int) -> int:
@@ -808,6 +826,8 @@ def _validate_and_derive(args: argparse.Namespace) -> None:
     _validate_schedule_flags(args)
     _validate_checkpointing(args)
     args.skip_batch = _skip_ranges(args.skip_batch)
+    if args.activation_checkpointing_layers:
+        args.fsdp_activation_checkpointing = True
     _derive_schedule(args)
 
 
@@ -825,7 +845,8 @@ def _validate_numbers(args: argparse.Namespace) -> None:
         "--eval-interval": (args.eval_interval, 1), "--eval-iters": (args.eval_iters, 0),
         "--log-interval": (args.log_interval, 1), "--optimizer-stats-interval": (args.optimizer_stats_interval, 0),
         "--max-consecutive-skips": (args.max_consecutive_skips, 0),
-        "--cross-entropy-chunk-tokens": (args.cross_entropy_chunk_tokens, 0), "--save-interval": (args.save_interval, 1),
+        "--cross-entropy-chunk-tokens": (args.cross_entropy_chunk_tokens, 0),
+        "--activation-checkpointing-layers": (args.activation_checkpointing_layers, 1), "--save-interval": (args.save_interval, 1),
         "--keep-last-k": (args.keep_last_k, 1), "--exit-interval": (args.exit_interval, 1),
         "--dry-run-world-size": (args.dry_run_world_size, 1), "--dry-run-gpus-per-node": (args.dry_run_gpus_per_node, 1),
     }

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kotomamba import arguments
-from kotomamba.arguments import ArgumentError
+from kotomamba.arguments import ArgumentError, checkpointed_block_count
 
 if TYPE_CHECKING:  # both import torch or mamba-ssm; the functions import them when called
     from mamba_ssm.models.config_mamba import MambaConfig
@@ -287,8 +287,8 @@ def _layer_activation_bytes(config: MambaConfig, layer_idx: int, compute: int, r
     return add_norm + mixer + mlp, per_sequence
 
 
-def activation_bytes(config: MambaConfig, micro_batch_size: int, seq_length: int, compute: int, checkpointing: bool,
-                     embedding_rows: int, loss_chunk_tokens: int = 0) -> tuple[int, str]:
+def activation_bytes(config: MambaConfig, micro_batch_size: int, seq_length: int, compute: int,
+                     checkpointed_blocks: int, embedding_rows: int, loss_chunk_tokens: int = 0) -> tuple[int, str]:
     """Activation memory of one micro-batch on one GPU, and the assumptions behind it."""
     residual = 4 if config.residual_in_fp32 else compute
     layers = [_layer_activation_bytes(config, i, compute, residual, seq_length) for i in range(config.n_layer)]
@@ -303,12 +303,19 @@ def activation_bytes(config: MambaConfig, micro_batch_size: int, seq_length: int
         # time, next to an fp32 accumulator for the output layer's gradient.
         head = residual * config.d_model + compute * config.d_model + 4
         head_once = min(loss_chunk_tokens, tokens) * logits_per_token + 4 * embedding_rows * config.d_model
-    if checkpointing:
-        # Each block keeps only its inputs (hidden states and residual); backward recomputes one block at a time.
-        largest = max(layers, key=lambda layer: layer[0] * tokens + layer[1] * micro_batch_size)
-        total = (tokens * (config.n_layer * (compute + residual) * config.d_model + largest[0] + head)
-                 + micro_batch_size * largest[1] + head_once)
-        note = "activation checkpointing on: block inputs of every layer plus one recomputed layer"
+    if checkpointed_blocks:
+        # A checkpointed block keeps only its inputs (hidden states and residual); backward recomputes one
+        # block at a time. The other blocks keep their saved tensors.
+        recomputed, kept = layers[:checkpointed_blocks], layers[checkpointed_blocks:]
+        largest = max(recomputed, key=lambda layer: layer[0] * tokens + layer[1] * micro_batch_size)
+        total = (tokens * (checkpointed_blocks * (compute + residual) * config.d_model + largest[0]
+                           + sum(layer[0] for layer in kept) + head)
+                 + micro_batch_size * (largest[1] + sum(layer[1] for layer in kept)) + head_once)
+        if kept:
+            note = (f"activation checkpointing on the first {checkpointed_blocks} of {config.n_layer} blocks: their "
+                    "inputs plus one recomputed block, and the other blocks' saved tensors")
+        else:
+            note = "activation checkpointing on: block inputs of every layer plus one recomputed layer"
     else:
         total = (tokens * (sum(layer[0] for layer in layers) + head) + micro_batch_size * sum(layer[1] for layer in layers)
                  + head_once)
@@ -345,8 +352,8 @@ def summarize_model(args: argparse.Namespace, precision: PrecisionPolicy, warnin
         sensitive = sum(p.numel() for name, p in model.named_parameters() if is_fp32_sensitive(name))
     compute = precision.compute_dtype.itemsize
     activations, activation_note = activation_bytes(
-        config, args.micro_batch_size, args.seq_length, compute, args.fsdp_activation_checkpointing, embedding_rows,
-        args.cross_entropy_chunk_tokens,
+        config, args.micro_batch_size, args.seq_length, compute, checkpointed_block_count(args, config.n_layer),
+        embedding_rows, args.cross_entropy_chunk_tokens,
     )
     if continual:
         vocab_note = f"{args.base_model}/config.json; " + (

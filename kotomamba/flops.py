@@ -31,7 +31,8 @@ class FlopsConfigError(ValueError):
     """The model config cannot be counted (missing field or unknown layer); the message names it."""
 
 
-def _padded_vocab_size(vocab_size: int, multiple: int) -> int:
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """Rows of mamba-ssm's embedding: ``vocab_size`` rounded up to ``pad_vocab_size_multiple``."""
     return math.ceil(vocab_size / multiple) * multiple if multiple > 1 else vocab_size
 
 
@@ -155,7 +156,7 @@ def flops_per_token(config, seq_length: int, include_backward: bool = True) -> f
 
     n_attention = sum(1 for index in range(config.n_layer) if index in attn_layers)
     n_ssm = config.n_layer - n_attention
-    vocab = _padded_vocab_size(config.vocab_size, getattr(config, "pad_vocab_size_multiple", 1))
+    vocab = padded_vocab_size(config.vocab_size, getattr(config, "pad_vocab_size_multiple", 1))
     lm_head = 2 * d_model * vocab
     forward = n_ssm * mixer + n_attention * attention + config.n_layer * mlp + lm_head
     return 3.0 * forward if include_backward else float(forward)

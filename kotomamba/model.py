@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from kotomamba.flops import padded_vocab_size
 from kotomamba.kernels import ensure_kernel_backend
 
 if TYPE_CHECKING:
@@ -280,7 +281,7 @@ def load_base_model(dir: str, vocab_size: int | None = None, device: torch.devic
             raise CheckpointError(f"{source} has no vocab_size")
         config = _make_config(values, source)
     multiple = config.pad_vocab_size_multiple
-    embedding_rows = -(-config.vocab_size // multiple) * multiple  # MambaLMHeadModel's padding
+    embedding_rows = padded_vocab_size(config.vocab_size, multiple)
     if vocab_size is not None and vocab_size > embedding_rows:
         raise CheckpointError(
             f"tokenizer has {vocab_size} tokens but the base model in {directory} has only {embedding_rows} "

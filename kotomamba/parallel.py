@@ -28,12 +28,12 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+from kotomamba.arguments import SHARDING_STRATEGIES
 from kotomamba.distributed import DistributedContext, LaunchError
 from kotomamba.precision import FP32_PARAMETER_NAMES
 
 logger = logging.getLogger(__name__)
 
-SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
 # Strategies that keep the all-gathered parameters from forward to backward (ZeRO-2 style).
 KEEP_PARAMETERS_AFTER_FORWARD = ("SHARD_GRAD_OP", "_HYBRID_SHARD_ZERO2")
 # Mamba-1 keeps its dt bias in dt_proj; the kernels read it in fp32 like the FP32_PARAMETER_NAMES.
@@ -101,11 +101,12 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
         raise TypeError(f"{type(model).__name__} is not a mamba-ssm MambaLMHeadModel (no backbone.layers)") from None
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each Block's activations in backward. The composable API keeps parameter names unchanged."""
+def apply_activation_checkpointing(model: nn.Module, blocks: int | None = None) -> None:
+    """Recompute the activations of the first `blocks` Blocks (default all) in backward. The composable
+    API keeps parameter names unchanged."""
     from torch.distributed._composable import checkpoint
 
-    for block in transformer_blocks(model):
+    for block in transformer_blocks(model)[:blocks]:
         checkpoint(block)
 
 
@@ -115,13 +116,14 @@ def parallelize(
     strategy: str = "FULL_SHARD",
     param_dtype: torch.dtype = torch.float32,
     reduce_dtype: torch.dtype = torch.float32,
-    activation_checkpointing: bool = False,
+    checkpointed_blocks: int = 0,
     cpu_offload: bool = False,
 ) -> ShardedModel:
-    """Apply activation checkpointing, then FSDP: one unit per Block, the rest in the root."""
+    """Apply activation checkpointing (to the first `checkpointed_blocks` Blocks), then FSDP: one unit
+    per Block, the rest in the root."""
     mesh = build_mesh(ctx, strategy)
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
+    if checkpointed_blocks:
+        apply_activation_checkpointing(model, checkpointed_blocks)
 
     replicated: list[nn.Parameter] = []
     if param_dtype != torch.float32:
@@ -156,8 +158,8 @@ def parallelize(
     dp = ctx.world_size
     logger.info(
         "FSDP: strategy=%s mesh=%s units=%d param_dtype=%s reduce_dtype=%s fp32-replicated params=%d "
-        "activation_checkpointing=%s cpu_offload=%s",
+        "activation checkpointing on %d of %d blocks, cpu_offload=%s",
         strategy, tuple(mesh.shape), len(blocks) + 1, param_dtype, reduce_dtype,
-        sum(p.numel() for p in replicated), activation_checkpointing, cpu_offload,
+        sum(p.numel() for p in replicated), checkpointed_blocks, len(blocks), cpu_offload,
     )
     return ShardedModel(model, mesh, dp, replicated)

@@ -204,7 +204,8 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
     no_decay_names = marked_no_weight_decay_names(model)  # fully_shard drops the markers
     sharded = parallelize(
         model, ctx, strategy=args.sharding_strategy, param_dtype=policy.param_dtype,
-        reduce_dtype=policy.reduce_dtype, activation_checkpointing=args.fsdp_activation_checkpointing,
+        reduce_dtype=policy.reduce_dtype,
+        checkpointed_blocks=arguments.checkpointed_block_count(args, model_config.n_layer),
         cpu_offload=args.fsdp_cpu_offload,
     )
     model = sharded.module

@@ -263,6 +263,20 @@ def test_logits_activation_term_grows_with_the_vocabulary():
     assert large.memory.activations - small.memory.activations == 2048 * 1024 * (2 + 8)
 
 
+def test_checkpointing_some_blocks_lands_between_none_and_all():
+    argv = ("--model", "370m", *NULL, "--micro-batch-size", "4")  # 48 blocks
+    estimate = {n: plan(dry(*argv, *flags), {}).memory.activations
+                for n, flags in ((0, ()), *((n, ("--activation-checkpointing-layers", str(n))) for n in (12, 24, 36)),
+                                 (48, ("--fsdp-activation-checkpointing",)))}
+    assert estimate[0] > estimate[12] > estimate[24] > estimate[36] > estimate[48]
+    # Identical Mamba-1 blocks: past the one block being recomputed, each checkpointed block saves the same.
+    assert estimate[12] - estimate[24] == estimate[24] - estimate[36] == estimate[36] - estimate[48]
+    assert plan(dry(*argv, "--activation-checkpointing-layers", "48"), {}).memory.activations == estimate[48]
+    assert "first 12 of 48 blocks" in dry_run.format_plan(plan(dry(*argv, "--activation-checkpointing-layers", "12"), {}))
+    with pytest.raises(ArgumentError, match="--activation-checkpointing-layers 49: the model has only 48 Mamba blocks"):
+        plan(dry(*argv, "--activation-checkpointing-layers", "49"), {})
+
+
 def test_chunked_loss_bounds_the_logits_term_by_the_chunk():
     argv = ("--model", "130m", *NULL, "--micro-batch-size", "4", "--seq-length", "2048")
     full = plan(dry(*argv), {})

@@ -117,7 +117,11 @@ def test_checkpointing_offload_meta_device_init_and_chunked_loss_change_nothing(
         offload=base_argv + ["--fsdp-cpu-offload"],
         low_cpu=base_argv + ["--low-cpu-fsdp"],
         chunked_loss=base_argv + ["--cross-entropy-chunk-tokens", "5"],  # 64 tokens per micro-batch: uneven chunks
+        first_block_checkpointed=base_argv + ["--activation-checkpointing-layers", "1"],  # of 2
+        too_many_blocks=base_argv + ["--activation-checkpointing-layers", "3"],
     )
+    assert runs["too_many_blocks"]["error"] == "--activation-checkpointing-layers 3: the model has only 2 Mamba blocks"
+    assert runs["first_block_checkpointed"]["loss"] == pytest.approx(baseline["loss"], rel=1e-6)
     assert_close(runs["chunked_loss"]["loss"], baseline["loss"], rtol=1e-6)
     assert_close(runs["chunked_loss"]["grad_norm"], baseline["grad_norm"], rtol=1e-5)
     assert runs["checkpointing"]["loss"] == pytest.approx(baseline["loss"], rel=1e-6)
@@ -137,6 +141,27 @@ def test_chunked_loss_also_evaluates_like_the_full_logits(base_argv, single_proc
     assert set(full["valid/loss"]) == set(chunked["valid/loss"]) == {3}
     assert chunked["valid/loss"][3] == pytest.approx(full["valid/loss"][3], rel=1e-6)
 
+
+
+def test_activation_checkpointing_recomputes_only_the_chosen_blocks(tiny_mamba1_config):
+    """A checkpointed block runs its mixer again in backward; the others run it once. (Pre-hooks: the
+    recomputation stops early, once the last saved tensor is back, before the mixer returns.)"""
+    from kotomamba.kernels import select_kernel_backend
+    from kotomamba.model import build_model, load_model_config
+    from kotomamba.parallel import apply_activation_checkpointing
+
+    select_kernel_backend(torch.device("cpu"))
+    calls = {}
+    for blocks in (None, 1):
+        model = build_model(load_model_config(str(tiny_mamba1_config), 500), seed=0)
+        apply_activation_checkpointing(model, blocks)
+        counts = [0] * len(model.backbone.layers)
+        for index, layer in enumerate(model.backbone.layers):
+            layer.mixer.register_forward_pre_hook(lambda *_, index=index: counts.__setitem__(index, counts[index] + 1))
+        model(torch.randint(0, 500, (1, 8))).logits.sum().backward()
+        calls[blocks] = counts
+    assert calls[None] == [2, 2]  # every block by default
+    assert calls[1] == [2, 1]  # --activation-checkpointing-layers 1
 
 def test_bf16_and_fp16_presets_train(base_argv, baseline, single_process):
     argv = [a for a in base_argv if a != "--fp32"] + ["--train-iters", "4"]
