@@ -69,6 +69,7 @@ def plan(name: str) -> list[Case]:
         Case("kotomamba", "2.8b", 1, 2048, 8),
         Case("kotomamba", "2.8b", 1, 2048, 8, "--cross-entropy-chunk-tokens 4096"),
         Case("kotomamba", "2.8b", 1, 2048, 16, "--cross-entropy-chunk-tokens 4096"),
+        Case("kotomamba", "2.8b", 1, 2048, 16, "--cross-entropy-chunk-tokens 4096 --activation-checkpointing-layers 16"),
         Case("kotomamba", "2.8b", 2, 2048, 4), Case("kotomamba", "2.8b", 2, 2048, 8),
         Case("recipe", "2.8b", 2, 2048, 4), Case("recipe", "2.8b", 2, 2048, 8),
         Case("kotomamba", "mamba2-2.7b", 1, 2048, 4), Case("recipe", "mamba2-2.7b", 1, 2048, 4),
