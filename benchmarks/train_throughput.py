@@ -5,6 +5,7 @@ on the same shapes, the same machine, in one run.
     python benchmarks/train_throughput.py --plan tiny              # CPU smoke test of every runner
     python benchmarks/train_throughput.py --only 2.8b --results r.jsonl --no-report   # a part of the plan
     python benchmarks/train_throughput.py --report-from r1.jsonl r2.jsonl            # docs from saved parts
+    python benchmarks/train_throughput.py --only "2.8b 1gpu" --profile prof/         # + where each step's time goes
 
 Runners (each measurement in its own process, launched with torchrun when it uses 2 GPUs):
   kotomamba   our training loop (`kotomamba.train.run_training`, i.e. pretrain.py) on a Megatron
@@ -35,6 +36,88 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 VOCAB = 50277  # GPT-NeoX vocabulary of the public state-spaces checkpoints
+PROFILED_STEPS = 2
+# Kernel-name patterns -> the categories of the step profile, first match wins.
+KERNEL_CATEGORIES = (
+    ("selective scan / SSD", ("selective_scan", "ssd", "chunk_scan", "chunk_state", "state_passing", "bmm_chunk",
+                              "chunk_cumsum")),
+    ("causal conv1d", ("conv1d", "convolution")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "aten::mm", "aten::bmm", "aten::addmm")),
+    ("communication", ("nccl", "all_gather", "reduce_scatter", "allreduce", "all_reduce")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("norm", ("norm",)),
+    ("loss / softmax", ("softmax", "cross_entropy", "nll_loss", "logsumexp")),
+    ("copies and casts", ("copy", "cast", "convert", "fill", "cat")),
+)
+
+
+def _category(name: str) -> str:
+    lowered = name.lower()
+    for category, patterns in KERNEL_CATEGORIES:
+        if any(pattern in lowered for pattern in patterns):
+            return category
+    return "other"
+
+
+class StepProfiler:
+    """Profiles PROFILED_STEPS steps once `start` steps have completed (after the timed ones, so the
+    profiler does not distort the throughput) and writes DIR/LABEL.txt: time per kernel category and
+    the top kernels, by device time on a GPU (CPU time on a CPU)."""
+
+    def __init__(self, directory: str | None, label: str, start: int, rank: int = 0) -> None:
+        self.directory, self.label, self.start, self.rank = directory, label, start, rank
+        self.profiler = None
+        self.completed = 0
+
+    @property
+    def extra_steps(self) -> int:
+        """Steps to run after the timed ones (on every rank: they take part in the collectives)."""
+        return PROFILED_STEPS if self.directory else 0
+
+    def after_step(self) -> None:
+        import torch
+
+        if not self.directory or self.rank != 0:
+            return
+        self.completed += 1
+        if self.completed == self.start:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.start()
+        elif self.profiler is not None and self.completed == self.start + PROFILED_STEPS:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.profiler.stop()
+            self._write()
+            self.profiler = None
+
+    def _write(self) -> None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+        events = [e for e in self.profiler.key_averages()
+                  if (e.device_type == torch.autograd.DeviceType.CUDA) == on_gpu or not on_gpu]
+        time_of = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+        events = [e for e in events if time_of(e) > 0]
+        total = sum(time_of(e) for e in events) or 1
+        by_category: dict[str, float] = {}
+        for event in events:
+            by_category[_category(event.key)] = by_category.get(_category(event.key), 0.0) + time_of(event)
+        clock = "GPU kernel time" if on_gpu else "CPU time (self, per op)"
+        lines = [f"{self.label}: {PROFILED_STEPS} steps, {clock} {total / 1e3 / PROFILED_STEPS:.1f} ms per step", "",
+                 "| category | share | ms per step |", "|---|---|---|"]
+        for category, micros in sorted(by_category.items(), key=lambda item: -item[1]):
+            lines.append(f"| {category} | {100 * micros / total:.1f}% | {micros / 1e3 / PROFILED_STEPS:.1f} |")
+        lines += ["", f"| {'kernel' if on_gpu else 'op'} | category | share | calls per step |", "|---|---|---|---|"]
+        for event in sorted(events, key=time_of, reverse=True)[:25]:
+            lines.append(f"| `{event.key[:90]}` | {_category(event.key)} | {100 * time_of(event) / total:.1f}% "
+                         f"| {event.count / PROFILED_STEPS:g} |")
+        path = Path(self.directory) / (self.label.replace(" ", "_").replace("/", "-") + ".txt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
+        print(f"profile written to {path}", flush=True)
 
 
 @dataclass(frozen=True)
@@ -108,7 +191,8 @@ def random_dataset(directory: Path, tokens: int) -> str:
     return prefix
 
 
-def run_kotomamba(case: Case, steps: int, warmup: int, data_prefix: str, config_path: str) -> dict:
+def run_kotomamba(case: Case, steps: int, warmup: int, data_prefix: str, config_path: str,
+                  profiler: StepProfiler) -> dict:
     import torch
 
     from kotomamba.arguments import parse_args
@@ -121,22 +205,27 @@ def run_kotomamba(case: Case, steps: int, warmup: int, data_prefix: str, config_
         "--model", config_path, "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB),
         "--data-path", data_prefix, "--split", "100,0,0", "--seq-length", str(case.seq),
         "--micro-batch-size", str(case.micro_batch), "--global-batch-size", str(case.micro_batch * ctx.world_size),
-        "--train-iters", str(warmup + steps), "--lr", "1e-4", "--eval-iters", "0", "--num-workers", "2",
+        "--train-iters", str(warmup + steps + profiler.extra_steps), "--lr", "1e-4", "--eval-iters", "0", "--num-workers", "2",
         "--log-interval", str(warmup + steps), *device_precision, *case.options.split(),
     ]
     times: list[float] = []
+
+    def on_step(state, result) -> None:
+        times.append(time.perf_counter())
+        profiler.after_step()
+
     completed = False
     try:
-        run_training(parse_args(argv), ctx, lambda state, result: times.append(time.perf_counter()))
+        run_training(parse_args(argv), ctx, on_step)
         peak = torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else 0.0
         completed = True
     finally:
         shutdown_distributed(completed)
-    return {"step_s": (times[-1] - times[warmup - 1]) / steps, "peak_gib": peak, "world": ctx.world_size,
+    return {"step_s": (times[warmup + steps - 1] - times[warmup - 1]) / steps, "peak_gib": peak, "world": ctx.world_size,
             "rank": ctx.rank}
 
 
-def run_recipe(case: Case, steps: int, warmup: int) -> dict:
+def run_recipe(case: Case, steps: int, warmup: int, profiler: StepProfiler) -> dict:
     import functools
 
     import torch
@@ -161,14 +250,14 @@ def run_recipe(case: Case, steps: int, warmup: int) -> dict:
         use_orig_params=False,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    times = _plain_loop(model, optimizer, case, steps, warmup, ctx.device,
+    times = _plain_loop(model, optimizer, case, steps, warmup, ctx.device, profiler,
                         lambda logits, labels: F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1)))
     peak = torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else 0.0
     shutdown_distributed(completed=True)
     return {"step_s": times, "peak_gib": peak, "world": ctx.world_size, "rank": ctx.rank}
 
 
-def run_hf(case: Case, steps: int, warmup: int) -> dict:
+def run_hf(case: Case, steps: int, warmup: int, profiler: StepProfiler) -> dict:
     import torch
     from transformers import MambaConfig, MambaForCausalLM
 
@@ -186,25 +275,29 @@ def run_hf(case: Case, steps: int, warmup: int) -> dict:
     model = MambaForCausalLM(hf_config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-    times = _plain_loop(model, optimizer, case, steps, warmup, device, None, autocast)
+    times = _plain_loop(model, optimizer, case, steps, warmup, device, profiler, None, autocast)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     return {"step_s": times, "peak_gib": peak, "world": 1, "rank": 0}
 
 
-def _plain_loop(model, optimizer, case: Case, steps: int, warmup: int, device, loss_fn, autocast=None) -> float:
-    """Mean seconds per optimizer step (one micro-batch per step) after `warmup` steps."""
+def _plain_loop(model, optimizer, case: Case, steps: int, warmup: int, device, profiler: StepProfiler, loss_fn,
+                autocast=None) -> float:
+    """Mean seconds per optimizer step (one micro-batch per step) over `steps` steps after `warmup`."""
     import contextlib
 
     import torch
 
     generator = torch.Generator().manual_seed(0)
     vocab = VOCAB
-    started = 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
+    started, elapsed = 0.0, None
+    for step in range(warmup + steps + profiler.extra_steps):
+        if step in (warmup, warmup + steps):
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            started = time.perf_counter()
+            if step == warmup:
+                started = time.perf_counter()
+            else:
+                elapsed = time.perf_counter() - started
         tokens = torch.randint(0, vocab, (case.micro_batch, case.seq + 1), generator=generator).to(device)
         with autocast or contextlib.nullcontext():
             if loss_fn is None:  # Hugging Face computes its own shifted loss
@@ -215,9 +308,12 @@ def _plain_loop(model, optimizer, case: Case, steps: int, warmup: int, device, l
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()  # the step is complete when its loss is known, as in every training loop
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - started) / steps
+        profiler.after_step()
+    if elapsed is None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+    return elapsed / steps
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -227,15 +323,16 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     select_kernel_backend("cuda" if torch.cuda.is_available() else "cpu")
+    profiler = StepProfiler(args.profile, case.label, args.warmup + args.steps, int(os.environ.get("RANK", "0")))
     if case.runner == "kotomamba":
         config = model_config(case.model)
         config_path = Path(args.workdir) / f"{case.model}.json"
         config_path.write_text(json.dumps({**asdict(config), "vocab_size": VOCAB}))
-        result = run_kotomamba(case, args.steps, args.warmup, args.data_prefix, str(config_path))
+        result = run_kotomamba(case, args.steps, args.warmup, args.data_prefix, str(config_path), profiler)
     elif case.runner == "recipe":
-        result = run_recipe(case, args.steps, args.warmup)
+        result = run_recipe(case, args.steps, args.warmup, profiler)
     else:
-        result = run_hf(case, args.steps, args.warmup)
+        result = run_hf(case, args.steps, args.warmup, profiler)
     if result["rank"] == 0:
         print("RESULT " + json.dumps(result), flush=True)
 
@@ -246,7 +343,8 @@ def worker(args: argparse.Namespace) -> None:
 
 def measure(case: Case, args: argparse.Namespace, data_prefix: str) -> dict:
     worker_args = ["--worker", json.dumps(asdict(case)), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--data-prefix", data_prefix, "--workdir", args.workdir]
+                   "--data-prefix", data_prefix, "--workdir", args.workdir,
+                   *(["--profile", args.profile] if args.profile else [])]
     script = str(Path(__file__).resolve())
     if case.gpus > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={case.gpus}",
@@ -344,10 +442,15 @@ def main() -> None:
     parser.add_argument("--no-report", action="store_true", help="Do not write docs/benchmarks.md.")
     parser.add_argument("--report-from", nargs="+", default=None, metavar="RESULTS",
                         help="Write docs/benchmarks.md from --results files of earlier runs; measure nothing.")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help=f"After the timed steps, profile {PROFILED_STEPS} more and write DIR/CASE.txt: time per "
+                             "kernel category and the top kernels.")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data-prefix", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.profile:
+        args.profile = str(Path(args.profile).resolve())
     if args.worker:
         worker(args)
         return
@@ -369,7 +472,7 @@ def main() -> None:
         parser.error(f"no case of --plan {args.plan} matches --only {args.only!r} on {available} GPU(s)")
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="kotomamba-bench-")
     longest = max(c.seq for c in cases)
-    needed = max((args.warmup + args.steps) * c.micro_batch * c.gpus * (c.seq + 1) for c in cases)
+    needed = max((args.warmup + args.steps + PROFILED_STEPS) * c.micro_batch * c.gpus * (c.seq + 1) for c in cases)
     data_prefix = random_dataset(Path(args.workdir), max(needed * 2, longest * 64))
     facts, command = measured_environment(), command_line()
     records = []
