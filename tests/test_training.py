@@ -225,6 +225,8 @@ def test_two_processes_with_torchrun_match_one_process_for_every_strategy(base_a
     runs["bf16_mixed"] = [a for a in base_argv if a != "--fp32"] + ["--bf16"]
     runs["offload"] = base_argv + ["--fsdp-cpu-offload"]
     runs["chunked_loss"] = base_argv + ["--cross-entropy-chunk-tokens", "24"]
+    runs["chunked_loss_zero2_offload"] = runs["chunked_loss"] + ["--sharding-strategy", "SHARD_GRAD_OP",
+                                                                 "--fsdp-cpu-offload"]
     runs["bf16_chunked_loss"] = runs["bf16_mixed"] + ["--cross-entropy-chunk-tokens", "24"]
     # A base model whose embedding is smaller than the tokenizer: every rank must stop, none may hang.
     too_small = small_base_model(tmp_path / "base", vocab_size=100)
@@ -241,6 +243,7 @@ def test_two_processes_with_torchrun_match_one_process_for_every_strategy(base_a
     # FSDP gathers the root's parameters (tied embedding / lm_head) for the chunked loss as for forward.
     assert_close(results["chunked_loss"]["loss"], baseline["loss"], rtol=1e-5)
     assert_close(results["chunked_loss"]["grad_norm"], baseline["grad_norm"], rtol=1e-4)
+    assert_close(results["chunked_loss_zero2_offload"]["loss"], baseline["loss"], rtol=1e-5)
     assert results["bf16_chunked_loss"]["loss"][0] == pytest.approx(results["bf16_mixed"]["loss"][0], rel=1e-5)
     assert_close(results["bf16_chunked_loss"]["loss"], results["bf16_mixed"]["loss"], rtol=1e-2)
 
