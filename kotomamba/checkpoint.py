@@ -378,9 +378,11 @@ def _verify_files(directory: Path, recorded: dict[str, dict[str, Any]], names: l
         expected = recorded[name]
         actual = _file_checksum(path)
         if actual["bytes"] != expected["bytes"]:
-            return f"{path} is damaged: {actual['bytes']} bytes, {expected['bytes']} when saved"
+            return (f"{path} has changed since it was saved (damaged or edited): {actual['bytes']} bytes, "
+                    f"{expected['bytes']} when saved")
         if actual["crc32"] != expected["crc32"]:
-            return f"{path} is damaged: its CRC32 is {actual['crc32']}, {expected['crc32']} when saved"
+            return (f"{path} has changed since it was saved (damaged or edited): its CRC32 is {actual['crc32']}, "
+                    f"{expected['crc32']} when saved")
     return None
 
 
