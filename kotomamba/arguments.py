@@ -511,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     logging.add_argument(
         "--max-consecutive-skips", type=int, default=10,
         help="Stop with an error after this many consecutive iterations were skipped because the loss or "
-             "gradients were not finite; 0 means no limit (default 10).",
+             "gradients were not finite; 0 means no limit (default 10). fp16 gradient overflows while the "
+             "loss scale can still come down (above --min-loss-scale) are the scaler calibrating and do not count.",
     )
     logging.add_argument(
         "--run-validation", action=ignore,

@@ -215,6 +215,12 @@ class DynamicLossScaler:
         """Divide the gradients by ``scale`` in place."""
         _unscale_gradients(parameters, 1.0 / self.scale)
 
+    def is_calibrating(self, loss_scale: float) -> bool:
+        """Whether an overflow at `loss_scale` is this scaler finding its level (the scale can still come
+        down) rather than a failing run: such skips do not count toward --max-consecutive-skips. Starting
+        at 2**32, the first ~20 steps of an fp16 run overflow this way."""
+        return loss_scale > self.min_scale
+
     def update(self, overflow: bool) -> None:
         if overflow:
             self._growth_tracker = 0
@@ -254,6 +260,9 @@ class NoLossScaler:
 
     def unscale_(self, parameters: Iterable[torch.Tensor]) -> None:
         """Nothing to undo."""
+
+    def is_calibrating(self, loss_scale: float) -> bool:
+        return False
 
     def update(self, overflow: bool) -> None:
         """Nothing to adapt."""

@@ -316,7 +316,12 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
         else:
             stats_due = args.optimizer_stats_interval > 0 and iteration % args.optimizer_stats_interval == 0
             result = train_step(collect_optimizer_stats=stats_due)
-            if result.skipped:
+            if result.skipped and math.isfinite(result.loss) and scaler.is_calibrating(result.loss_scale):
+                # fp16 gradients overflowed and the loss scale came down: the scaler at work, not a failing run.
+                state.skipped_iterations += 1
+                logger.info("iteration %d: gradients overflowed at loss scale %g: step skipped, loss scale now %g",
+                            iteration, result.loss_scale, scaler.scale)
+            elif result.skipped:
                 state.skipped_iterations += 1
                 state.consecutive_skips += 1
                 logger.warning("iteration %d: non-finite loss or gradients (loss %s, grad norm %s, loss scale %g): "

@@ -186,7 +186,16 @@ def test_fp16_overflow_skips_the_step_and_a_run_of_skips_stops_training(base_arg
         backs_off=argv + ["--initial-loss-scale", str(2.0**40), "--hysteresis", "1"],
         stuck=argv + ["--initial-loss-scale", str(2.0**40), "--min-loss-scale", str(2.0**40),
                       "--max-consecutive-skips", "2"],
+        # Megatron's defaults (loss scale from 2**32, hysteresis 2) with ours (--max-consecutive-skips 10):
+        # the scale needs more than 10 overflowing steps to come down, and the run must go on.
+        calibrating=argv + ["--train-iters", "24"],
     )
+    calibrating = runs["calibrating"]
+    assert "error" not in calibrating, calibrating
+    overflowed = calibrating["skipped"].index(False)  # leading overflows while the scale came down
+    assert overflowed > 10 and len(calibrating["skipped"]) == 24, calibrating["skipped"]
+    assert sum(calibrating["skipped"][overflowed:]) <= 2, calibrating["skipped"]  # then it trains
+    assert calibrating["loss_scale"][overflowed] < 2.0**32 and calibrating["loss"][-1] < calibrating["loss"][0]
     backs_off = runs["backs_off"]
     assert backs_off["skipped"] == [True] * 4  # 2**40 × loss overflows fp16 ...
     assert backs_off["loss_scale"] == [2.0**40, 2.0**39, 2.0**38, 2.0**37]  # ... and the scale backs off
