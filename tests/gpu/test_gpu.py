@@ -84,15 +84,22 @@ def test_fp16_preset_trains_200_steps_like_bf16_without_spikes(gpu_argv, tmp_pat
     skips = sum(fp16["skipped"])
     print(json.dumps({"fp16_skipped": skips, "bf16_final": sum(bf16["loss"][-10:]) / 10,
                       "fp16_final": sum(fp16["loss"][-10:]) / 10}))
-    # Only the first steps, while the loss scale comes down from 2**32, may overflow.
-    assert skips <= 40 and all(i >= skips for i, _ in trained[:1])
+    # Overflows: mostly the first steps, while the loss scale comes down from 2**32 (not counted by
+    # --max-consecutive-skips: the run must not stop), then at most a few (hysteresis 2 lets one pass).
+    first_trained = trained[0][0]
+    assert "error" not in fp16 and len(fp16["loss"]) == 200
+    assert skips <= 40 and skips - first_trained <= 5, fp16["skipped"]
     # No spike: after warm-up the loss never climbs far above its best so far.
     best = float("inf")
     for i, loss in trained:
         if i > 40:
             assert loss < best + 0.5, f"fp16 loss spike at iteration {i + 1}: {loss} after best {best}"
         best = min(best, loss)
-    assert abs(sum(fp16["loss"][-10:]) - sum(bf16["loss"][-10:])) / 10 < 0.1
+    # The same curve: fp16's last 10 losses against bf16's after as many applied updates (fp16 skipped
+    # `skips` steps, so it is that many updates behind).
+    fp16_final = sum(fp16["loss"][-10:]) / 10
+    bf16_matched = sum(bf16["loss"][-10 - skips:len(bf16["loss"]) - skips]) / 10
+    assert abs(fp16_final - bf16_matched) < 0.05 * bf16_matched, (fp16_final, bf16_matched)
 
 
 def test_chunked_loss_trains_like_the_full_logits_loss(gpu_argv, tmp_path):
