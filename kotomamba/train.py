@@ -149,6 +149,20 @@ def cycle(loader, first_pass=None) -> Iterator[dict]:
         yield from loader
 
 
+def check_token_ids(batch: dict, embedding_rows: int, split: str, tokenizer_name: str, data_flags: str) -> dict:
+    """`batch`, unless it holds token ids the embedding does not have (data tokenized with another
+    tokenizer), which would otherwise fail as an index error deep inside the model. A min and a max over
+    the batch on the CPU: microseconds."""
+    ids = (batch["tokens"], batch["labels"])
+    low, high = min(int(t.min()) for t in ids), max(int(t.max()) for t in ids)
+    if low < 0 or high >= embedding_rows:
+        raise TrainingError(
+            f"the {split} data holds token id {high if high >= embedding_rows else low}, outside the model's "
+            f"embedding of {embedding_rows} rows (tokenizer {tokenizer_name}): was {data_flags} tokenized with "
+            f"another tokenizer?")
+    return batch
+
+
 def in_skip_ranges(iteration: int, ranges: list[list[int]] | None) -> bool:
     """--skip-batch FIRST LAST ranges are inclusive and count iterations from 1."""
     return any(first <= iteration <= last for first, last in ranges or ())
@@ -234,14 +248,23 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
     state = checkpointer.load(TrainState(), train_ds)
     loader_options = dict(micro_batch_size=args.micro_batch_size, dp_rank=ctx.rank, dp_size=ctx.world_size,
                           num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda")
+    embedding_rows = model.backbone.embedding.num_embeddings
+    data_flags = " ".join(f"--{name.replace('_', '-')} {' '.join(getattr(args, name))}" for name in
+                          ("data_path", "train_data_path", "valid_data_path", "test_data_path") if getattr(args, name))
+
+    def checked(batches: Iterator[dict], split: str) -> Iterator[dict]:
+        return (check_token_ids(batch, embedding_rows, split, tokenizer.name, data_flags) for batch in batches)
+
+    # Unchecked: --skip-batch may step over any batch; train_step checks the ones it trains on.
     train_batches = iter(data_lib.build_loader(train_ds, state.consumed_samples, **loader_options))
     evaluating = args.eval_iters > 0
     valid_batches = None
     if evaluating and valid_ds is not None:
         valid_start = evaluation_resume_position(len(valid_ds), state.consumed_valid_samples,
                                                  args.micro_batch_size * ctx.world_size)
-        valid_batches = cycle(data_lib.build_loader(valid_ds, 0, **loader_options),
-                              data_lib.build_loader(valid_ds, valid_start, **loader_options) if valid_start else None)
+        valid_batches = checked(cycle(data_lib.build_loader(valid_ds, 0, **loader_options),
+                                      data_lib.build_loader(valid_ds, valid_start, **loader_options) if valid_start
+                                      else None), "validation")
 
     # --- what one iteration costs -----------------------------------------------------------------
     tokens_per_iteration = args.global_batch_size * args.seq_length
@@ -267,7 +290,7 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
         loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float32)
         for micro_step in range(accumulation):
             with meter.waiting_for_data():
-                batch = next(train_batches)
+                batch = check_token_ids(next(train_batches), embedding_rows, "training", tokenizer.name, data_flags)
             tokens = batch["tokens"].to(ctx.device, non_blocking=True)
             labels = batch["labels"].to(ctx.device, non_blocking=True)
             sharded.set_gradient_sync(micro_step == accumulation - 1)
@@ -365,7 +388,7 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
 
     checkpointer.finish(state)  # the final checkpoint, and any background write completed
     if evaluating and test_ds is not None and not checkpointer.exited:
-        test_batches = cycle(data_lib.build_loader(test_ds, 0, **loader_options))
+        test_batches = checked(cycle(data_lib.build_loader(test_ds, 0, **loader_options)), "test")
         evaluation = evaluate(model, compute_loss, test_batches, args.eval_iters * accumulation, ctx, autocast)
         values = metrics.evaluation_metrics("test", evaluation, test_names)
         metric_logger.log(state.iteration, values, metrics.format_evaluation_line("test", state.iteration, values))

@@ -163,6 +163,15 @@ def test_activation_checkpointing_recomputes_only_the_chosen_blocks(tiny_mamba1_
     assert calls[None] == [2, 2]  # every block by default
     assert calls[1] == [2, 1]  # --activation-checkpointing-layers 1
 
+
+def test_data_from_another_tokenizer_is_a_clear_error(base_argv, single_process, tokenized_corpus):
+    """Token ids beyond the embedding stop the run with the data named, not an index error in the model."""
+    tokenizer = base_argv.index("--tokenizer-type")
+    argv = base_argv[:tokenizer] + base_argv[tokenizer + 4:] + ["--tokenizer-type", "NullTokenizer", "--vocab-size", "50"]
+    error = run_in_process(single_process, small_vocabulary=argv)["small_vocabulary"]["error"]
+    assert error.startswith("the training data holds token id ") and f"--data-path {tokenized_corpus}" in error, error
+    assert "outside the model's embedding of 56 rows" in error and "tokenized with another tokenizer?" in error
+
 def test_bf16_and_fp16_presets_train(base_argv, baseline, single_process):
     argv = [a for a in base_argv if a != "--fp32"] + ["--train-iters", "4"]
     fp16 = argv + ["--fp16", "--initial-loss-scale", "1024"]
