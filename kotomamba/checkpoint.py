@@ -202,6 +202,24 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def not_a_training_checkpoint(path: str | Path) -> str | None:
+    """Why a directory that holds no kotomamba checkpoint must not be taken as a fresh start by --load:
+    it holds a model (resume means --base-model) or another tool's iter_* checkpoints. None otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if (path / "config.json").is_file():
+        return (f"{path} holds a model (config.json), not a training checkpoint: to start from its weights use "
+                f"--base-model {path}")
+    foreign = sorted(child.name for child in path.iterdir()
+                     if child.is_dir() and ITERATION_DIR.fullmatch(child.name) and not (child / METADATA).is_file())
+    if foreign:
+        return (f"{path / foreign[-1]} is not a kotomamba checkpoint (no {METADATA}; Megatron-LM and the old "
+                f"kotomamba write others): it cannot be resumed; export its weights to a mamba-ssm or Hugging "
+                f"Face directory and use --base-model")
+    return None
+
+
 def _complete_checkpoints(save_dir: Path) -> list[Path]:
     """``iter_*`` directories holding checkpoint.json, oldest first. Only complete checkpoints carry
     these names: they are published by renaming a finished temporary directory."""
@@ -529,6 +547,8 @@ class CheckpointManager:
                 try:
                     found = find_checkpoint(args.load)
                     metadata = read_metadata(found) if found is not None else None
+                    if found is None and (reason := not_a_training_checkpoint(args.load)):
+                        raise TrainingCheckpointError(reason)
                 except TrainingCheckpointError as exc:
                     error = f"--load {args.load}: {exc}"
             self._agree(error)

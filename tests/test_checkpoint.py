@@ -263,6 +263,26 @@ def test_latest_naming_a_missing_checkpoint_is_an_error(tmp_path):
     assert checkpoint_module.find_checkpoint(tmp_path / "missing") is None
 
 
+
+def test_load_of_a_model_or_a_foreign_checkpoint_is_not_a_fresh_start(argv, ctx, tmp_path):
+    """--load pointed at a model directory or at Megatron-style iter_* directories: an error that says
+    what to do, never a silent start from scratch (an empty directory still starts fresh)."""
+    model_dir, megatron_dir, empty_dir = tmp_path / "model", tmp_path / "megatron", tmp_path / "empty"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (megatron_dir / "iter_0000100" / "mp_rank_00").mkdir(parents=True)
+    (megatron_dir / "iter_0000100" / "mp_rank_00" / "model_optim_rng.pt").write_bytes(b"")
+    (megatron_dir / "latest_checkpointed_iteration.txt").write_text("100")
+    empty_dir.mkdir()
+    runs = {name: run(ctx, argv + ["--load", str(directory)])
+            for name, directory in (("model", model_dir), ("megatron", megatron_dir), ("empty", empty_dir))}
+    assert runs["model"]["error"] == (f"--load {model_dir}: {model_dir} holds a model (config.json), not a training "
+                                      f"checkpoint: to start from its weights use --base-model {model_dir}")
+    assert f"{megatron_dir / 'iter_0000100'} is not a kotomamba checkpoint" in runs["megatron"]["error"]
+    assert "--base-model" in runs["megatron"]["error"]
+    assert runs["empty"]["iteration"] == [1, 2, 3, 4]
+
+
 # ------------------------------------------------------------------------------------------------
 # Crash safety: SIGKILL while saving
 
