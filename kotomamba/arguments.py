@@ -892,6 +892,11 @@ def _validate_model(args: argparse.Namespace) -> None:
         )
         base = Path(args.base_model)
         _check(base.is_dir(), f"--base-model {args.base_model}: no such directory")
+        training_checkpoint = (base / "checkpoint.json").is_file() or (base / "latest").is_file()
+        _check(not training_checkpoint,
+               f"--base-model {args.base_model} is a kotomamba training checkpoint: continue that run with --load "
+               f"{args.base_model}, or start a new one from its weights after `python -m kotomamba.convert "
+               f"{args.base_model} OUT --format mamba-ssm` with --base-model OUT")
         _check((base / "config.json").is_file(), f"--base-model {args.base_model}: it holds no config.json")
         return
     _check(

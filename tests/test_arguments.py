@@ -436,6 +436,17 @@ def test_base_model_without_config_json(tmp_path):
     assert "holds no config.json" in error_of(BASE + ["--base-model", str(tmp_path)])
 
 
+def test_base_model_that_is_a_training_checkpoint_says_what_to_do(tmp_path):
+    (tmp_path / "run" / "iter_0000002").mkdir(parents=True)
+    (tmp_path / "run" / "iter_0000002" / "checkpoint.json").write_text("{}")
+    (tmp_path / "run" / "latest").write_text("iter_0000002\n")
+    for directory in (tmp_path / "run", tmp_path / "run" / "iter_0000002"):
+        error = error_of(BASE + ["--base-model", str(directory)])
+        assert error.startswith(f"--base-model {directory} is a kotomamba training checkpoint: continue that run "
+                                f"with --load {directory}"), error
+        assert f"python -m kotomamba.convert {directory} OUT --format mamba-ssm" in error
+
+
 # ----------------------------------------------------------------------------- --config YAML
 
 def write_yaml(path: Path, text: str) -> Path:
