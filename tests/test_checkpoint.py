@@ -490,6 +490,20 @@ def test_checksums_cover_every_file_and_catch_a_flipped_bit(argv, ctx, interrupt
         load_model_from_checkpoint(str(copy), torch.device("cpu"))
 
 
+def test_checkpoint_saved_before_checksums_still_loads(interrupted, tmp_path):
+    """Checkpoints written before checksums.json existed (no "checksums" in checkpoint.json) are read."""
+    copy = tmp_path / "save"
+    shutil.copytree(interrupted["SHARDED_STATE_DICT"], copy)
+    directory = copy / "iter_0000002"
+    metadata = json.loads((directory / "checkpoint.json").read_text())
+    del metadata["checksums"]
+    (directory / "checkpoint.json").write_text(json.dumps(metadata))
+    (directory / "checksums.json").unlink()
+    assert checkpoint_module.verify_checkpoint_files(directory) is None
+    model, info = load_model_from_checkpoint(str(copy), torch.device("cpu"))
+    assert info["iteration"] == 2
+
+
 @pytest.mark.parametrize("damage", ["missing", "garbage"])
 def test_missing_or_damaged_checksums_file_is_refused(argv, ctx, interrupted, tmp_path, damage):
     copy = tmp_path / "save"
