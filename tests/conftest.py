@@ -1,6 +1,5 @@
-"""Shared fixtures: tiny tokenizers trained on the fly and a small mixed Japanese/English corpus.
-
-Everything is session-scoped and takes well under a second to build.
+"""Shared fixtures: tiny tokenizers trained on the fly and a small mixed Japanese/English corpus
+(session-scoped, well under a second to build), and a one-process process group for in-process runs.
 """
 from __future__ import annotations
 
@@ -189,3 +188,14 @@ def tokenized_corpus(tmp_path_factory: pytest.TempPathFactory, sentencepiece_mod
     """~300 mixed documents tokenized with `sentencepiece_model`: the prefix of a .bin/.idx pair."""
     directory = tmp_path_factory.mktemp("tokenized")
     return tokenize_to_prefix(mixed_texts(300, seed=3), sentencepiece_model, directory / "corpus_text_document")
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """A one-process gloo group for training runs inside the test process. Per module: a test that runs
+    pretrain.py's main destroys the group, and the next module gets a new one."""
+    from kotomamba.distributed import init_distributed, shutdown_distributed
+
+    ctx = init_distributed(use_mpi=False)
+    yield ctx
+    shutdown_distributed()

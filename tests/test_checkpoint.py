@@ -21,7 +21,6 @@ import yaml
 from kotomamba import checkpoint as checkpoint_module
 from kotomamba.arguments import apply_data_parallel_size, parse_args, resolved_config
 from kotomamba.checkpoint import load_model_from_checkpoint
-from kotomamba.distributed import init_distributed, shutdown_distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launching import launcher_environment, run_worker, torchrun_command  # noqa: E402
@@ -45,25 +44,18 @@ def argv(tiny_mamba1_config, sentencepiece_model, tokenized_corpus) -> list[str]
     ]
 
 
-@pytest.fixture(scope="module")
-def ctx():
-    context = init_distributed(use_mpi=False)
-    yield context
-    shutdown_distributed()
-
-
-def run(ctx, argv: list[str]) -> dict:
-    return run_configurations({"run": argv}, ctx)["run"]
+def run(single_process, argv: list[str]) -> dict:
+    return run_configurations({"run": argv}, single_process)["run"]
 
 
 @pytest.fixture(scope="module")
-def reference(argv, ctx) -> dict:
+def reference(argv, single_process) -> dict:
     """The uninterrupted 4-iteration run."""
-    return run(ctx, argv)
+    return run(single_process, argv)
 
 
 @pytest.fixture(scope="module")
-def interrupted(argv, ctx, tmp_path_factory) -> dict[str, Path]:
+def interrupted(argv, single_process, tmp_path_factory) -> dict[str, Path]:
     """Per checkpoint type (and async): a run stopped by --exit-interval 2 after saving. --load names
     the same, not yet existing, directory: an empty --load starts fresh."""
     saves = {}
@@ -71,7 +63,7 @@ def interrupted(argv, ctx, tmp_path_factory) -> dict[str, Path]:
                         "SHARDED_async": ["--async-save"],
                         "FULL_async": ["--checkpoint-type", "FULL_STATE_DICT", "--async-save"]}.items():
         save = tmp_path_factory.mktemp("interrupted") / name
-        result = run(ctx, argv + extra + ["--save", str(save), "--load", str(save), "--exit-interval", "2"])
+        result = run(single_process, argv + extra + ["--save", str(save), "--load", str(save), "--exit-interval", "2"])
         assert result["iteration"] == [1, 2], result
         saves[name] = save
     return saves
@@ -88,11 +80,12 @@ def assert_close(actual: list[float], expected: list[float], rtol: float = 1e-5)
 
 
 @pytest.mark.parametrize("name", [*TYPES, "SHARDED_async", "FULL_async"])
-def test_stopped_and_resumed_run_is_bitwise_identical(name, argv, ctx, reference, interrupted, tmp_path):
+def test_stopped_and_resumed_run_is_bitwise_identical(name, argv, single_process, reference, interrupted, tmp_path):
     save = tmp_path / "run"
     shutil.copytree(interrupted[name], save)
     extra = ["--async-save"] if name.endswith("async") else []
-    resumed = run(ctx, argv + extra + ["--save", str(save), "--load", str(save)])  # same DIR: automatic resume
+    # The same DIR for both: automatic resume.
+    resumed = run(single_process, argv + extra + ["--save", str(save), "--load", str(save)])
     assert resumed["iteration"] == [3, 4]
     assert resumed["loss"] == reference["loss"][2:]  # bitwise
     assert resumed["grad_norm"] == reference["grad_norm"][2:]
@@ -101,49 +94,49 @@ def test_stopped_and_resumed_run_is_bitwise_identical(name, argv, ctx, reference
     assert sorted(p.name for p in save.iterdir()) == ["iter_0000002", "iter_0000004", "latest"]
 
 
-def test_background_save_holds_the_state_of_its_iteration(argv, ctx, reference, tmp_path):
+def test_background_save_holds_the_state_of_its_iteration(argv, single_process, reference, tmp_path):
     # Training goes on while iteration 2's checkpoint is written: it must still hold iteration 2's state.
     save = tmp_path / "run"
-    continuous = run(ctx, argv + ["--save", str(save), "--save-interval", "2", "--async-save"])
+    continuous = run(single_process, argv + ["--save", str(save), "--save-interval", "2", "--async-save"])
     assert continuous["loss"] == reference["loss"]
-    resumed = run(ctx, argv + ["--load", str(save / "iter_0000002")])
+    resumed = run(single_process, argv + ["--load", str(save / "iter_0000002")])
     assert resumed["loss"] == reference["loss"][2:]
 
 
-def test_validation_stream_continues_where_it_stopped(argv, ctx, tmp_path, monkeypatch):
+def test_validation_stream_continues_where_it_stopped(argv, single_process, tmp_path, monkeypatch):
     from kotomamba import train
 
     losses: list[float] = []
     evaluate = train.evaluate
     monkeypatch.setattr(train, "evaluate", lambda *a, **k: losses.append(evaluate(*a, **k)["loss"]) or {"loss": losses[-1]})
     evaluating = argv + ["--eval-iters", "1", "--eval-interval", "1"]
-    assert "error" not in run(ctx, evaluating)
+    assert "error" not in run(single_process, evaluating)
     whole, losses[:] = list(losses), []
-    run(ctx, evaluating + ["--save", str(tmp_path / "run"), "--exit-interval", "2"])
-    run(ctx, evaluating + ["--load", str(tmp_path / "run")])
+    run(single_process, evaluating + ["--save", str(tmp_path / "run"), "--exit-interval", "2"])
+    run(single_process, evaluating + ["--load", str(tmp_path / "run")])
     assert len(set(whole)) == 4 and losses == whole  # 4 different validation batches, resumed in place
 
 
-def test_fp16_loss_scale_and_skipped_steps_resume_exactly(argv, ctx, tmp_path):
+def test_fp16_loss_scale_and_skipped_steps_resume_exactly(argv, single_process, tmp_path):
     # Scale 2**20 overflows the first two steps (the optimizer has no state yet at the checkpoint), then
     # backs off far enough for step 3.
     fp16 = [a for a in argv if a != "--fp32"] + ["--fp16", "--initial-loss-scale", str(2.0**20), "--hysteresis", "1",
                                                  "--train-iters", "3"]
     save = tmp_path / "run"
-    whole = run(ctx, fp16)
+    whole = run(single_process, fp16)
     assert whole["skipped"] == [True, True, False]
-    first = run(ctx, fp16 + ["--save", str(save), "--exit-interval", "2"])
+    first = run(single_process, fp16 + ["--save", str(save), "--exit-interval", "2"])
     metadata = json.loads((save / "iter_0000002" / "checkpoint.json").read_text())
     assert not metadata["has_optimizer_state"] and metadata["train_state"]["skipped_iterations"] == 2
     assert metadata["loss_scaler"]["scale"] == 2.0**18
-    second = run(ctx, fp16 + ["--load", str(save)])
+    second = run(single_process, fp16 + ["--load", str(save)])
     for key in ("loss", "grad_norm", "skipped", "loss_scale"):
         assert first[key] + second[key] == whole[key], key
 
 
-def test_exit_duration_saves_and_stops(argv, ctx, tmp_path):
+def test_exit_duration_saves_and_stops(argv, single_process, tmp_path):
     save = tmp_path / "run"
-    result = run(ctx, argv + ["--save", str(save), "--exit-duration-in-mins", "1e-6"])
+    result = run(single_process, argv + ["--save", str(save), "--exit-duration-in-mins", "1e-6"])
     assert result["iteration"] == [1]
     assert (save / "latest").read_text().strip() == "iter_0000001"
 
@@ -189,26 +182,26 @@ def test_load_model_from_checkpoint_reads_every_type_alike(interrupted):
 # Saving: retention, failures
 
 
-def test_keep_last_k_deletes_only_older_complete_checkpoints(argv, ctx, reference, tmp_path):
+def test_keep_last_k_deletes_only_older_complete_checkpoints(argv, single_process, reference, tmp_path):
     save = tmp_path / "run"
     save.mkdir()
     (save / "wandb_run_id").write_text("abc")  # other tools' files in the run directory stay
     (save / "iter_0000001_notes").mkdir()
-    result = run(ctx, argv + ["--save", str(save), "--save-interval", "1", "--keep-last-k", "2"])
+    result = run(single_process, argv + ["--save", str(save), "--save-interval", "1", "--keep-last-k", "2"])
     assert result["loss"] == reference["loss"]  # saving changes nothing
     assert sorted(p.name for p in save.iterdir()) == [
         "iter_0000001_notes", "iter_0000003", "iter_0000004", "latest", "wandb_run_id"]
 
 
-def test_unwritable_save_directory_stops_before_training(argv, ctx, tmp_path):
+def test_unwritable_save_directory_stops_before_training(argv, single_process, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    result = run(ctx, argv + ["--save", str(blocker / "run")])
+    result = run(single_process, argv + ["--save", str(blocker / "run")])
     assert "error" in result
     assert f"--save {blocker / 'run'}: cannot write there" in result["error"]
 
 
-def test_full_disk_leaves_the_previous_checkpoint_as_it_was(argv, ctx, tmp_path, monkeypatch):
+def test_full_disk_leaves_the_previous_checkpoint_as_it_was(argv, single_process, tmp_path, monkeypatch):
     from torch.distributed.checkpoint import FileSystemWriter
 
     write_data = FileSystemWriter.write_data
@@ -220,7 +213,7 @@ def test_full_disk_leaves_the_previous_checkpoint_as_it_was(argv, ctx, tmp_path,
 
     monkeypatch.setattr(FileSystemWriter, "write_data", disk_full_at_iteration_2)
     save = tmp_path / "run"
-    result = run(ctx, argv + ["--save", str(save), "--save-interval", "1"])
+    result = run(single_process, argv + ["--save", str(save), "--save-interval", "1"])
     assert "No space left on device" in result["error"] and "iteration 2" in result["error"]
     assert "latest: iter_0000001" in result["error"]
     assert sorted(p.name for p in save.iterdir()) == ["iter_0000001", "latest"]
@@ -231,28 +224,28 @@ def test_full_disk_leaves_the_previous_checkpoint_as_it_was(argv, ctx, tmp_path,
 # Resume rules: what may change
 
 
-def test_data_changes_on_resume_are_refused_unless_overridden(argv, ctx, interrupted, tmp_path):
+def test_data_changes_on_resume_are_refused_unless_overridden(argv, single_process, interrupted, tmp_path):
     load = ["--load", str(interrupted["SHARDED_STATE_DICT"])]
-    refused = run(ctx, argv + load + ["--seq-length", "32"])
+    refused = run(single_process, argv + load + ["--seq-length", "32"])
     assert "--seq-length 32 differs from the checkpoint's 16" in refused["error"]
     assert "--override-data-on-resume" in refused["error"]
-    refused = run(ctx, argv + load + ["--split", "80,20,0"])
+    refused = run(single_process, argv + load + ["--split", "80,20,0"])
     assert "training samples" in refused["error"] and "--split changed" in refused["error"]
-    overridden = run(ctx, argv + load + ["--seq-length", "32", "--override-data-on-resume"])
+    overridden = run(single_process, argv + load + ["--seq-length", "32", "--override-data-on-resume"])
     assert overridden["iteration"] == [3, 4]
 
 
-def test_global_batch_size_may_change_on_resume(argv, ctx, interrupted):
+def test_global_batch_size_may_change_on_resume(argv, single_process, interrupted):
     # 8 samples consumed at GBS 4, then 2 iterations of GBS 2: 12 samples, more than --train-iters × GBS.
-    result = run(ctx, argv + ["--load", str(interrupted["SHARDED_STATE_DICT"]), "--global-batch-size", "2",
+    result = run(single_process, argv + ["--load", str(interrupted["SHARDED_STATE_DICT"]), "--global-batch-size", "2",
                               "--micro-batch-size", "2"])
     assert result["iteration"] == [3, 4] and result["consumed_samples"] == 12
 
 
-def test_another_model_is_refused(argv, ctx, interrupted, tiny_mamba2_config):
+def test_another_model_is_refused(argv, single_process, interrupted, tiny_mamba2_config):
     model = argv.index("--model") + 1
     other = argv[:model] + [str(tiny_mamba2_config)] + argv[model + 1:]
-    result = run(ctx, other + ["--load", str(interrupted["SHARDED_STATE_DICT"])])
+    result = run(single_process, other + ["--load", str(interrupted["SHARDED_STATE_DICT"])])
     assert "holds a different model than this run builds" in result["error"] and "ssm_cfg" in result["error"]
 
 
@@ -264,7 +257,7 @@ def test_latest_naming_a_missing_checkpoint_is_an_error(tmp_path):
 
 
 
-def test_load_of_a_model_or_a_foreign_checkpoint_is_not_a_fresh_start(argv, ctx, tmp_path):
+def test_load_of_a_model_or_a_foreign_checkpoint_is_not_a_fresh_start(argv, single_process, tmp_path):
     """--load pointed at a model directory or at Megatron-style iter_* directories: an error that says
     what to do, never a silent start from scratch (an empty directory still starts fresh)."""
     model_dir, megatron_dir, empty_dir = tmp_path / "model", tmp_path / "megatron", tmp_path / "empty"
@@ -274,7 +267,7 @@ def test_load_of_a_model_or_a_foreign_checkpoint_is_not_a_fresh_start(argv, ctx,
     (megatron_dir / "iter_0000100" / "mp_rank_00" / "model_optim_rng.pt").write_bytes(b"")
     (megatron_dir / "latest_checkpointed_iteration.txt").write_text("100")
     empty_dir.mkdir()
-    runs = {name: run(ctx, argv + ["--load", str(directory)])
+    runs = {name: run(single_process, argv + ["--load", str(directory)])
             for name, directory in (("model", model_dir), ("megatron", megatron_dir), ("empty", empty_dir))}
     assert runs["model"]["error"] == (f"--load {model_dir}: {model_dir} holds a model (config.json), not a training "
                                       f"checkpoint: to start from its weights use --base-model {model_dir}")
@@ -287,7 +280,7 @@ def test_load_of_a_model_or_a_foreign_checkpoint_is_not_a_fresh_start(argv, ctx,
 # Crash safety: SIGKILL while saving
 
 
-def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(argv, ctx, reference, tmp_path):
+def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(argv, single_process, reference, tmp_path):
     save, marker = tmp_path / "run", tmp_path / "paused"
     runs = {"killed": {"argv": argv + ["--save", str(save), "--save-interval", "1"],
                        "pause_before_publish": [2, str(marker)]}}
@@ -307,7 +300,7 @@ def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(argv, c
     # Fully written but unpublished: not a checkpoint.
     assert (save / ".tmp-iter_0000002" / "state" / ".metadata").is_file()
     assert (save / "latest").read_text().strip() == "iter_0000001"
-    resumed = run(ctx, argv + ["--save", str(save), "--load", str(save), "--save-interval", "1"])
+    resumed = run(single_process, argv + ["--save", str(save), "--load", str(save), "--save-interval", "1"])
     assert resumed["iteration"] == [2, 3, 4]
     assert resumed["loss"] == reference["loss"][1:]
     assert sorted(p.name for p in save.iterdir()) == ["iter_0000001", "iter_0000002", "iter_0000003",
@@ -346,7 +339,7 @@ def test_scheduler_signal_to_torchrun_saves_and_exits(argv, tmp_path):
 # Two processes (torchrun): resharding 1 -> 2 and 2 -> 1, async saves, signals
 
 
-def test_resharding_async_saves_and_signals_with_two_processes(argv, ctx, reference, interrupted, tmp_path):
+def test_resharding_async_saves_and_signals_with_two_processes(argv, single_process, reference, interrupted, tmp_path):
     out = tmp_path / "2proc"
     argv2 = argv + ["--micro-batch-size", "2"]  # 2 ranks × 2 samples = the global batch of 4
     bf16 = [a for a in argv2 if a != "--fp32"] + ["--bf16"]
@@ -388,7 +381,7 @@ def test_resharding_async_saves_and_signals_with_two_processes(argv, ctx, refere
         # Both ranks checksummed a share of the files; the merged record covers every file.
         assert json.loads((saved / "checksums.json").read_text()) == independent_checksums(saved)
         assert {"rng/rank_00000.pt", "rng/rank_00001.pt"} <= set(independent_checksums(saved))
-        resumed = run(ctx, argv + ["--load", str(out / name)])
+        resumed = run(single_process, argv + ["--load", str(out / name)])
         assert resumed["iteration"] == [3, 4]
         assert_close(resumed["loss"], reference["loss"][2:])
 
@@ -448,8 +441,8 @@ def _flip_one_bit(path: Path) -> None:
     ("SHARDED_STATE_DICT", "checkpoint.json", _truncate, "checkpoint.json"),
     ("FULL_STATE_DICT", "checkpoint.json", _garbage, "checkpoint.json"),
 ])
-def test_damaged_checkpoint_is_refused_naming_the_file(argv, ctx, interrupted, tmp_path, checkpoint_type, damaged,
-                                                      damage, named_by_reader, checksums):
+def test_damaged_checkpoint_is_refused_naming_the_file(argv, single_process, interrupted, tmp_path, checkpoint_type,
+                                                      damaged, damage, named_by_reader, checksums):
     copy = tmp_path / "save"
     shutil.copytree(interrupted[checkpoint_type], copy)
     checkpoint_dir = copy / "iter_0000002"
@@ -460,7 +453,7 @@ def test_damaged_checkpoint_is_refused_naming_the_file(argv, ctx, interrupted, t
         named = named_by_reader
     if checkpoint_type == "FULL_STATE_DICT":
         argv = argv + ["--checkpoint-type", "FULL_STATE_DICT"]
-    result = run(ctx, argv + ["--load", str(copy)])
+    result = run(single_process, argv + ["--load", str(copy)])
     assert "error" in result, result  # not a fresh start
     assert named in result["error"] and "\n" not in result["error"], result["error"]
     with pytest.raises(checkpoint_module.TrainingCheckpointError) as refused:
@@ -473,7 +466,8 @@ def test_damaged_checkpoint_is_refused_naming_the_file(argv, ctx, interrupted, t
 
 
 @pytest.mark.parametrize("checkpoint_type", ["SHARDED_STATE_DICT", "FULL_STATE_DICT"])
-def test_checksums_cover_every_file_and_catch_a_flipped_bit(argv, ctx, interrupted, tmp_path, checkpoint_type):
+def test_checksums_cover_every_file_and_catch_a_flipped_bit(argv, single_process, interrupted, tmp_path,
+                                                            checkpoint_type):
     """A single flipped bit in the model state loads without any reader noticing; the checksum does."""
     saved = interrupted[checkpoint_type] / "iter_0000002"
     assert json.loads((saved / "checksums.json").read_text()) == independent_checksums(saved)
@@ -483,9 +477,10 @@ def test_checksums_cover_every_file_and_catch_a_flipped_bit(argv, ctx, interrupt
                  and "rng" not in p.parts)
     _flip_one_bit(state)
     argv = argv + ["--checkpoint-type", checkpoint_type]
-    result = run(ctx, argv + ["--load", str(copy)])
+    result = run(single_process, argv + ["--load", str(copy)])
     relative = state.relative_to(copy / "iter_0000002")
-    assert f"{relative} has changed since it was saved (damaged or edited): its CRC32 is" in result.get("error", ""), result
+    expected = f"{relative} has changed since it was saved (damaged or edited): its CRC32 is"
+    assert expected in result.get("error", ""), result
     with pytest.raises(checkpoint_module.TrainingCheckpointError, match=f"{relative} has changed since it was saved"):
         load_model_from_checkpoint(str(copy), torch.device("cpu"))
 
@@ -505,18 +500,18 @@ def test_checkpoint_saved_before_checksums_still_loads(interrupted, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["missing", "garbage"])
-def test_missing_or_damaged_checksums_file_is_refused(argv, ctx, interrupted, tmp_path, damage):
+def test_missing_or_damaged_checksums_file_is_refused(argv, single_process, interrupted, tmp_path, damage):
     copy = tmp_path / "save"
     shutil.copytree(interrupted["SHARDED_STATE_DICT"], copy)
     checksums = copy / "iter_0000002" / "checksums.json"
     checksums.unlink() if damage == "missing" else checksums.write_bytes(os.urandom(64))
-    result = run(ctx, argv + ["--load", str(copy)])
+    result = run(single_process, argv + ["--load", str(copy)])
     assert "checksums.json" in result.get("error", "") and "\n" not in result["error"], result
 
 
-def test_damaged_rng_state_is_refused_naming_the_file(argv, ctx, interrupted, tmp_path):
+def test_damaged_rng_state_is_refused_naming_the_file(argv, single_process, interrupted, tmp_path):
     copy = tmp_path / "save"
     shutil.copytree(interrupted["SHARDED_STATE_DICT"], copy)
     _truncate(copy / "iter_0000002" / "rng" / "rank_00000.pt")
-    result = run(ctx, argv + ["--load", str(copy)])
+    result = run(single_process, argv + ["--load", str(copy)])
     assert "rng/rank_00000.pt" in result["error"] and "\n" not in result["error"], result

@@ -13,7 +13,6 @@ import torch
 
 from kotomamba.checkpoint import load_model_from_checkpoint
 from kotomamba.convert import ExportError, export, hf_config, main
-from kotomamba.distributed import init_distributed, shutdown_distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TINY_MAMBA1, TINY_MAMBA2, write_model_config  # noqa: E402
@@ -24,14 +23,8 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU conversio
 
 
 @pytest.fixture(scope="module")
-def ctx():
-    context = init_distributed(use_mpi=False)
-    yield context
-    shutdown_distributed()
-
-
-@pytest.fixture(scope="module")
-def checkpoints(ctx, tmp_path_factory, tokenized_corpus, sentencepiece_model, hf_tokenizer_dir) -> dict[str, Path]:
+def checkpoints(single_process, tmp_path_factory, tokenized_corpus, sentencepiece_model,
+                hf_tokenizer_dir) -> dict[str, Path]:
     """One-iteration training runs: Mamba-1 with a Hugging Face tokenizer (sharded), Mamba-2 with
     SentencePiece (one consolidated file), and Mamba-1 with MLP blocks (not expressible in transformers)."""
     directory = tmp_path_factory.mktemp("convert")
@@ -49,7 +42,7 @@ def checkpoints(ctx, tmp_path_factory, tokenized_corpus, sentencepiece_model, hf
             "--save", str(directory / name),
             "--checkpoint-type", "FULL_STATE_DICT" if name == "mamba2" else "SHARDED_STATE_DICT",
         ]
-    results = run_configurations(runs, ctx)
+    results = run_configurations(runs, single_process)
     assert all("error" not in result for result in results.values()), results
     return {name: directory / name for name in models}
 
@@ -58,7 +51,7 @@ def sample_tokens() -> torch.Tensor:
     return torch.randint(0, 400, (2, 37), generator=torch.Generator().manual_seed(0))
 
 
-def test_mamba_ssm_export_loads_with_from_pretrained_and_as_base_model(ctx, checkpoints, tokenized_corpus,
+def test_mamba_ssm_export_loads_with_from_pretrained_and_as_base_model(single_process, checkpoints, tokenized_corpus,
                                                                        hf_tokenizer_dir, tmp_path):
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
@@ -81,7 +74,7 @@ def test_mamba_ssm_export_loads_with_from_pretrained_and_as_base_model(ctx, chec
             str(hf_tokenizer_dir), "--data-path", str(tokenized_corpus), "--split", "100,0,0", "--seq-length", "16",
             "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1", "--lr", "0",
             "--eval-iters", "0", "--num-workers", "0", "--fp32", "--save", str(tmp_path / "continued")]
-    result = run_configurations({"continued": argv}, ctx)["continued"]
+    result = run_configurations({"continued": argv}, single_process)["continued"]
     assert result["iteration"] == [1], result
     continued, _ = load_model_from_checkpoint(str(tmp_path / "continued"), torch.device("cpu"))
     for (name, a), b in zip(ours.state_dict().items(), continued.state_dict().values()):
@@ -196,7 +189,7 @@ def test_hugging_face_model_round_trips_through_the_mamba_ssm_format(model_type,
         assert torch.equal(returned(sample_tokens()).logits, original(sample_tokens()).logits)
 
 
-def test_base_model_may_be_a_hugging_face_directory(ctx, hf_tokenizer_dir, tokenized_corpus, tmp_path):
+def test_base_model_may_be_a_hugging_face_directory(single_process, hf_tokenizer_dir, tokenized_corpus, tmp_path):
     from kotomamba.model import CheckpointError, load_base_model
 
     original = tiny_hf_model("mamba2", tmp_path / "hf", hf_tokenizer_dir)
@@ -204,7 +197,7 @@ def test_base_model_may_be_a_hugging_face_directory(ctx, hf_tokenizer_dir, token
             str(hf_tokenizer_dir), "--data-path", str(tokenized_corpus), "--split", "100,0,0", "--seq-length", "16",
             "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "2", "--lr", "0",
             "--eval-iters", "0", "--num-workers", "0", "--fp32", "--save", str(tmp_path / "continued")]
-    result = run_configurations({"continued": argv}, ctx)["continued"]
+    result = run_configurations({"continued": argv}, single_process)["continued"]
     assert result["iteration"] == [1, 2], result
     continued, _ = load_model_from_checkpoint(str(tmp_path / "continued"), torch.device("cpu"))
     with torch.no_grad():  # lr 0: training kept exactly the Hugging Face weights

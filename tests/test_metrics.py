@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from kotomamba import metrics, plot
-from kotomamba.distributed import init_distributed, shutdown_distributed
 from kotomamba.flops import flops_per_token
 from kotomamba.model import load_model_config
 from kotomamba.sinks import WANDB_RUN_ID_FILE, MetricLogger, MetricsSinkError
@@ -32,13 +31,6 @@ ITERATIONS, LOG_INTERVAL, EVAL_INTERVAL = 4, 2, 2
 GLOBAL_BATCH, SEQ_LENGTH = 4, 32
 MAX_LR, PEAK_TFLOPS = 2e-3, 0.5
 EVAL_SLEEP = 0.5  # added to every evaluation: training throughput must not see it
-
-
-@pytest.fixture(scope="module")
-def single_process():
-    ctx = init_distributed(use_mpi=False)
-    yield ctx
-    shutdown_distributed()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from kotomamba import plot
-from kotomamba.distributed import init_distributed, shutdown_distributed
 from kotomamba.optimizer_stats import QUANTITIES, STATISTICS, OptimizerStats, stat_groups
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -39,13 +38,6 @@ def test_group_names():
     assert stat_groups("backbone.layers.11.mixer.A_log") == ("all", "layers.11", "layers.*.mixer.A_log")
     assert stat_groups("backbone.norm_f.weight") == ("all", "norm_f")
     assert stat_groups("lm_head.weight") == ("all", "lm_head")
-
-
-@pytest.fixture(scope="module")
-def single_process():
-    ctx = init_distributed(use_mpi=False)
-    yield ctx
-    shutdown_distributed()
 
 
 class TwoLayers(nn.Module):

@@ -14,11 +14,10 @@ import pytest
 import torch
 
 import pretrain
-from kotomamba.arguments import parse_args
-from kotomamba.distributed import init_distributed, shutdown_distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launching import run_worker, torchrun_command  # noqa: E402
+from reference_training import plain_training  # noqa: E402
 from training_worker import run_configurations  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,13 +37,6 @@ def base_argv(tiny_mamba1_config, sentencepiece_model, tokenized_corpus) -> list
 
 
 @pytest.fixture(scope="module")
-def single_process():
-    ctx = init_distributed(use_mpi=False)
-    yield ctx
-    shutdown_distributed()
-
-
-@pytest.fixture(scope="module")
 def baseline(base_argv, single_process) -> dict:
     return run_configurations({"baseline": base_argv}, single_process)["baseline"]
 
@@ -59,44 +51,12 @@ def assert_close(actual: list[float], expected: list[float], rtol: float) -> Non
         assert a == pytest.approx(e, rel=rtol), f"iteration {step}: {a} != {e}"
 
 
-def plain_pytorch_losses(argv: list[str]) -> tuple[list[float], list[float]]:
-    """The same training written as a plain loop over an unsharded model: the reference for FSDP."""
-    import torch.nn.functional as F
-
-    from kotomamba.model import build_model, load_model_config
-    from kotomamba.optim import LRSchedule, apply_lr, build_optimizer, marked_no_weight_decay_names
-    from kotomamba.train import build_datasets
-    from megatron_lm.tokenizer import build_tokenizer
-
-    args = parse_args(argv)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-    model = build_model(load_model_config(args.model, tokenizer.vocab_size), seed=args.seed)
-    optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay,
-                                betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-                                no_decay_names=marked_no_weight_decay_names(model))
-    schedule = LRSchedule(max_lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,
-                          decay_iters=args.lr_decay_iters, style=args.lr_decay_style)
-    train_ds, _, _ = build_datasets(args)
-    losses, grad_norms = [], []
-    for iteration in range(args.train_iters):
-        apply_lr(optimizer, schedule.lr_at(iteration))
-        samples = [train_ds[i] for i in range(iteration * args.global_batch_size, (iteration + 1) * args.global_batch_size)]
-        tokens = torch.tensor(sum((s["tokens"].tolist() for s in samples), [])).view(len(samples), -1)
-        labels = torch.tensor(sum((s["labels"].tolist() for s in samples), [])).view(len(samples), -1)
-        logits = model(tokens).logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1))
-        loss.backward()
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm).item())
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses, grad_norms
-
-
 def test_fsdp_training_matches_a_plain_pytorch_loop(base_argv, baseline):
-    expected_losses, expected_grad_norms = plain_pytorch_losses(base_argv)
+    """reference_training.plain_training: the same training as a plain loop over an unsharded model."""
+    reference = plain_training(base_argv)
+    expected_losses, expected_grad_norms = list(reference["loss"].values()), list(reference["grad_norm"].values())
     assert_close(baseline["loss"], expected_losses, rtol=1e-5)
-    assert_close(baseline["grad_norm"], expected_grad_norms, rtol=1e-4)  # torch's own unsharded clip_grad_norm_
+    assert_close(baseline["grad_norm"], expected_grad_norms, rtol=1e-4)  # unsharded, in double precision
     assert expected_losses[-1] < expected_losses[0]
 
 
