@@ -245,6 +245,21 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def scale_gradients_(grads: Iterable[torch.Tensor], factor: float, foreach: bool | None = None) -> None:
+    """Multiply gradients in place by ``factor``, each rank its local shard: one fused multiply per device
+    and dtype (``foreach=False``: one per tensor)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for grad in grads:
+        local = _local(grad)
+        groups.setdefault((local.device, local.dtype), []).append(local)
+    for group in groups.values():
+        if foreach is False:
+            for grad in group:
+                grad.mul_(factor)
+        else:
+            torch._foreach_mul_(group, factor)
+
+
 def clip_grad_norm(
     parameters: Iterable[torch.Tensor] | torch.Tensor,
     max_norm: float | None,
@@ -281,10 +296,5 @@ def clip_grad_norm(
         if math.isfinite(norm_value):
             clip_coefficient = max_norm / (norm_value + 1e-6)
             if clip_coefficient < 1.0:
-                local_grads = [_local(g) for g in grads]
-                if foreach is False:
-                    for grad in local_grads:
-                        grad.mul_(clip_coefficient)
-                else:
-                    torch._foreach_mul_(local_grads, clip_coefficient)
+                scale_gradients_(grads, clip_coefficient, foreach)
     return total_norm

@@ -31,12 +31,12 @@ the parameter dtype is not fp32. ``FP32_PARAMETER_NAMES`` lists the names.
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.tensor import DTensor
+
+from kotomamba.optim import scale_gradients_
 
 FP32_PARAMETER_NAMES = ("A_log", "D", "dt_bias")
 
@@ -152,19 +152,6 @@ def autocast_context(policy: PrecisionPolicy, device_type: str):
     return torch.autocast(device_type=device_type, dtype=policy.compute_dtype)
 
 
-def _unscale_gradients(parameters: Iterable[torch.Tensor], inverse_scale: float) -> None:
-    """Multiply every gradient (each rank its local shard) by ``inverse_scale``: one fused multiply per
-    device and dtype instead of one kernel per tensor."""
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
-    for parameter in parameters:
-        grad = parameter.grad
-        if grad is not None:
-            local = grad.to_local() if isinstance(grad, DTensor) else grad
-            groups[(local.device, local.dtype)].append(local)
-    for grads in groups.values():
-        torch._foreach_mul_(grads, inverse_scale)
-
-
 class DynamicLossScaler:
     """Megatron's ``DynamicGradScaler`` for fp16 training.
 
@@ -213,7 +200,7 @@ class DynamicLossScaler:
 
     def unscale_(self, parameters: Iterable[torch.Tensor]) -> None:
         """Divide the gradients by ``scale`` in place."""
-        _unscale_gradients(parameters, 1.0 / self.scale)
+        scale_gradients_([p.grad for p in parameters if p.grad is not None], 1.0 / self.scale)
 
     def is_calibrating(self, loss_scale: float) -> bool:
         """Whether an overflow at `loss_scale` is this scaler finding its level (the scale can still come
