@@ -419,12 +419,14 @@ def read_checksums(directory: Path) -> dict[str, dict[str, Any]]:
     return recorded
 
 
-def verify_checkpoint_files(directory: Path, rank: int = 0, world_size: int = 1) -> str | None:
+def verify_checkpoint_files(directory: Path, metadata: dict[str, Any], rank: int = 0,
+                            world_size: int = 1) -> str | None:
     """Check this rank's share of a checkpoint's files against checksums.json; a description of the
-    first damaged or missing file, or None. Checkpoints saved without checksums.json pass."""
+    first damaged or missing file, or None. `metadata` is its checkpoint.json (read_metadata);
+    checkpoints saved without checksums.json pass."""
+    if "checksums" not in metadata:
+        return None
     try:
-        if "checksums" not in read_metadata(directory):
-            return None
         recorded = read_checksums(directory)
     except TrainingCheckpointError as error:
         return str(error)
@@ -640,7 +642,7 @@ class CheckpointManager:
         directory, metadata = self.resume_dir, self.resume_metadata
         assert metadata is not None
         started = time.perf_counter()
-        error = verify_checkpoint_files(directory, self.ctx.rank, self.ctx.world_size)
+        error = verify_checkpoint_files(directory, metadata, self.ctx.rank, self.ctx.world_size)
         self._agree(error and f"cannot resume from {directory}: {error}")
         logger.info("checked the files of %s against %s (%.1f s)", directory, CHECKSUMS, time.perf_counter() - started)
         self._check_model_config(directory)
@@ -1098,7 +1100,7 @@ def load_model_from_checkpoint(path: str, device: torch.device) -> tuple[MambaLM
     if directory is None:
         raise TrainingCheckpointError(f"{path} holds no kotomamba checkpoint")
     metadata = read_metadata(directory)
-    problem = verify_checkpoint_files(directory)
+    problem = verify_checkpoint_files(directory, metadata)
     if problem is not None:
         raise TrainingCheckpointError(f"cannot read the model of checkpoint {directory}: {problem}")
     config_path = directory / MODEL_CONFIG

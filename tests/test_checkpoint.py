@@ -494,7 +494,7 @@ def test_checkpoint_saved_before_checksums_still_loads(interrupted, tmp_path):
     del metadata["checksums"]
     (directory / "checkpoint.json").write_text(json.dumps(metadata))
     (directory / "checksums.json").unlink()
-    assert checkpoint_module.verify_checkpoint_files(directory) is None
+    assert checkpoint_module.verify_checkpoint_files(directory, metadata) is None
     model, info = load_model_from_checkpoint(str(copy), torch.device("cpu"))
     assert info["iteration"] == 2
 
