@@ -107,16 +107,6 @@ def per_token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: 
     return losses.view(labels.shape)
 
 
-def _chunked_model_loss(self: nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
-                        reduction: str = "mean") -> torch.Tensor:
-    """Bound to a MambaLMHeadModel: its forward up to the final norm, then the chunked loss through its
-    (possibly tied) output layer. mamba-ssm's lm_head is a bias-free Linear."""
-    hidden = self.backbone(tokens)
-    if reduction == "none":
-        return per_token_cross_entropy(hidden, self.lm_head.weight, labels, self._loss_chunk_tokens)
-    return linear_cross_entropy(hidden, self.lm_head.weight, labels, self._loss_chunk_tokens)
-
-
 def training_loss(model: nn.Module, chunk_tokens: int = 0) -> LossFunction:
     """`loss(tokens, labels, reduction="mean")` for `model` (a mamba-ssm MambaLMHeadModel, FSDP-sharded
     or not): through the full logits when `chunk_tokens` is 0, else chunked (training and evaluation).
@@ -125,8 +115,17 @@ def training_loss(model: nn.Module, chunk_tokens: int = 0) -> LossFunction:
         return lambda tokens, labels, reduction="mean": language_model_loss(model(tokens).logits, labels, reduction)
     if getattr(model.lm_head, "bias", None) is not None:
         raise ValueError("the chunked loss needs a bias-free lm_head, as mamba-ssm builds it")
-    model._loss_chunk_tokens = chunk_tokens
-    model.chunked_loss = _chunked_model_loss.__get__(model)
+
+    def chunked_loss(self: nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
+                     reduction: str = "mean") -> torch.Tensor:
+        """The model's forward up to the final norm, then the chunked loss through its (possibly tied)
+        output layer."""
+        hidden = self.backbone(tokens)
+        if reduction == "none":
+            return per_token_cross_entropy(hidden, self.lm_head.weight, labels, chunk_tokens)
+        return linear_cross_entropy(hidden, self.lm_head.weight, labels, chunk_tokens)
+
+    model.chunked_loss = chunked_loss.__get__(model)
     # FSDP all-gathers the root's parameters (embedding, final norm, lm_head) around `forward` only;
     # this makes it do the same around our method (a no-op for an unsharded model).
     register_fsdp_forward_method(model, "chunked_loss")
