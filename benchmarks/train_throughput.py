@@ -59,15 +59,29 @@ def _category(name: str) -> str:
     return "other"
 
 
+def work_events(events, on_gpu: bool, time_of) -> list:
+    """The profiler's events that are work: kernels (ops on a CPU) with time of their own. Annotations
+    (`record_function` ranges such as `Optimizer.step#AdamW.step`, FSDP1's `FullyShardedDataParallel.forward`,
+    `nccl:_all_gather_base`) also appear with device time, which is that of the kernels inside them,
+    counted again; they are left out."""
+    import torch
+
+    return [e for e in events
+            if not getattr(e, "is_user_annotation", False) and time_of(e) > 0
+            and (not on_gpu or e.device_type == torch.autograd.DeviceType.CUDA)]
+
+
 class StepProfiler:
     """Profiles PROFILED_STEPS steps once `start` steps have completed (after the timed ones, so the
     profiler does not distort the throughput) and writes DIR/LABEL.txt: time per kernel category and
-    the top kernels, by device time on a GPU (CPU time on a CPU)."""
+    the top kernels, by device time on a GPU (CPU time on a CPU); on a GPU also the ops that take the
+    most CPU time, which show where a step that leaves the GPU idle spends it."""
 
     def __init__(self, directory: str | None, label: str, start: int, rank: int = 0) -> None:
         self.directory, self.label, self.start, self.rank = directory, label, start, rank
         self.profiler = None
         self.completed = 0
+        self.profile_started = 0.0
 
     @property
     def extra_steps(self) -> int:
@@ -86,34 +100,44 @@ class StepProfiler:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.start()
+            self.profile_started = time.perf_counter()
         elif self.profiler is not None and self.completed == self.start + PROFILED_STEPS:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - self.profile_started) * 1e3 / PROFILED_STEPS
             self.profiler.stop()
-            self._write()
+            self._write(wall_ms)
             self.profiler = None
 
-    def _write(self) -> None:
+    def _write(self, wall_ms: float, on_gpu: bool | None = None) -> None:
         import torch
 
-        on_gpu = torch.cuda.is_available()
-        events = [e for e in self.profiler.key_averages()
-                  if (e.device_type == torch.autograd.DeviceType.CUDA) == on_gpu or not on_gpu]
+        on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
         time_of = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
-        events = [e for e in events if time_of(e) > 0]
+        averages = self.profiler.key_averages()
+        events = work_events(averages, on_gpu, time_of)
         total = sum(time_of(e) for e in events) or 1
         by_category: dict[str, float] = {}
         for event in events:
             by_category[_category(event.key)] = by_category.get(_category(event.key), 0.0) + time_of(event)
         clock = "GPU kernel time" if on_gpu else "CPU time (self, per op)"
-        lines = [f"{self.label}: {PROFILED_STEPS} steps, {clock} {total / 1e3 / PROFILED_STEPS:.1f} ms per step", "",
+        lines = [f"{self.label}: {PROFILED_STEPS} steps, {clock} {total / 1e3 / PROFILED_STEPS:.1f} ms per step "
+                 f"(steps of {wall_ms:.1f} ms wall time with the profiler on)", "",
                  "| category | share | ms per step |", "|---|---|---|"]
         for category, micros in sorted(by_category.items(), key=lambda item: -item[1]):
             lines.append(f"| {category} | {100 * micros / total:.1f}% | {micros / 1e3 / PROFILED_STEPS:.1f} |")
         lines += ["", f"| {'kernel' if on_gpu else 'op'} | category | share | calls per step |", "|---|---|---|---|"]
-        for event in sorted(events, key=time_of, reverse=True)[:25]:
+        for event in sorted(events, key=time_of, reverse=True)[:40]:
             lines.append(f"| `{event.key[:90]}` | {_category(event.key)} | {100 * time_of(event) / total:.1f}% "
                          f"| {event.count / PROFILED_STEPS:g} |")
+        if on_gpu:
+            cpu_time = lambda e: e.self_cpu_time_total  # noqa: E731
+            cpu_events = work_events(averages, False, cpu_time)
+            lines += ["", f"CPU time (self, per op): {sum(map(cpu_time, cpu_events)) / 1e3 / PROFILED_STEPS:.1f} ms "
+                          "per step", "", "| op | ms per step | calls per step |", "|---|---|---|"]
+            for event in sorted(cpu_events, key=cpu_time, reverse=True)[:20]:
+                lines.append(f"| `{event.key[:90]}` | {cpu_time(event) / 1e3 / PROFILED_STEPS:.2f} "
+                             f"| {event.count / PROFILED_STEPS:g} |")
         path = Path(self.directory) / (self.label.replace(" ", "_").replace("/", "-") + ".txt")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n")
@@ -153,9 +177,12 @@ def plan(name: str) -> list[Case]:
         Case("kotomamba", "2.8b", 1, 2048, 8, "--cross-entropy-chunk-tokens 4096"),
         Case("kotomamba", "2.8b", 1, 2048, 16, "--cross-entropy-chunk-tokens 4096"),
         Case("kotomamba", "2.8b", 1, 2048, 16, "--cross-entropy-chunk-tokens 4096 --activation-checkpointing-layers 16"),
+        Case("recipe", "2.8b", 1, 2048, 8), Case("recipe", "2.8b", 1, 2048, 16),
         Case("kotomamba", "2.8b", 2, 2048, 4), Case("kotomamba", "2.8b", 2, 2048, 8),
-        Case("recipe", "2.8b", 2, 2048, 4), Case("recipe", "2.8b", 2, 2048, 8),
+        Case("kotomamba", "2.8b", 2, 2048, 16, "--cross-entropy-chunk-tokens 4096"),
+        Case("recipe", "2.8b", 2, 2048, 4), Case("recipe", "2.8b", 2, 2048, 8), Case("recipe", "2.8b", 2, 2048, 16),
         Case("kotomamba", "mamba2-2.7b", 1, 2048, 4), Case("recipe", "mamba2-2.7b", 1, 2048, 4),
+        Case("kotomamba", "mamba2-2.7b", 1, 2048, 8), Case("recipe", "mamba2-2.7b", 1, 2048, 8),
         Case("kotomamba", "1.4b", 1, 8192, 1), Case("kotomamba", "1.4b", 1, 16384, 1),
         Case("kotomamba", "1.4b", 1, 16384, 1, "--cross-entropy-chunk-tokens 4096"),
     ]
@@ -377,6 +404,7 @@ def summarize(rows: list[tuple[Case, dict]], gpu_name: str) -> str:
     peak = peak_flops(gpu_name, "bfloat16")
     table = []
     by_key = {}
+    ours_by_shape = {}  # (model, seq, micro batch, options) -> {gpus: tokens/s per GPU}
     for case, result in rows:
         if result.get("status") != "ok":
             table.append([case.runner, case.model, case.gpus, case.seq, case.micro_batch, case.options or "-",
@@ -385,6 +413,8 @@ def summarize(rows: list[tuple[Case, dict]], gpu_name: str) -> str:
         tokens_per_gpu = case.micro_batch * case.seq / result["step_s"]
         flops = flops_per_token(model_config(case.model), case.seq)
         mfu = f"{100 * tokens_per_gpu * flops / peak:.1f}%" if peak else "n/a"
+        if case.runner == "kotomamba":
+            ours_by_shape.setdefault((case.model, case.seq, case.micro_batch, case.options), {})[case.gpus] = tokens_per_gpu
         by_key[(case.runner, case.model, case.gpus, case.seq)] = max(
             tokens_per_gpu, by_key.get((case.runner, case.model, case.gpus, case.seq), 0.0))
         table.append([case.runner, case.model, case.gpus, case.seq, case.micro_batch, case.options or "-",
@@ -396,11 +426,10 @@ def summarize(rows: list[tuple[Case, dict]], gpu_name: str) -> str:
     header = ["runner", "model", "GPUs", "seq", "micro batch", "options", "tokens/s per GPU", "MFU",
               "peak GiB", "s/step", "ours (best mb) ÷ this"]
     lines = [markdown_table(header, table)]
-    scaling = [(m, by_key.get(("kotomamba", m, 2, s)), by_key.get(("kotomamba", m, 1, s)))
-               for (r, m, g, s) in by_key if r == "kotomamba" and g == 1]
-    for model, two, one in scaling:
-        if two and one:
-            lines.append(f"\n1→2 GPU scaling, {model} (best micro batch each): {2 * two / one:.2f}× total throughput")
+    for (model, seq, micro_batch, options), per_gpu in ours_by_shape.items():
+        if 1 in per_gpu and 2 in per_gpu:
+            lines.append(f"\nOurs, 1→2 GPU scaling, {model} seq {seq} micro batch {micro_batch} {options}".rstrip()
+                         + f": {2 * per_gpu[2] / per_gpu[1]:.2f}× the total throughput")
     return "\n".join(lines)
 
 
