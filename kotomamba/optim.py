@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -278,19 +279,25 @@ def clip_grad_norm(
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    # DTensor norms of different meshes cannot be stacked, so sum squares per mesh.
-    grads_by_mesh: dict[object, list[torch.Tensor]] = {}
+    # Each rank sums the squares of its local pieces, one fused norm per (mesh, sharded mesh dimensions),
+    # then adds the other ranks' sums over the dimensions that shard them (replicated ones hold copies):
+    # two kernels and one all-reduce instead of a DTensor norm op, and its kernel, per gradient.
+    pieces: dict[tuple[object, tuple[int, ...]], list[torch.Tensor]] = {}
     for grad in grads:
-        mesh = grad.device_mesh if isinstance(grad, DTensor) else None
-        grads_by_mesh.setdefault(mesh, []).append(grad)
+        key: tuple[object, tuple[int, ...]] = (None, ())
+        if isinstance(grad, DTensor):
+            if any(placement.is_partial() for placement in grad.placements):
+                raise ValueError(f"clip_grad_norm: a gradient with a partial placement {grad.placements}")
+            key = (grad.device_mesh, tuple(i for i, p in enumerate(grad.placements) if p.is_shard()))
+        pieces.setdefault(key, []).append(_local(grad))
     device = _local(grads[0]).device
-    squared_sum = torch.zeros((), dtype=torch.float32, device=device)
-    for mesh, mesh_grads in grads_by_mesh.items():
-        norm = torch.nn.utils.get_total_norm(mesh_grads, norm_type=2.0, foreach=foreach)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        squared_sum = squared_sum + norm.to(device=device, dtype=torch.float32) ** 2
-    total_norm = squared_sum.sqrt()
+    squared_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for (mesh, shard_dims), tensors in pieces.items():
+        squared = torch.nn.utils.get_total_norm(tensors, norm_type=2.0, foreach=foreach).double() ** 2
+        for dim in shard_dims:
+            dist.all_reduce(squared, group=mesh.get_group(dim))
+        squared_sum += squared.to(device)
+    total_norm = squared_sum.sqrt().float()
     if max_norm:
         norm_value = float(total_norm)
         if math.isfinite(norm_value):
