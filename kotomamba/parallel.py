@@ -62,10 +62,8 @@ class ShardedModel:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        pieces = flat.split([g.numel() for g in grads])
+        torch._foreach_copy_(grads, [piece.view_as(g) for piece, g in zip(pieces, grads)])
 
 
 def mesh_layout(strategy: str, world_size: int, processes_per_node: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
