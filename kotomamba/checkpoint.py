@@ -69,7 +69,7 @@ import zlib
 from argparse import Namespace
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -537,6 +537,10 @@ class CheckpointManager:
         self._async = bool(args.async_save) and self.save_dir is not None
         # Background writes run collectives while training runs its own: they get their own gloo group.
         self._async_group = dist.new_group(backend="gloo") if self._async and sharded else None
+        # The stop decision every iteration agrees over the CPU: a GPU collective would wait for all the
+        # training work queued before it (the optimizer step) instead of letting the next step start.
+        self._control_group = (dist.new_group(backend="gloo")
+                               if self._distributed() and dist.get_backend() != "gloo" else None)
         self._writer = ThreadPoolExecutor(1, "checkpoint-writer") if self._async and not sharded else None
         if self.save_dir is not None:
             self._agree(self._on_rank0(self._prepare_save_dir))
@@ -591,8 +595,8 @@ class CheckpointManager:
     def _max_over_ranks(self, values: list[int]) -> list[int]:
         if not self._distributed():
             return values
-        tensor = torch.tensor(values, dtype=torch.int64, device=self.ctx.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        tensor = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._control_group)
         return tensor.tolist()
 
     # --- setup --------------------------------------------------------------------------------------
@@ -975,10 +979,13 @@ class CheckpointManager:
 
     # --- the loop's step boundary --------------------------------------------------------------------
 
-    def after_iteration(self, state: TrainState) -> bool:
+    def after_iteration(self, state: TrainState,
+                        pause: Callable[[], AbstractContextManager[object]] = nullcontext) -> bool:
         """Publish a finished background save, save at --save-interval, and decide (the same on every
         rank) whether to stop now: SIGTERM/SIGUSR1 on any rank, --exit-duration-in-mins, --exit-interval.
-        Returns True when the loop should stop (after saving, when --save is set)."""
+        Returns True when the loop should stop (after saving, when --save is set). Saving and waiting for
+        a save run inside `pause()` (the loop's meter stops its training clock); an iteration with
+        nothing to write does not enter it."""
         args, iteration = self.args, state.iteration
         pending = self._pending
         busy = pending is not None and pending.future is not None and not pending.future.done()
@@ -986,7 +993,8 @@ class CheckpointManager:
                      and time.monotonic() - self._started >= 60 * args.exit_duration_in_mins)
         signum, over_time, busy = self._max_over_ranks([_exit_request.signum or 0, int(over_time), int(busy)])
         if pending is not None and not busy:
-            self.wait()
+            with pause():
+                self.wait()
         reason = None
         if signum:
             reason = f"{signal.Signals(signum).name} received"
@@ -997,12 +1005,14 @@ class CheckpointManager:
         if reason is not None and not signum and iteration >= args.train_iters:
             reason = None  # the run is complete anyway: finish normally (final save, test evaluation)
         if self.save_dir is not None and (reason or iteration % args.save_interval == 0):
-            self.save(state)
+            with pause():
+                self.save(state)
         if reason is None:
             return False
         self.exited = True
         if self.save_dir is not None:
-            self.wait()
+            with pause():
+                self.wait()
             logger.info("exiting at iteration %d (%s) after saving %s", iteration, reason,
                         self.save_dir / iteration_dir_name(iteration))
         else:
@@ -1016,9 +1026,10 @@ class CheckpointManager:
         self.wait()
         if self._writer is not None:
             self._writer.shutdown()
-        if self._async_group is not None:
-            dist.destroy_process_group(self._async_group)
-            self._async_group = None
+        for group in (self._async_group, self._control_group):
+            if group is not None:
+                dist.destroy_process_group(group)
+        self._async_group = self._control_group = None
 
 
 def _write_rng(temporary: Path, rank: int) -> None:

@@ -381,8 +381,7 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
             metric_logger.log(iteration, values, metrics.format_evaluation_line("valid", iteration, values))
 
         # Saves at --save-interval; True when the run must stop now (SIGTERM/SIGUSR1, --exit-*), after saving.
-        with meter.paused():  # checkpointing is not training time either
-            stop = checkpointer.after_iteration(state)
+        stop = checkpointer.after_iteration(state, pause=meter.paused)  # saving is not training time either
         if stop:
             break
 

@@ -515,3 +515,21 @@ def test_damaged_rng_state_is_refused_naming_the_file(argv, single_process, inte
     _truncate(copy / "iter_0000002" / "rng" / "rank_00000.pt")
     result = run(single_process, argv + ["--load", str(copy)])
     assert "rng/rank_00000.pt" in result["error"] and "\n" not in result["error"], result
+
+
+def test_iterations_without_a_save_do_not_pause_the_training_clock(argv, single_process, tmp_path, monkeypatch):
+    """The meter's pause synchronizes the GPU (training work queued before it would otherwise be
+    counted as checkpointing): only iterations that write or wait for a checkpoint may enter it."""
+    from kotomamba import metrics
+
+    entered = []
+    real_paused = metrics.IntervalMeter.paused
+
+    def counting_paused(self):
+        entered.append(1)
+        return real_paused(self)
+
+    monkeypatch.setattr(metrics.IntervalMeter, "paused", counting_paused)
+    result = run(single_process, argv + ["--save", str(tmp_path / "run"), "--save-interval", "2"])
+    assert len(result["loss"]) == 4
+    assert len(entered) == 2  # the saves at iterations 2 and 4
