@@ -183,6 +183,9 @@ def plan(name: str) -> list[Case]:
         Case("recipe", "2.8b", 2, 2048, 4), Case("recipe", "2.8b", 2, 2048, 8), Case("recipe", "2.8b", 2, 2048, 16),
         Case("kotomamba", "mamba2-2.7b", 1, 2048, 4), Case("recipe", "mamba2-2.7b", 1, 2048, 4),
         Case("kotomamba", "mamba2-2.7b", 1, 2048, 8), Case("recipe", "mamba2-2.7b", 1, 2048, 8),
+        # Parameters kept gathered from forward to backward: no backward all-gathers, fewer FSDP hooks.
+        Case("kotomamba", "mamba2-2.7b", 1, 2048, 4, "--sharding-strategy SHARD_GRAD_OP"),
+        Case("kotomamba", "2.8b", 2, 2048, 8, "--sharding-strategy SHARD_GRAD_OP"),
         Case("kotomamba", "1.4b", 1, 8192, 1), Case("kotomamba", "1.4b", 1, 16384, 1),
         Case("kotomamba", "1.4b", 1, 16384, 1, "--cross-entropy-chunk-tokens 4096"),
     ]
