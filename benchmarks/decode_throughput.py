@@ -139,13 +139,16 @@ def main(argv: list[str] | None = None) -> int:
                 ours_prefill, ours_decode, ours_tokens = time_ours(ours, prompt, new_tokens, repeats)
                 hf_prefill, hf_decode, hf_tokens = time_hf(hf, prompt, new_tokens, repeats)
             decode_count = batch * (new_tokens - 1)
-            same = int((ours_tokens.cpu() == hf_tokens.cpu()).all(dim=1).sum())
+            equal = ours_tokens.cpu() == hf_tokens.cpu()
+            same = int(equal.all(dim=1).sum())
+            # Tokens each sequence shares with HF's before their first difference.
+            leading = float(equal.int().cumprod(dim=1).sum(dim=1).float().mean())
             row = [name, batch,
                    f"{decode_count / ours_decode:,.0f}", f"{decode_count / hf_decode:,.0f}",
                    f"{hf_decode / ours_decode:.2f}x",
                    f"{batch * new_tokens / (ours_prefill + ours_decode):,.0f}",
                    f"{batch * new_tokens / (hf_prefill + hf_decode):,.0f}",
-                   f"{same}/{batch}"]
+                   f"{same}/{batch}", f"{leading:.1f}/{new_tokens}"]
             print(" | ".join(str(cell) for cell in row), flush=True)
             rows.append(row)
         del hf, ours
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
 
     header = ["model", "batch", "ours decode tok/s", "HF decode tok/s", "speed-up", "ours end-to-end tok/s",
-              "HF end-to-end tok/s", "identical greedy sequences"]
+              "HF end-to-end tok/s", "identical greedy sequences", "equal leading tokens (mean)"]
     body = (f"Random weights, {dtype}, {device}; prompt {prompt_length} random tokens, {new_tokens} new tokens per "
             f"sequence, greedy, no EOS; best of {repeats} after a warm-up. Ours: `kotomamba.generation.Decoder` "
             f"({'CUDA graphs' if device.type == 'cuda' else 'eager steps, reference kernels'}); HF: "
