@@ -539,8 +539,8 @@ class CheckpointManager:
         self._async_group = dist.new_group(backend="gloo") if self._async and sharded else None
         # The stop decision every iteration agrees over the CPU: a GPU collective would wait for all the
         # training work queued before it (the optimizer step) instead of letting the next step start.
-        self._control_group = (dist.new_group(backend="gloo")
-                               if self._distributed() and dist.get_backend() != "gloo" else None)
+        # Its own group also on CPU runs, whose default group is gloo already: one code path, tested.
+        self._control_group = dist.new_group(backend="gloo") if self._distributed() else None
         self._writer = ThreadPoolExecutor(1, "checkpoint-writer") if self._async and not sharded else None
         if self.save_dir is not None:
             self._agree(self._on_rank0(self._prepare_save_dir))
