@@ -318,17 +318,15 @@ def _plain_loop(model, optimizer, case: Case, steps: int, warmup: int, device, p
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    vocab = VOCAB
-    started, elapsed = 0.0, None
+    marks: list[float] = []  # when the warm-up steps and the timed steps had completed
+
+    def mark() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+
     for step in range(warmup + steps + profiler.extra_steps):
-        if step in (warmup, warmup + steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if step == warmup:
-                started = time.perf_counter()
-            else:
-                elapsed = time.perf_counter() - started
-        tokens = torch.randint(0, vocab, (case.micro_batch, case.seq + 1), generator=generator).to(device)
+        tokens = torch.randint(0, VOCAB, (case.micro_batch, case.seq + 1), generator=generator).to(device)
         with autocast or contextlib.nullcontext():
             if loss_fn is None:  # Hugging Face computes its own shifted loss
                 loss = model(tokens[:, :-1], labels=tokens[:, :-1]).loss
@@ -338,12 +336,10 @@ def _plain_loop(model, optimizer, case: Case, steps: int, warmup: int, device, p
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()  # the step is complete when its loss is known, as in every training loop
+        if step + 1 in (warmup, warmup + steps):
+            mark()
         profiler.after_step()
-    if elapsed is None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
-    return elapsed / steps
+    return (marks[1] - marks[0]) / steps
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -481,6 +477,9 @@ def main() -> None:
     parser.add_argument("--data-prefix", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        parser.error(f"--warmup {args.warmup} --steps {args.steps}: both must be at least 1 (the timed steps "
+                     "start from the end of a completed warm-up step)")
     if args.profile:
         args.profile = str(Path(args.profile).resolve())
     if args.worker:

@@ -873,16 +873,17 @@ class CheckpointManager:
                     raise
                 error = _describe_failure(exc)
         previous = self._describe_latest()
-        self._agree(error and f"saving the checkpoint of iteration {pending.iteration} to {pending.temporary} failed: "
-                              f"{error}; {previous}",
-                    cleanup=lambda: shutil.rmtree(pending.temporary, ignore_errors=True))
+        saving_failed = f"saving the checkpoint of iteration {pending.iteration} to {pending.temporary} failed"
+
+        def remove_temporary() -> None:
+            shutil.rmtree(pending.temporary, ignore_errors=True)
+
+        self._agree(error and f"{saving_failed}: {error}; {previous}", cleanup=remove_temporary)
         error = self._write_checksums(pending.temporary)
-        self._agree(error and f"saving the checkpoint of iteration {pending.iteration} to {pending.temporary} failed: "
-                              f"{error}; {previous}",
-                    cleanup=lambda: shutil.rmtree(pending.temporary, ignore_errors=True))
+        self._agree(error and f"{saving_failed}: {error}; {previous}", cleanup=remove_temporary)
         error = self._on_rank0(lambda: _publish(pending.temporary, pending.final, self.args.keep_last_k))
         self._agree(error and f"publishing checkpoint {pending.final} failed: {error}; {previous}",
-                    cleanup=lambda: shutil.rmtree(pending.temporary, ignore_errors=True))
+                    cleanup=remove_temporary)
         logger.info("saved checkpoint %s (%.1f s%s)", pending.final, time.perf_counter() - pending.started,
                     ", written in the background" if pending.future is not None else "")
 

@@ -205,7 +205,7 @@ class DynamicLossScaler:
     def is_calibrating(self, loss_scale: float) -> bool:
         """Whether an overflow at `loss_scale` is this scaler finding its level (the scale can still come
         down) rather than a failing run: such skips do not count toward --max-consecutive-skips. Starting
-        at 2**32, the first ~20 steps of an fp16 run overflow this way."""
+        at 2**32, the first ~15 steps of an fp16 run overflow this way."""
         return loss_scale > self.min_scale
 
     def update(self, overflow: bool) -> None:

@@ -252,8 +252,11 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
     data_flags = " ".join(f"--{name.replace('_', '-')} {' '.join(getattr(args, name))}" for name in
                           ("data_path", "train_data_path", "valid_data_path", "test_data_path") if getattr(args, name))
 
+    def check(batch: dict, split: str) -> dict:
+        return check_token_ids(batch, embedding_rows, split, tokenizer.name, data_flags)
+
     def checked(batches: Iterator[dict], split: str) -> Iterator[dict]:
-        return (check_token_ids(batch, embedding_rows, split, tokenizer.name, data_flags) for batch in batches)
+        return (check(batch, split) for batch in batches)
 
     # Unchecked: --skip-batch may step over any batch; train_step checks the ones it trains on.
     train_batches = iter(data_lib.build_loader(train_ds, state.consumed_samples, **loader_options))
@@ -290,7 +293,7 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
         loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float32)
         for micro_step in range(accumulation):
             with meter.waiting_for_data():
-                batch = check_token_ids(next(train_batches), embedding_rows, "training", tokenizer.name, data_flags)
+                batch = check(next(train_batches), "training")
             tokens = batch["tokens"].to(ctx.device, non_blocking=True)
             labels = batch["labels"].to(ctx.device, non_blocking=True)
             sharded.set_gradient_sync(micro_step == accumulation - 1)

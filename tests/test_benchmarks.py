@@ -54,3 +54,15 @@ def test_profile_of_a_training_step_adds_up(tmp_path):
     assert abs(sum(float(ms) for _, _, ms in categories) - total) < 0.01 * total + 0.1 * len(categories)
     assert abs(sum(float(share) for _, share, _ in categories) - 100) < 0.1 * len(categories)
     assert "Optimizer.step#" not in text and "`aten::mm`" in text
+
+
+def test_plain_loop_runner_times_its_steps_and_warmup_must_be_positive():
+    script = str(REPO / "benchmarks/train_throughput.py")
+    refused = subprocess.run([sys.executable, script, "--plan", "tiny", "--warmup", "0", "--no-report"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--warmup 0 --steps 10: both must be at least 1" in refused.stderr
+    completed = subprocess.run([sys.executable, script, "--plan", "tiny", "--only", "hf", "--steps", "2",
+                                "--warmup", "1", "--no-report"], capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    step_s = float(re.search(r"'step_s': ([\d.]+)", completed.stdout).group(1))
+    assert 0 < step_s < 60
