@@ -1,4 +1,4 @@
-"""The training benchmark's step profile (benchmarks/train_throughput.py --profile) on a CPU."""
+"""The benchmarks on a CPU: the training benchmark's step profile and runners, the checkpoint benchmark."""
 from __future__ import annotations
 
 import re
@@ -11,7 +11,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.train_throughput import StepProfiler, work_events  # noqa: E402
+from benchmarks.train_throughput import Case, StepProfiler, summarize, work_events  # noqa: E402
 
 
 def test_annotations_are_not_counted_as_work():
@@ -66,3 +66,45 @@ def test_plain_loop_runner_times_its_steps_and_warmup_must_be_positive():
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     step_s = float(re.search(r"'step_s': ([\d.]+)", completed.stdout).group(1))
     assert 0 < step_s < 60
+
+
+def test_checkpoint_benchmark_saves_and_loads_every_checkpoint_type(tmp_path, tiny_mamba1_config):
+    """benchmarks/checkpoint_io.py on the tiny model, into a --dir that does not exist yet."""
+    target = tmp_path / "not" / "yet"
+    completed = subprocess.run([sys.executable, str(REPO / "benchmarks/checkpoint_io.py"), "--model", str(tiny_mamba1_config),
+                                "--dir", str(target), "--no-write"], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    rows = [line for line in completed.stdout.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == ["SHARDED_STATE_DICT", "SHARDED_STATE_DICT --async-save",
+                                                  "FULL_STATE_DICT", "FULL_STATE_DICT --async-save"]
+    for row in rows:
+        size_gb = float(row.split("|")[6])
+        assert size_gb > 0
+    assert target.is_dir() and not any(target.iterdir())  # every case's checkpoint was deleted
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    refused = subprocess.run([sys.executable, str(REPO / "benchmarks/checkpoint_io.py"), "--dir", str(blocked / "x"),
+                              "--no-write"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and f"--dir {blocked / 'x'}: cannot create it" in refused.stderr
+
+
+def test_report_compares_rows_of_the_same_run_only():
+    """Runs may land on different machines: a peer's ratio and our scaling use our rows of its own run."""
+    def row(run, runner, gpus, micro_batch, step_s, options=""):
+        return run, Case(runner, "2.8b", gpus, 2048, micro_batch, options), {"status": "ok", "step_s": step_s, "peak_gib": 1.0}
+
+    text = summarize([row(1, "kotomamba", 1, 4, 0.5), row(1, "kotomamba", 1, 8, 0.9), row(1, "recipe", 1, 4, 0.6),
+                      row(2, "recipe", 1, 4, 0.3), row(2, "kotomamba", 2, 4, 0.55)], "NVIDIA H200")
+    lines = text.splitlines()
+    assert lines[0].startswith("| run | runner |") and "(same run)" in lines[0]
+    ours_best = 8 * 2048 / 0.9
+    recipe_run1 = next(line for line in lines if line.startswith("| 1 | recipe"))
+    assert recipe_run1.endswith(f"| {ours_best / (4 * 2048 / 0.6):.2f}× |")
+    recipe_run2 = next(line for line in lines if line.startswith("| 2 | recipe"))
+    assert recipe_run2.endswith("|  |")  # run 2 has no 1-GPU row of ours
+    assert not any("scaling" in line for line in lines)  # 1 and 2 GPUs were measured in different runs
+
+    single = summarize([row(1, "kotomamba", 1, 4, 0.5), row(1, "kotomamba", 2, 4, 0.55)], "NVIDIA H200")
+    assert single.splitlines()[0].startswith("| runner |")
+    assert f"scaling, 2.8b seq 2048 micro batch 4: {2 * 0.5 / 0.55:.2f}×" in single
