@@ -10,6 +10,7 @@ import os
 import platform
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +29,9 @@ def environment() -> dict[str, str]:
         "cpu": _cpu_model(),
         "cores": str(os.cpu_count()),
     }
+    commit = _git_commit()
+    if commit:
+        facts["commit"] = commit
     try:
         import torch
 
@@ -37,6 +41,21 @@ def environment() -> dict[str, str]:
     except ImportError:
         pass
     return facts
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit, marked when tracked files differ from it; None outside a git checkout."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        changes = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + (" with local changes" if changes.stdout.strip() else "")
 
 
 def _cpu_model() -> str:

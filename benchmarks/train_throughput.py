@@ -395,39 +395,45 @@ def measure(case: Case, args: argparse.Namespace, data_prefix: str) -> dict:
     return {"status": status, "error_tail": output[-1500:], "wall_s": time.perf_counter() - started}
 
 
-def summarize(rows: list[tuple[Case, dict]], gpu_name: str) -> str:
+def summarize(rows: list[tuple[int, Case, dict]], gpu_name: str) -> str:
+    """The table of (run, case, result) rows. Ratios and scaling compare rows of the same run only:
+    separate runs may land on different machines of the same kind."""
     from kotomamba.flops import flops_per_token, peak_flops
 
     from benchmarks.report import markdown_table
 
+    several_runs = len({run for run, _, _ in rows}) > 1
     peak = peak_flops(gpu_name, "bfloat16")
     table = []
-    by_key = {}
-    ours_by_shape = {}  # (model, seq, micro batch, options) -> {gpus: tokens/s per GPU}
-    for case, result in rows:
+    ours_best = {}  # (run, model, GPUs, seq) -> our best tokens/s per GPU over micro batches and options
+    ours_by_shape = {}  # (run, model, seq, micro batch, options) -> {GPUs: tokens/s per GPU}
+    for run, case, result in rows:
+        row = [run] if several_runs else []
+        row += [case.runner, case.model, case.gpus, case.seq, case.micro_batch, case.options or "-"]
         if result.get("status") != "ok":
-            table.append([case.runner, case.model, case.gpus, case.seq, case.micro_batch, case.options or "-",
-                          result.get("status"), "", "", "", ""])
+            table.append((run, case, None, row + [result.get("status"), "", "", "", ""]))
             continue
         tokens_per_gpu = case.micro_batch * case.seq / result["step_s"]
         flops = flops_per_token(model_config(case.model), case.seq)
         mfu = f"{100 * tokens_per_gpu * flops / peak:.1f}%" if peak else "n/a"
         if case.runner == "kotomamba":
-            ours_by_shape.setdefault((case.model, case.seq, case.micro_batch, case.options), {})[case.gpus] = tokens_per_gpu
-        by_key[(case.runner, case.model, case.gpus, case.seq)] = max(
-            tokens_per_gpu, by_key.get((case.runner, case.model, case.gpus, case.seq), 0.0))
-        table.append([case.runner, case.model, case.gpus, case.seq, case.micro_batch, case.options or "-",
-                      f"{tokens_per_gpu:,.0f}", mfu, f"{result['peak_gib']:.1f}", f"{result['step_s']:.3f}", ""])
-    for row in table:
-        ours = by_key.get(("kotomamba", row[1], row[2], row[3]))
-        if row[0] != "kotomamba" and ours and row[6] and row[6][0].isdigit():
-            row[10] = f"{ours / float(row[6].replace(',', '')):.2f}×"
-    header = ["runner", "model", "GPUs", "seq", "micro batch", "options", "tokens/s per GPU", "MFU",
-              "peak GiB", "s/step", "ours (best mb) ÷ this"]
-    lines = [markdown_table(header, table)]
-    for (model, seq, micro_batch, options), per_gpu in ours_by_shape.items():
+            ours_by_shape.setdefault((run, case.model, case.seq, case.micro_batch, case.options), {})[case.gpus] = tokens_per_gpu
+            key = (run, case.model, case.gpus, case.seq)
+            ours_best[key] = max(tokens_per_gpu, ours_best.get(key, 0.0))
+        table.append((run, case, tokens_per_gpu, row + [f"{tokens_per_gpu:,.0f}", mfu, f"{result['peak_gib']:.1f}",
+                                                        f"{result['step_s']:.3f}", ""]))
+    for run, case, tokens_per_gpu, row in table:
+        ours = ours_best.get((run, case.model, case.gpus, case.seq))
+        if case.runner != "kotomamba" and ours and tokens_per_gpu:
+            row[-1] = f"{ours / tokens_per_gpu:.2f}×"
+    header = (["run"] if several_runs else []) + [
+        "runner", "model", "GPUs", "seq", "micro batch", "options", "tokens/s per GPU", "MFU", "peak GiB", "s/step",
+        "ours (best mb) ÷ this" + (" (same run)" if several_runs else "")]
+    lines = [markdown_table(header, [row for _, _, _, row in table])]
+    for (run, model, seq, micro_batch, options), per_gpu in ours_by_shape.items():
         if 1 in per_gpu and 2 in per_gpu:
-            lines.append(f"\nOurs, 1→2 GPU scaling, {model} seq {seq} micro batch {micro_batch} {options}".rstrip()
+            where = f"run {run}, " if several_runs else ""
+            lines.append(f"\nOurs, 1→2 GPU scaling, {where}{model} seq {seq} micro batch {micro_batch} {options}".rstrip()
                          + f": {2 * per_gpu[2] / per_gpu[1]:.2f}× the total throughput")
     return "\n".join(lines)
 
@@ -447,16 +453,24 @@ def measured_environment() -> dict[str, str]:
     return facts
 
 
-def write_report(records: list[dict], commands: list[str]) -> None:
+def write_report(records: list[dict]) -> None:
+    """docs/benchmarks.md's section from records that each name their run (1 for a live run)."""
     from benchmarks.report import write_section
 
-    rows = [(Case(**r["case"]), r["result"]) for r in records]
+    rows = [(r["run"], Case(**r["case"]), r["result"]) for r in records]
     facts = records[-1].get("environment", {})
     gpu_name = facts.get("gpu", "cpu").split("x ", 1)[-1]
     body = summarize(rows, gpu_name)
     print(body)
+    commands_by_run = {}
+    for record in records:
+        commands_by_run.setdefault(record["run"], {})[record.get("command", "")] = None
+    if len(commands_by_run) == 1:
+        command = " ; ".join(next(iter(commands_by_run.values())))
+    else:
+        command = " ; ".join(f"run {run}: " + " ; ".join(commands) for run, commands in commands_by_run.items())
     write_section("train_throughput", f"Training throughput ({gpu_name})", __doc__.split("\n\n", 2)[2] + "\n" + body,
-                  facts=facts, command=" ; ".join(dict.fromkeys(commands)))
+                  facts=facts, command=command)
 
 
 def main() -> None:
@@ -469,7 +483,8 @@ def main() -> None:
     parser.add_argument("--results", default=None, help="Append each case's result to this JSONL file.")
     parser.add_argument("--no-report", action="store_true", help="Do not write docs/benchmarks.md.")
     parser.add_argument("--report-from", nargs="+", default=None, metavar="RESULTS",
-                        help="Write docs/benchmarks.md from --results files of earlier runs; measure nothing.")
+                        help="Write docs/benchmarks.md from --results files of earlier runs, one file per run (ratios "
+                             "and scaling compare rows of the same run); measure nothing.")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help=f"After the timed steps, profile {PROFILED_STEPS} more and write DIR/CASE.txt: time per "
                              "kernel category and the top kernels.")
@@ -486,11 +501,11 @@ def main() -> None:
         worker(args)
         return
     if args.report_from:
-        records = [json.loads(line) for path in args.report_from for line in Path(path).read_text().splitlines()
-                   if line.strip()]
+        records = [dict(json.loads(line), run=run) for run, path in enumerate(args.report_from, start=1)
+                   for line in Path(path).read_text().splitlines() if line.strip()]
         if not records:
             parser.error(f"--report-from {' '.join(args.report_from)}: no results in these files")
-        write_report(records, [r.get("command", "") for r in records])
+        write_report(records)
         return
 
     import torch
@@ -509,7 +524,7 @@ def main() -> None:
     records = []
     for case in cases:
         result = measure(case, args, data_prefix)
-        record = {"case": asdict(case), "result": result, "environment": facts, "command": command}
+        record = {"case": asdict(case), "result": result, "environment": facts, "command": command, "run": 1}
         records.append(record)
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items() if k != "error_tail"}
         print(f"{case.label}: {shown}", flush=True)
@@ -519,9 +534,9 @@ def main() -> None:
             with open(args.results, "a") as f:
                 f.write(json.dumps(record) + "\n")
     if args.no_report:
-        print(summarize([(Case(**r["case"]), r["result"]) for r in records], facts.get("gpu", "cpu")))
+        print(summarize([(1, Case(**r["case"]), r["result"]) for r in records], facts.get("gpu", "cpu")))
     else:
-        write_report(records, [command])
+        write_report(records)
 
 
 if __name__ == "__main__":
