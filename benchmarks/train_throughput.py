@@ -453,22 +453,40 @@ def measured_environment() -> dict[str, str]:
     return facts
 
 
-def write_report(records: list[dict]) -> None:
-    """docs/benchmarks.md's section from records that each name their run (1 for a live run)."""
+def read_results(path: str) -> list[dict]:
+    """The records of a --results file (one run); ValueError naming the file, and line, it cannot read."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as error:
+        raise ValueError(f"{path}: {error.strerror or error}") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not a result record ({error.msg})") from None
+            if not (isinstance(record, dict) and isinstance(record.get("case"), dict) and "result" in record):
+                raise ValueError(f"{path}, line {number}: not a result record (no case and result)")
+            records.append(record)
+    return records
+
+
+def table_rows(runs: list[list[dict]]) -> list[tuple[int, Case, dict]]:
+    """(run, case, result) rows of records grouped by run, runs numbered from 1."""
+    return [(run, Case(**r["case"]), r["result"]) for run, records in enumerate(runs, start=1) for r in records]
+
+
+def write_report(runs: list[list[dict]]) -> None:
+    """docs/benchmarks.md's section from the records of one or more runs (a live run is one)."""
     from benchmarks.report import write_section
 
-    rows = [(r["run"], Case(**r["case"]), r["result"]) for r in records]
-    facts = records[-1].get("environment", {})
+    facts = runs[-1][-1].get("environment", {})
     gpu_name = facts.get("gpu", "cpu").split("x ", 1)[-1]
-    body = summarize(rows, gpu_name)
+    body = summarize(table_rows(runs), gpu_name)
     print(body)
-    commands_by_run = {}
-    for record in records:
-        commands_by_run.setdefault(record["run"], {})[record.get("command", "")] = None
-    if len(commands_by_run) == 1:
-        command = " ; ".join(next(iter(commands_by_run.values())))
-    else:
-        command = " ; ".join(f"run {run}: " + " ; ".join(commands) for run, commands in commands_by_run.items())
+    commands = [" ; ".join(dict.fromkeys(r.get("command", "") for r in records)) for records in runs]
+    command = commands[0] if len(runs) == 1 else " ; ".join(f"run {run}: {c}" for run, c in enumerate(commands, start=1))
     write_section("train_throughput", f"Training throughput ({gpu_name})", __doc__.split("\n\n", 2)[2] + "\n" + body,
                   facts=facts, command=command)
 
@@ -501,11 +519,13 @@ def main() -> None:
         worker(args)
         return
     if args.report_from:
-        records = [dict(json.loads(line), run=run) for run, path in enumerate(args.report_from, start=1)
-                   for line in Path(path).read_text().splitlines() if line.strip()]
-        if not records:
+        try:
+            runs = [records for records in map(read_results, args.report_from) if records]
+        except ValueError as error:
+            parser.error(f"--report-from {error}")
+        if not runs:
             parser.error(f"--report-from {' '.join(args.report_from)}: no results in these files")
-        write_report(records)
+        write_report(runs)
         return
 
     import torch
@@ -524,7 +544,7 @@ def main() -> None:
     records = []
     for case in cases:
         result = measure(case, args, data_prefix)
-        record = {"case": asdict(case), "result": result, "environment": facts, "command": command, "run": 1}
+        record = {"case": asdict(case), "result": result, "environment": facts, "command": command}
         records.append(record)
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items() if k != "error_tail"}
         print(f"{case.label}: {shown}", flush=True)
@@ -534,9 +554,9 @@ def main() -> None:
             with open(args.results, "a") as f:
                 f.write(json.dumps(record) + "\n")
     if args.no_report:
-        print(summarize([(1, Case(**r["case"]), r["result"]) for r in records], facts.get("gpu", "cpu")))
+        print(summarize(table_rows([records]), facts.get("gpu", "cpu")))
     else:
-        write_report(records)
+        write_report([records])
 
 
 if __name__ == "__main__":

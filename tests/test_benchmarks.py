@@ -108,3 +108,20 @@ def test_report_compares_rows_of_the_same_run_only():
     single = summarize([row(1, "kotomamba", 1, 4, 0.5), row(1, "kotomamba", 2, 4, 0.55)], "NVIDIA H200")
     assert single.splitlines()[0].startswith("| runner |")
     assert f"scaling, 2.8b seq 2048 micro batch 4: {2 * 0.5 / 0.55:.2f}×" in single
+
+
+def test_report_from_names_the_file_and_line_it_cannot_read(tmp_path):
+    script = str(REPO / "benchmarks/train_throughput.py")
+    good = '{"case": {"runner": "hf", "model": "130m", "gpus": 1, "seq": 64, "micro_batch": 1, "options": ""}, ' \
+           '"result": {"status": "ok", "step_s": 1.0, "peak_gib": 0.0}}'
+    results = tmp_path / "run.jsonl"
+    for text, expected in ((good + "\n{not json\n", f"--report-from {results}, line 2: not a result record"),
+                           ('{"case": 1}\n', f"--report-from {results}, line 1: not a result record"),
+                           ("\n", f"--report-from {results}: no results in these files")):
+        results.write_text(text)
+        refused = subprocess.run([sys.executable, script, "--report-from", str(results)], capture_output=True,
+                                 text=True, timeout=120)
+        assert refused.returncode == 2 and expected in refused.stderr, refused.stderr
+    missing = subprocess.run([sys.executable, script, "--report-from", str(tmp_path / "missing.jsonl")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and f"{tmp_path / 'missing.jsonl'}: No such file" in missing.stderr
