@@ -74,6 +74,7 @@ WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
 CHECKPOINT_TYPES = ("SHARDED_STATE_DICT", "LOCAL_STATE_DICT", "FULL_STATE_DICT")
 DTYPES = ("fp32", "bf16", "fp16")
+SELECTIVE_SCAN_CHOICES = ("auto", "kotomamba", "mamba-ssm")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEFAULT_SPLIT = "969,30,1"
 _BLEND_FORMAT = "one prefix, several prefixes, or WEIGHT PREFIX pairs (w1 p1 w2 p2 ...)"
@@ -431,6 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument(
         "--hysteresis", type=int, default=2,
         help="fp16: overflows tolerated before the loss scale is halved (default 2).",
+    )
+
+    kernels = parser.add_argument_group("kernels")
+    kernels.add_argument(
+        "--selective-scan", type=_choice(SELECTIVE_SCAN_CHOICES), default="auto",
+        metavar="{" + ",".join(SELECTIVE_SCAN_CHOICES) + "}",
+        help="Mamba-1's selective scan: kotomamba's Triton kernel (deterministic backward), mamba-ssm's CUDA "
+             "kernel, or auto (default): ours on the GPUs where it was measured faster (compute capability "
+             "9.0: H100/H200), else mamba-ssm's. The training log's setup line says which one runs.",
     )
 
     fsdp = parser.add_argument_group("FSDP")

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
+from kotomamba.arguments import SELECTIVE_SCAN_CHOICES
+
 logger = logging.getLogger(__name__)
 
 CUDA_EXTENSIONS = ("selective_scan_cuda", "causal_conv1d_cuda")
@@ -114,14 +116,31 @@ REFERENCE_ROUTING: tuple[tuple[str, str, str], ...] = (
     ("mamba_ssm.modules.mamba3", "apply_rotary_qk_inference_fwd", NO_REFERENCE),
 )
 
+# Compute capabilities on which benchmarks/scan_kernels.py measured kotomamba's scan faster than
+# mamba-ssm's (docs/benchmarks.md); "auto" picks it there only.
+SCAN_MEASURED_FASTER: tuple[tuple[int, int], ...] = ((9, 0),)
+
+# Where mamba-ssm looks up the selective scan, and what kotomamba's Triton scan puts there. The
+# compiled extension's stand-in carries mamba-ssm's own MambaInnerFn (Mamba-1's fused block: conv1d
+# and projections stay mamba-ssm's) onto the Triton kernels; selective_scan_fn is rebound because
+# mamba-ssm's SelectiveScanFn slices the final state out of the CUDA kernel's own layout.
+SCAN_ROUTING: tuple[tuple[str, str, str], ...] = (
+    ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn", "kotomamba.ops.selective_scan:selective_scan_fn"),
+    ("mamba_ssm.modules.mamba_simple", "selective_scan_fn", "kotomamba.ops.selective_scan:selective_scan_fn"),
+    ("mamba_ssm", "selective_scan_fn", "kotomamba.ops.selective_scan:selective_scan_fn"),
+)
+SCAN_EXTENSION_MODULE = "mamba_ssm.ops.selective_scan_interface"
+
 _active_backend: str | None = None
+_active_scan: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------
 # Backend selection
 
 
-def select_kernel_backend(device: torch.device | str | None = None, allow_reference_on_gpu: bool = False) -> str:
+def select_kernel_backend(device: torch.device | str | None = None, allow_reference_on_gpu: bool = False,
+                          selective_scan: str = "auto") -> str:
     """Pick the kernel backend for ``device`` and install it; returns "cuda" or "reference".
 
     Call this before anything imports ``mamba_ssm``. ``device`` None means "cuda" when a GPU is
@@ -130,8 +149,12 @@ def select_kernel_backend(device: torch.device | str | None = None, allow_refere
 
     ``KOTOMAMBA_KERNEL_BACKEND=reference`` in the environment forces the reference functions on a GPU
     too (logged): for checking the CUDA kernels against the reference on the same device.
+
+    ``selective_scan`` (one of ``SELECTIVE_SCAN_CHOICES``, the ``--selective-scan`` flag) picks Mamba-1's
+    scan: kotomamba's Triton kernel, mamba-ssm's, or "auto": ours on the GPUs in
+    ``SCAN_MEASURED_FASTER``, else mamba-ssm's (on the reference backend, its reference function).
     """
-    global _active_backend
+    global _active_backend, _active_scan
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = torch.device(device).type
@@ -153,23 +176,63 @@ def select_kernel_backend(device: torch.device | str | None = None, allow_refere
                 "this GPU machine; install them (see the warning above) or explicitly allow the slow "
                 "pure-PyTorch reference kernels on GPU"
             )
+    scan = _resolve_selective_scan(selective_scan, torch.device(device), wanted)
     if _active_backend is not None:
         if _active_backend != wanted:
             raise KernelRoutingError(
                 f"kernel backend {_active_backend!r} is already installed in this process; "
                 f"cannot switch to {wanted!r} (select the backend once, before importing mamba_ssm)"
             )
+        if _active_scan != scan:
+            raise KernelRoutingError(
+                f"the {_active_scan} selective scan is already installed in this process; cannot switch to {scan}"
+            )
         return _active_backend
     if wanted == "reference":
         _install_reference_routing()
-    _active_backend = wanted
-    logger.info("kernel backend: %s", _backend_description(wanted))
+    if scan == "kotomamba":
+        _install_scan_routing()
+    _active_backend, _active_scan = wanted, scan
+    logger.info("kernel backend: %s", kernel_summary())
     return wanted
+
+
+def _resolve_selective_scan(choice: str, device: torch.device, backend: str) -> str:
+    """"kotomamba", "mamba-ssm" or "reference": which selective scan ``choice`` means here."""
+    if choice not in SELECTIVE_SCAN_CHOICES:
+        raise KernelRoutingError(f"--selective-scan {choice!r}: expected one of {', '.join(SELECTIVE_SCAN_CHOICES)}")
+    theirs = "mamba-ssm" if backend == "cuda" else "reference"
+    if choice == "mamba-ssm":
+        return theirs
+    if choice == "kotomamba":
+        if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            return "kotomamba"
+        raise KernelRoutingError(
+            "--selective-scan kotomamba runs Triton kernels, which need a GPU (on a CPU only under Triton's "
+            "interpreter, TRITON_INTERPRET=1, which is for tests: far too slow to train)"
+        )
+    if backend == "cuda" and torch.cuda.get_device_capability(device) in SCAN_MEASURED_FASTER:
+        return "kotomamba"
+    return theirs
 
 
 def kernel_backend() -> str:
     """The installed backend: "cuda", "reference", or "unselected"."""
     return _active_backend or "unselected"
+
+
+def selective_scan_kernel() -> str:
+    """Mamba-1's installed selective scan: "kotomamba", "mamba-ssm", "reference", or "unselected"."""
+    return _active_scan or "unselected"
+
+
+def kernel_summary() -> str:
+    """The installed backend and selective scan, as the training log's setup line shows them."""
+    if _active_backend is None:
+        return "unselected"
+    scan = {"kotomamba": "kotomamba's Triton kernel", "mamba-ssm": "mamba-ssm's CUDA kernel",
+            "reference": "mamba-ssm's reference function"}[_active_scan]
+    return f"{_backend_description(_active_backend)}; selective scan: {scan}"
 
 
 def ensure_kernel_backend() -> str:
@@ -250,6 +313,18 @@ def _install_reference_routing() -> None:
             replacement_module, replacement_name = replacement.split(":")
             function = getattr(importlib.import_module(replacement_module), replacement_name)
         setattr(module, attribute, function)
+
+
+def _install_scan_routing() -> None:
+    from kotomamba.ops import selective_scan
+
+    interface = importlib.import_module(SCAN_EXTENSION_MODULE)
+    extension = sys.modules.get("selective_scan_cuda")
+    interface.selective_scan_cuda = selective_scan.SelectiveScanExtension(None if _is_stand_in(extension) else extension)
+    for module_name, attribute, replacement in SCAN_ROUTING:
+        replacement_module, replacement_name = replacement.split(":")
+        setattr(importlib.import_module(module_name), attribute,
+                getattr(importlib.import_module(replacement_module), replacement_name))
 
 
 def _no_reference_stub(qualified: str):

@@ -201,14 +201,14 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
     from kotomamba import data as data_lib
     from kotomamba.checkpoint import CheckpointManager, evaluation_resume_position
     from kotomamba.flops import flops_per_token, peak_flops
-    from kotomamba.kernels import configure_triton_cache, select_kernel_backend
+    from kotomamba.kernels import configure_triton_cache, kernel_summary, select_kernel_backend
     from kotomamba.optim import LRSchedule, apply_lr, build_optimizer, clip_grad_norm, marked_no_weight_decay_names
     from kotomamba.optimizer_stats import OptimizerStats, summary_line
     from kotomamba.parallel import parallelize
     from kotomamba.precision import autocast_context, build_loss_scaler, resolve_precision
 
     configure_triton_cache(ctx.rank)
-    backend = select_kernel_backend(ctx.device)
+    select_kernel_backend(ctx.device, selective_scan=args.selective_scan)
     accumulation = arguments.apply_data_parallel_size(args, ctx.world_size)
     logger.info("resolved config:\n%s", json.dumps(arguments.resolved_config(args), indent=2, default=str))
 
@@ -278,7 +278,7 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
         "kernels %s | precision %s (params %s, reduce %s, compute %s) | world size %d | micro batch %d × "
         "accumulation %d × data parallel %d = global batch %d | seq length %d | %s tokens/iteration | "
         "%.3g FLOPs/token | peak %s",
-        backend, policy.name, policy.param_dtype, policy.reduce_dtype, policy.compute_dtype, ctx.world_size,
+        kernel_summary(), policy.name, policy.param_dtype, policy.reduce_dtype, policy.compute_dtype, ctx.world_size,
         args.micro_batch_size, accumulation, ctx.world_size, args.global_batch_size, args.seq_length,
         f"{tokens_per_iteration:,}", model_flops_per_token,
         f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no MFU; set --peak-tflops)",

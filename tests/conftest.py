@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # kotomamba's Triton kernels run in Triton's interpreter on CPU tensors; it must be chosen before
+    # the kernels are defined (tests/test_selective_scan.py), and it reaches the subprocesses too.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _JAPANESE = [
     "吾輩は猫である。名前はまだ無い。",

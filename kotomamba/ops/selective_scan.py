@@ -1,0 +1,546 @@
+"""Mamba-1's selective scan in Triton: forward and a deterministic backward.
+
+Computes exactly what ``mamba_ssm.ops.selective_scan_interface.selective_scan_ref`` computes for a
+real ``A`` and input-dependent ``B``/``C`` (Mamba-1's case), per channel ``d`` and state ``n``::
+
+    dt_t   = softplus(delta_t + delta_bias)            (each optional)
+    h_t    = exp(dt_t * A[d, n]) * h_{t-1} + dt_t * B_t[n] * u_t
+    y_t    = sum_n C_t[n] * h_t[n] + D[d] * u_t
+    out_t  = y_t * silu(z_t)                            (z optional)
+
+How the work is laid out, and why:
+- A program owns ``BLOCK_D`` channels of one (batch, group) and walks the sequence in chunks of ``T``
+  steps; inside a chunk the recurrence is a ``tl.associative_scan`` over a ``[BLOCK_D, N, T]`` tile,
+  between chunks the state is carried in registers. B and C are loaded once per chunk for all the
+  program's channels (mamba-ssm's CUDA kernel reloads them for every channel).
+- The forward writes the state at the end of every chunk (fp32). The backward starts each chunk from
+  that state instead of re-running the whole forward, and runs the adjoint recurrence backwards::
+
+      G_t = C_t * dy_t + exp(dt_{t+1} A) * G_{t+1}          (dL/dh_t)
+
+  as one reverse scan that also yields the exclusive suffix (the state entering ``t+1``), so no
+  shifted reload is needed. ``exp(dt_t A) h_{t-1}`` is recovered as ``h_t - dt_t B_t u_t``.
+- dB and dC sum over every channel of a group. A backward program handles ``SPLIT`` blocks of
+  channels one after another and adds their contributions in registers; the sums across programs
+  are written as partial sums and added by one ``torch.sum``. No atomics anywhere: the backward is
+  bitwise deterministic (mamba-ssm's accumulates dB/dC/dA with atomic adds and is not).
+- When ``z`` is given, the pre-gate output is not stored (mamba-ssm's interface keeps it only for
+  its own backward); the backward recomputes it. This is what keeps the chunk states' memory below
+  mamba-ssm's for T >= 32.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+
+
+class SelectiveScanInputError(ValueError):
+    """The inputs are outside what this kernel computes (shape, dtype, layout or device)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _softplus(x):
+    # torch.nn.functional.softplus (threshold 20) without losing e^x where 1 + e^x rounds to 1
+    e = tl.exp(-tl.abs(x))
+    log1p_e = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
+    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + log1p_e)
+
+
+@triton.jit
+def _affine_combine(a_first, b_first, a_next, b_next):
+    # h -> a h + b, applied first then next: h -> a_next (a_first h + b_first) + b_next
+    return a_first * a_next, a_next * b_first + b_next
+
+
+@triton.jit
+def _suffix_combine(fa_later, fb_later, ea_later, eb_later, fa_cur, fb_cur, ea_cur, eb_cur):
+    # Reverse scan of the maps psi_t(g) = dA_t (c_t + g), walked from the end of the chunk: the later
+    # segment comes first. F is the composition over the whole segment, E the same without its first
+    # (earliest) element, so at position t it gives the adjoint entering t from t + 1.
+    fa = fa_cur * fa_later
+    fb = fa_cur * fb_later + fb_cur
+    ea = ea_cur * fa_later
+    eb = ea_cur * fb_later + eb_cur
+    return fa, fb, ea, eb
+
+
+@triton.jit
+def _selective_scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, out_z_ptr, states_ptr,
+    dim_per_group, n_groups, seqlen, dstate, n_chunks,
+    stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_A_d, stride_A_n,
+    stride_B_b, stride_B_g, stride_B_n, stride_C_b, stride_C_g, stride_C_n,
+    stride_z_b, stride_z_d, stride_out_b, stride_out_d, stride_out_z_b, stride_out_z_d,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    STORE_OUT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // n_groups
+    g = pid_bg % n_groups
+    local_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = local_d < dim_per_group
+    d = g * dim_per_group + local_d
+    n = tl.arange(0, BLOCK_N)
+    mask_n = n < dstate
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    dim = dim_per_group * n_groups
+
+    A2 = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :] * stride_A_n, mask=mask_dn, other=0.0).to(tl.float32)
+    A2 = A2 * LOG2_E
+    if HAS_D:
+        D = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+
+    u_rows = u_ptr + b * stride_u_b + d[:, None] * stride_u_d
+    delta_rows = delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d
+    B_rows = B_ptr + b * stride_B_b + g * stride_B_g + n[:, None] * stride_B_n
+    C_rows = C_ptr + b * stride_C_b + g * stride_C_g + n[:, None] * stride_C_n
+    states_rows = states_ptr + ((b * dim + d[:, None]) * n_chunks) * dstate + n[None, :]
+    is_last = tl.arange(0, T) == T - 1
+
+    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    for chunk in range(0, n_chunks):
+        t = chunk * T + tl.arange(0, T)
+        mask_t = t < seqlen
+        mask_dt = mask_d[:, None] & mask_t[None, :]
+        mask_nt = mask_n[:, None] & mask_t[None, :]
+        u = tl.load(u_rows + t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
+        dt = tl.load(delta_rows + t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt += bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(mask_dt, dt, 0.0)  # steps past the end keep the state: exp(0) = 1, no input
+        Bt = tl.load(B_rows + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_rows + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+
+        decay = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        inflow = (dt * u)[:, None, :] * Bt[None, :, :]
+        decay_prefix, inflow_prefix = tl.associative_scan((decay, inflow), 2, _affine_combine)
+        hs = decay_prefix * h[:, :, None] + inflow_prefix
+        y = tl.sum(hs * Ct[None, :, :], axis=1)
+        if HAS_D:
+            y += u * D[:, None]
+        if STORE_OUT:
+            tl.store(out_ptr + b * stride_out_b + d[:, None] * stride_out_d + t[None, :], y, mask=mask_dt)
+        if HAS_Z:
+            z = tl.load(z_ptr + b * stride_z_b + d[:, None] * stride_z_d + t[None, :], mask=mask_dt,
+                        other=0.0).to(tl.float32)
+            out_z = y * z * tl.sigmoid(z)
+            tl.store(out_z_ptr + b * stride_out_z_b + d[:, None] * stride_out_z_d + t[None, :], out_z, mask=mask_dt)
+        h = tl.sum(tl.where(is_last[None, None, :], hs, 0.0), axis=2)
+        tl.store(states_rows + chunk * dstate, h, mask=mask_dn)
+
+
+@triton.jit
+def _selective_scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dout_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, out_z_ptr,
+    dB_part_ptr, dC_part_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, carry_ptr,
+    dim_per_group, n_groups, seqlen, dstate, n_chunks, n_programs_d,
+    stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_A_d, stride_A_n,
+    stride_B_b, stride_B_g, stride_B_n, stride_C_b, stride_C_g, stride_C_n,
+    stride_z_b, stride_z_d, stride_dout_b, stride_dout_d, stride_du_b, stride_du_d,
+    stride_ddelta_b, stride_ddelta_d, stride_dz_b, stride_dz_d, stride_out_z_b, stride_out_z_d,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    STORE_OUT_Z: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // n_groups
+    g = pid_bg % n_groups
+    dim = dim_per_group * n_groups
+    n = tl.arange(0, BLOCK_N)
+    mask_n = n < dstate
+    position = tl.arange(0, T)
+    is_first = position == 0
+    B_rows = B_ptr + b * stride_B_b + g * stride_B_g + n[:, None] * stride_B_n
+    C_rows = C_ptr + b * stride_C_b + g * stride_C_g + n[:, None] * stride_C_n
+    # Partial dB/dC of this program: [batch, group, program, n, seqlen], fp32, contiguous
+    part_rows = ((pid_bg * n_programs_d + pid_d) * dstate + n[:, None]) * seqlen
+
+    for chunk_back in range(0, n_chunks):
+        chunk = n_chunks - 1 - chunk_back
+        t = chunk * T + position
+        mask_t = t < seqlen
+        mask_nt = mask_n[:, None] & mask_t[None, :]
+        Bt = tl.load(B_rows + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_rows + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+        dB_acc = tl.zeros((BLOCK_N, T), dtype=tl.float32)
+        dC_acc = tl.zeros((BLOCK_N, T), dtype=tl.float32)
+        for split in range(0, SPLIT):
+            local_d = (pid_d * SPLIT + split) * BLOCK_D + tl.arange(0, BLOCK_D)
+            mask_d = local_d < dim_per_group
+            d = g * dim_per_group + local_d
+            mask_dn = mask_d[:, None] & mask_n[None, :]
+            mask_dt = mask_d[:, None] & mask_t[None, :]
+            A = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :] * stride_A_n, mask=mask_dn,
+                        other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + b * stride_u_b + d[:, None] * stride_u_d + t[None, :], mask=mask_dt,
+                        other=0.0).to(tl.float32)
+            dt_in = tl.load(delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d + t[None, :], mask=mask_dt,
+                            other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt_in += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+            if SOFTPLUS:
+                dt = _softplus(dt_in)
+            else:
+                dt = dt_in
+            dt = tl.where(mask_dt, dt, 0.0)
+            dtu = dt * u
+            state_rows = ((b * dim + d[:, None]) * n_chunks) * dstate + n[None, :]
+            not_first_chunk = (n[None, :] * 0 + chunk) > 0
+            h0 = tl.load(states_ptr + state_rows + (chunk - 1) * dstate, mask=mask_dn & not_first_chunk, other=0.0)
+
+            # The forward inside the chunk, from its stored starting state
+            decay = tl.exp2(dt[:, None, :] * (A * LOG2_E)[:, :, None])
+            inflow = dtu[:, None, :] * Bt[None, :, :]
+            decay_prefix, inflow_prefix = tl.associative_scan((decay, inflow), 2, _affine_combine)
+            hs = decay_prefix * h0[:, :, None] + inflow_prefix
+
+            dout = tl.load(dout_ptr + b * stride_dout_b + d[:, None] * stride_dout_d + t[None, :], mask=mask_dt,
+                           other=0.0).to(tl.float32)
+            if HAS_Z:
+                y = tl.sum(hs * Ct[None, :, :], axis=1)
+                if HAS_D:
+                    y += u * tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+                z = tl.load(z_ptr + b * stride_z_b + d[:, None] * stride_z_d + t[None, :], mask=mask_dt,
+                            other=0.0).to(tl.float32)
+                z_sigmoid = tl.sigmoid(z)
+                dy = dout * z * z_sigmoid
+                dz = dout * y * z_sigmoid * (1.0 + z * (1.0 - z_sigmoid))
+                tl.store(dz_ptr + b * stride_dz_b + d[:, None] * stride_dz_d + t[None, :], dz, mask=mask_dt)
+                if STORE_OUT_Z:
+                    tl.store(out_z_ptr + b * stride_out_z_b + d[:, None] * stride_out_z_d + t[None, :],
+                             y * z * z_sigmoid, mask=mask_dt)
+            else:
+                dy = dout
+
+            # The adjoint: G_t = c_t + P_{t+1}, P_t = dA_t G_t, with the carry P entering from the next chunk
+            carry_rows = carry_ptr + (b * dim + d[:, None]) * dstate + n[None, :]
+            carry = tl.load(carry_rows, mask=mask_dn, other=0.0)
+            c = Ct[None, :, :] * dy[:, None, :]
+            ones = tl.full(c.shape, 1.0, tl.float32)
+            zeros = tl.zeros(c.shape, dtype=tl.float32)
+            _, _, suffix_a, suffix_b = tl.associative_scan((decay, decay * c, ones, zeros), 2, _suffix_combine,
+                                                           reverse=True)
+            G = c + suffix_b + suffix_a * carry[:, :, None]
+            tl.debug_barrier()  # every thread has read the carry before any overwrites it
+            tl.store(carry_rows, tl.sum(tl.where(is_first[None, None, :], decay * G, 0.0), axis=2), mask=mask_dn)
+
+            dC_acc += tl.sum(hs * dy[:, None, :], axis=0)
+            dB_acc += tl.sum(G * dtu[:, None, :], axis=0)
+            GB = G * Bt[None, :, :]
+            sum_GB = tl.sum(GB, axis=1)
+            A_G = A[:, :, None] * G
+            ddt = tl.sum(A_G * hs, axis=1) + u * sum_GB - dtu * tl.sum(A_G * Bt[None, :, :], axis=1)
+            du = dt * sum_GB
+            if HAS_D:
+                du += dy * tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+                dD_rows = dD_part_ptr + b * dim + d
+                tl.store(dD_rows, tl.load(dD_rows, mask=mask_d, other=0.0) + tl.sum(dy * u, axis=1), mask=mask_d)
+            tl.store(du_ptr + b * stride_du_b + d[:, None] * stride_du_d + t[None, :], du, mask=mask_dt)
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(dt_in)
+            ddt = tl.where(mask_dt, ddt, 0.0)
+            tl.store(ddelta_ptr + b * stride_ddelta_b + d[:, None] * stride_ddelta_d + t[None, :], ddt, mask=mask_dt)
+            if HAS_BIAS:
+                dbias_rows = dbias_part_ptr + b * dim + d
+                tl.store(dbias_rows, tl.load(dbias_rows, mask=mask_d, other=0.0) + tl.sum(ddt, axis=1), mask=mask_d)
+            dA_rows = dA_part_ptr + (b * dim + d[:, None]) * dstate + n[None, :]
+            dA_chunk = tl.sum(G * dt[:, None, :] * (hs - inflow), axis=2)
+            tl.store(dA_rows, tl.load(dA_rows, mask=mask_dn, other=0.0) + dA_chunk, mask=mask_dn)
+        tl.store(dB_part_ptr + part_rows + t[None, :], dB_acc, mask=mask_nt)
+        tl.store(dC_part_ptr + part_rows + t[None, :], dC_acc, mask=mask_nt)
+        tl.debug_barrier()  # the carries and accumulators written above are read by other threads next
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanConfig:
+    """Tile sizes of one launch pair. The forward stores a state every ``chunk`` steps and the backward
+    restarts from those states, so both must use the same ``chunk``."""
+
+    chunk: int = 64  # T: steps per scan tile (power of two)
+    forward_block_d: int = 8  # channels per forward program
+    forward_warps: int = 8
+    backward_block_d: int = 4  # channels per backward sub-block
+    backward_split: int | None = None  # sub-blocks per backward program; None: as many as still fill the GPU
+    backward_warps: int = 8
+
+
+DEFAULT_CONFIG = ScanConfig()
+
+
+def _backward_split(config: ScanConfig, blocks: int, device: torch.device) -> int:
+    if config.backward_split is not None:
+        return config.backward_split
+    if device.type != "cuda":
+        return 2
+    # Enough programs for ~4 per multiprocessor; beyond that, fewer partial sums of dB/dC to add up.
+    programs_wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(16, blocks // programs_wanted))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks and launches
+
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
+    def fail(message: str) -> None:
+        raise SelectiveScanInputError(f"selective_scan: {message}")
+
+    if u.dim() != 3:
+        fail(f"u must be (batch, dim, seqlen), got shape {tuple(u.shape)}")
+    batch, dim, seqlen = u.shape
+    if tuple(delta.shape) != tuple(u.shape):
+        fail(f"delta has shape {tuple(delta.shape)}, u has {tuple(u.shape)}; they must match")
+    if u.dtype not in (torch.float32, torch.float16, torch.bfloat16) or delta.dtype != u.dtype:
+        fail(f"u and delta must both be float32, float16 or bfloat16, got {u.dtype} and {delta.dtype}")
+    if A.is_complex() or A.dtype != torch.float32 or A.dim() != 2 or A.shape[0] != dim:
+        fail(f"A must be real float32 (dim={dim}, d_state), got {A.dtype} {tuple(A.shape)}")
+    dstate = A.shape[1]
+    if dstate > 256:
+        fail(f"d_state={dstate} is larger than 256")
+    for name, tensor in (("B", B), ("C", C)):
+        if tensor.dim() != 4:
+            fail(f"{name} must be input-dependent, (batch, groups, d_state, seqlen), got shape {tuple(tensor.shape)}")
+        if tensor.shape[0] != batch or tensor.shape[2:] != (dstate, seqlen) or dim % tensor.shape[1]:
+            fail(f"{name} has shape {tuple(tensor.shape)}; expected ({batch}, groups dividing {dim}, {dstate}, {seqlen})")
+        if not tensor.is_floating_point() or tensor.is_complex():
+            fail(f"{name} must be a real floating-point tensor, got {tensor.dtype}")
+    if B.shape[1] != C.shape[1]:
+        fail(f"B has {B.shape[1]} groups and C {C.shape[1]}; they must match")
+    for name, tensor in (("D", D), ("delta_bias", delta_bias)):
+        if tensor is not None and (tensor.shape != (dim,) or tensor.dtype != torch.float32):
+            fail(f"{name} must be float32 of shape ({dim},), got {tensor.dtype} {tuple(tensor.shape)}")
+    if z is not None and (tuple(z.shape) != tuple(u.shape) or z.dtype != u.dtype):
+        fail(f"z must match u ({u.dtype} {tuple(u.shape)}), got {z.dtype} {tuple(z.shape)}")
+    devices = {t.device for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None}
+    if len(devices) != 1:
+        fail(f"all inputs must be on one device, got {sorted(str(device) for device in devices)}")
+
+
+def _last_dim_contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    if tensor is None or tensor.stride(-1) == 1:
+        return tensor
+    return tensor.contiguous()
+
+
+def _strides(tensor: torch.Tensor | None, dims: int) -> tuple[int, ...]:
+    return tuple(tensor.stride()[:dims]) if tensor is not None else (0,) * dims
+
+
+def _block_n(dstate: int) -> int:
+    return max(2, triton.next_power_of_2(dstate))
+
+
+def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, store_out=True,
+                 config: ScanConfig | None = None):
+    """Runs the forward kernel. Returns (out or None, chunk_states, out_z or None).
+
+    ``chunk_states`` is (batch, dim, n_chunks, d_state) float32: the state after each chunk of
+    ``config.chunk`` steps; its last entry is the final state. ``out`` (before the z gate) is
+    computed only when ``store_out``; ``out_z`` only when ``z`` is given.
+    """
+    config = config or DEFAULT_CONFIG
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    u, delta, B, C, z = (_last_dim_contiguous(t) for t in (u, delta, B, C, z))
+    batch, dim, seqlen = u.shape
+    dstate = A.shape[1]
+    n_groups = B.shape[1]
+    dim_per_group = dim // n_groups
+    n_chunks = max(1, triton.cdiv(seqlen, config.chunk))
+    out = torch.empty_like(u, memory_format=torch.contiguous_format) if store_out else None
+    out_z = torch.empty_like(u, memory_format=torch.contiguous_format) if z is not None else None
+    states = torch.empty(batch, dim, n_chunks, dstate, device=u.device, dtype=torch.float32)
+    grid = (triton.cdiv(dim_per_group, config.forward_block_d), batch * n_groups)
+    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+        _selective_scan_fwd_kernel[grid](
+            u, delta, A, B, C, D, z, delta_bias, out, out_z, states,
+            dim_per_group, n_groups, seqlen, dstate, n_chunks,
+            *_strides(u, 2), *_strides(delta, 2), *A.stride(), *_strides(B, 3), *_strides(C, 3),
+            *_strides(z, 2), *_strides(out, 2), *_strides(out_z, 2),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+            STORE_OUT=store_out, BLOCK_D=config.forward_block_d, BLOCK_N=_block_n(dstate), T=config.chunk,
+            num_warps=config.forward_warps,
+        )
+    return out, states, out_z
+
+
+def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, states, delta_softplus=False, dz=None,
+                  recompute_out_z=False, config: ScanConfig | None = None):
+    """Runs the backward kernel and adds up its partial sums.
+
+    Returns (du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z): du/ddelta/dz in the inputs' dtype,
+    dA/dD/ddelta_bias float32, dB/dC in B's/C's dtype, None for what does not apply. ``dz`` may be a
+    preallocated tensor to write into (any strides with the last one 1), as mamba-ssm's block passes.
+    """
+    config = config or DEFAULT_CONFIG
+    u, delta, B, C, z, dout = (_last_dim_contiguous(t) for t in (u, delta, B, C, z, dout))
+    batch, dim, seqlen = u.shape
+    dstate = A.shape[1]
+    n_groups = B.shape[1]
+    dim_per_group = dim // n_groups
+    n_chunks = states.shape[2]
+    if states.shape != (batch, dim, n_chunks, dstate) or n_chunks != max(1, triton.cdiv(seqlen, config.chunk)):
+        raise SelectiveScanInputError(
+            f"selective_scan backward: chunk states of shape {tuple(states.shape)} do not come from a forward "
+            f"of this input with chunk={config.chunk}")
+    if tuple(dout.shape) != (batch, dim, seqlen):
+        raise SelectiveScanInputError(f"selective_scan backward: dout has shape {tuple(dout.shape)}, "
+                                      f"expected {(batch, dim, seqlen)}")
+    blocks = batch * n_groups * triton.cdiv(dim_per_group, config.backward_block_d)
+    split = _backward_split(config, blocks, u.device)
+    n_programs_d = triton.cdiv(dim_per_group, config.backward_block_d * split)
+    float_options = dict(device=u.device, dtype=torch.float32)
+    du = torch.empty_like(u, memory_format=torch.contiguous_format)
+    ddelta = torch.empty_like(delta, memory_format=torch.contiguous_format)
+    if z is not None:
+        if dz is None:
+            dz = torch.empty_like(z, memory_format=torch.contiguous_format)
+        elif dz.shape != z.shape or dz.dtype != z.dtype or dz.stride(-1) != 1:
+            raise SelectiveScanInputError(f"selective_scan backward: dz must be {z.dtype} {tuple(z.shape)} with "
+                                          f"its last dimension contiguous, got {dz.dtype} {tuple(dz.shape)}")
+    else:
+        dz = None
+    out_z = torch.empty_like(u, memory_format=torch.contiguous_format) if z is not None and recompute_out_z else None
+    dB_part = torch.empty(batch, n_groups, n_programs_d, dstate, seqlen, **float_options)
+    dC_part = torch.empty_like(dB_part)
+    dA_part = torch.zeros(batch, dim, dstate, **float_options)
+    carry = torch.zeros(batch, dim, dstate, **float_options)
+    dD_part = torch.zeros(batch, dim, **float_options) if D is not None else None
+    dbias_part = torch.zeros(batch, dim, **float_options) if delta_bias is not None else None
+    grid = (n_programs_d, batch * n_groups)
+    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+        _selective_scan_bwd_kernel[grid](
+            u, delta, A, B, C, D, z, delta_bias, states, dout, du, ddelta, dz, out_z,
+            dB_part, dC_part, dA_part, dD_part, dbias_part, carry,
+            dim_per_group, n_groups, seqlen, dstate, n_chunks, n_programs_d,
+            *_strides(u, 2), *_strides(delta, 2), *A.stride(), *_strides(B, 3), *_strides(C, 3),
+            *_strides(z, 2), *_strides(dout, 2), *_strides(du, 2), *_strides(ddelta, 2), *_strides(dz, 2),
+            *_strides(out_z, 2),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+            STORE_OUT_Z=out_z is not None, BLOCK_D=config.backward_block_d, BLOCK_N=_block_n(dstate),
+            T=config.chunk, SPLIT=split, num_warps=config.backward_warps,
+        )
+    dB = dB_part.sum(dim=2).to(B.dtype)
+    dC = dC_part.sum(dim=2).to(C.dtype)
+    dA = dA_part.sum(dim=0)
+    dD = dD_part.sum(dim=0) if D is not None else None
+    ddelta_bias = dbias_part.sum(dim=0) if delta_bias is not None else None
+    return du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z
+
+
+# ----------------------------------------------------------------------------------------------
+# Public interface
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                return_last_state=False):
+        squeeze_B, squeeze_C = B.dim() == 3, C.dim() == 3
+        B = B.unsqueeze(1) if squeeze_B else B
+        C = C.unsqueeze(1) if squeeze_C else C
+        out, states, out_z = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, store_out=z is None)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        ctx.delta_softplus = delta_softplus
+        ctx.squeeze = (squeeze_B, squeeze_C)
+        result = out if z is None else out_z
+        if not return_last_state:
+            return result
+        last_state = states[:, :, -1]
+        ctx.mark_non_differentiable(last_state)
+        return result, last_state
+
+    @staticmethod
+    def backward(ctx, dout, *unused):
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, _ = scan_backward(
+            u, delta, A, B, C, D, z, delta_bias, dout, states, ctx.delta_softplus)
+        squeeze_B, squeeze_C = ctx.squeeze
+        return (du, ddelta, dA, dB.squeeze(1) if squeeze_B else dB, dC.squeeze(1) if squeeze_C else dC,
+                dD, dz, ddelta_bias, None, None)
+
+
+def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                      delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
+                      return_last_state: bool = False):
+    """mamba-ssm's ``selective_scan_fn`` (same arguments, same results) on kotomamba's Triton kernels.
+
+    u, delta, z: (batch, dim, seqlen); A: (dim, d_state) real float32; B, C: (batch, groups, d_state,
+    seqlen) or (batch, d_state, seqlen); D, delta_bias: (dim,) float32. Returns out (batch, dim,
+    seqlen) in u's dtype, and with ``return_last_state`` also the final state (batch, dim, d_state)
+    float32, which gets no gradient.
+    """
+    return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+# ----------------------------------------------------------------------------------------------
+# mamba-ssm's compiled-extension interface, so that its own MambaInnerFn runs on these kernels
+
+
+def handles(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> bool:
+    """Whether this kernel covers the call: real A, input-dependent B and C (all Mamba-1 uses)."""
+    return not A.is_complex() and B.dim() == 4 and C.dim() == 4
+
+
+class SelectiveScanExtension(types.ModuleType):
+    """Stands in for ``selective_scan_cuda`` (its ``fwd``/``bwd`` contract) with the Triton kernels.
+
+    Calls this kernel does not cover (complex A, constant B/C) go to the real extension unchanged.
+    With ``z``, ``fwd`` returns an empty tensor for the pre-gate output: mamba-ssm's callers only hand
+    it back to ``bwd``, which recomputes it. The intermediate ``x`` is this kernel's chunk states, not
+    the CUDA kernel's layout: callers must not slice it (kotomamba routes ``selective_scan_fn`` to
+    :func:`selective_scan_fn`, whose final state comes from the states directly).
+    """
+
+    def __init__(self, extension: types.ModuleType | None):
+        super().__init__("selective_scan_cuda")
+        self.extension = extension
+
+    def _fallback(self, name: str):
+        if self.extension is None:
+            raise SelectiveScanInputError(f"selective_scan_cuda.{name}: complex A or constant B/C need mamba-ssm's "
+                                          f"CUDA extension, which is not installed")
+        return getattr(self.extension, name)
+
+    def fwd(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        if not handles(A, B, C):
+            return self._fallback("fwd")(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        out, states, out_z = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, store_out=z is None)
+        if z is None:
+            return [out, states]
+        return [u.new_empty(0), states, out_z]
+
+    def bwd(self, u, delta, A, B, C, D, z, delta_bias, dout, x, out, dz, delta_softplus, recompute_out_z):
+        if not handles(A, B, C):
+            return self._fallback("bwd")(u, delta, A, B, C, D, z, delta_bias, dout, x, out, dz, delta_softplus,
+                                         recompute_out_z)
+        du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = scan_backward(
+            u, delta, A, B, C, D, z, delta_bias, dout, x, delta_softplus, dz=dz, recompute_out_z=recompute_out_z)
+        result = [du, ddelta, dA, dB, dC, dD, ddelta_bias]
+        if z is not None:
+            result.append(dz)
+            if recompute_out_z:
+                result.append(out_z)
+        return result
