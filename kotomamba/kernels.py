@@ -176,13 +176,13 @@ def select_kernel_backend(device: torch.device | str | None = None, allow_refere
                 "this GPU machine; install them (see the warning above) or explicitly allow the slow "
                 "pure-PyTorch reference kernels on GPU"
             )
+    if _active_backend is not None and _active_backend != wanted:
+        raise KernelRoutingError(
+            f"kernel backend {_active_backend!r} is already installed in this process; "
+            f"cannot switch to {wanted!r} (select the backend once, before importing mamba_ssm)"
+        )
     scan = _resolve_selective_scan(selective_scan, torch.device(device), wanted)
     if _active_backend is not None:
-        if _active_backend != wanted:
-            raise KernelRoutingError(
-                f"kernel backend {_active_backend!r} is already installed in this process; "
-                f"cannot switch to {wanted!r} (select the backend once, before importing mamba_ssm)"
-            )
         if _active_scan != scan:
             raise KernelRoutingError(
                 f"the {_active_scan} selective scan is already installed in this process; cannot switch to {scan}"
