@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(D_INNER), choices=list(D_INNER))
     parser.add_argument("--sweep", action="store_true", help="time tile configurations at one 2.8b shape instead")
     parser.add_argument("--report", type=Path, default=None, help=f"write the section into this file ({BENCHMARKS_MD})")
+    parser.add_argument("--config", default=None, metavar="JSON",
+                        help='ScanConfig fields to use instead of the defaults, e.g. \'{"chunk": 32}\'')
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU with mamba-ssm's kernels")
@@ -163,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from kotomamba.ops import selective_scan
 
+    if args.config:
+        selective_scan.DEFAULT_CONFIG = selective_scan.ScanConfig(**json.loads(args.config))
+    print(f"tile configuration: {selective_scan.DEFAULT_CONFIG}", flush=True)
     ours = selective_scan.SelectiveScanExtension(None)
     device = torch.device("cuda")
     bandwidth, exp_rate = copy_bandwidth(device), exponential_rate(device)
@@ -177,9 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as error:  # a tile that does not compile or fit is a result of the sweep
                 print(f"{config}: {type(error).__name__}: {str(error)[:200]}", flush=True)
                 continue
-            row["model"] = str(dataclasses.astuple(config))
+            row["model"] = json.dumps(dataclasses.asdict(config))
             rows.append(row)
             print(table([row]).splitlines()[-1], flush=True)
+        best = min(rows, key=lambda r: r["ours_forward"] + r["ours_backward"])
+        print(f"fastest configuration: {best['model']}", flush=True)
     else:
         for model in args.models:
             for batch, seqlen in PLAN:
@@ -202,9 +210,11 @@ def sweep_configs():
     from kotomamba.ops.selective_scan import ScanConfig
 
     yield ScanConfig()
-    for chunk, fwd_d, fwd_w in ((32, 8, 4), (64, 4, 4), (64, 16, 8), (128, 4, 8), (32, 16, 8)):
-        yield ScanConfig(chunk=chunk, forward_block_d=fwd_d, forward_warps=fwd_w)
-    for bwd_d, split, bwd_w in ((2, None, 4), (4, None, 4), (8, None, 8), (4, 1, 8), (4, 4, 8), (2, None, 8)):
+    for chunk, fwd_d, fwd_w, bwd_d, bwd_w in ((32, 8, 4, 4, 4), (32, 16, 8, 8, 8), (128, 4, 8, 2, 8),
+                                              (64, 4, 4, 2, 4), (64, 16, 8, 8, 8), (128, 8, 8, 4, 8)):
+        yield ScanConfig(chunk=chunk, forward_block_d=fwd_d, forward_warps=fwd_w, backward_block_d=bwd_d,
+                         backward_warps=bwd_w)
+    for bwd_d, split, bwd_w in ((2, None, 4), (4, 1, 8), (4, 4, 8), (8, None, 4)):
         yield ScanConfig(backward_block_d=bwd_d, backward_split=split, backward_warps=bwd_w)
 
 

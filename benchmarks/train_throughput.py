@@ -3,6 +3,7 @@ on the same shapes, the same machine, in one run.
 
     python benchmarks/train_throughput.py --plan standard          # on a GPU machine (1 and 2 GPUs)
     python benchmarks/train_throughput.py --plan tiny              # CPU smoke test of every runner
+    python benchmarks/train_throughput.py --plan scan              # one GPU: our scan vs mamba-ssm's, the recipe
     python benchmarks/train_throughput.py --only 2.8b --results r.jsonl --no-report   # a part of the plan
     python benchmarks/train_throughput.py --report-from r1.jsonl r2.jsonl            # docs from saved parts
     python benchmarks/train_throughput.py --only "2.8b 1gpu" --profile prof/         # + where each step's time goes
@@ -163,6 +164,17 @@ def plan(name: str) -> list[Case]:
     if name == "tiny":  # FSDP1, hence the recipe, needs a GPU
         return [Case(r, "tiny", 1, 64, 2) for r in ("kotomamba", "hf")] + [
             Case("kotomamba", "tiny", 1, 64, 2, "--cross-entropy-chunk-tokens 32")]
+    if name == "scan":  # our scan against mamba-ssm's in our loop, beside the recipe, one GPU
+        chunked = "--cross-entropy-chunk-tokens 4096"
+        return [
+            Case("kotomamba", "2.8b", 1, 2048, 8, chunked), Case("kotomamba", "2.8b", 1, 2048, 16, chunked),
+            Case("kotomamba", "2.8b", 1, 2048, 8, f"{chunked} --selective-scan mamba-ssm"),
+            Case("recipe", "2.8b", 1, 2048, 8), Case("recipe", "2.8b", 1, 2048, 16),
+            Case("kotomamba", "1.4b", 1, 2048, 8), Case("kotomamba", "1.4b", 1, 2048, 8, "--selective-scan mamba-ssm"),
+            Case("recipe", "1.4b", 1, 2048, 8),
+            Case("kotomamba", "130m", 1, 2048, 16), Case("kotomamba", "130m", 1, 2048, 16, "--selective-scan mamba-ssm"),
+            Case("recipe", "130m", 1, 2048, 16),
+        ]
     if name == "quick":
         return [
             Case("kotomamba", "2.8b", 1, 2048, 4),
@@ -498,7 +510,7 @@ def write_report(runs: list[list[dict]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plan", default="standard", choices=("tiny", "quick", "standard"))
+    parser.add_argument("--plan", default="standard", choices=("tiny", "quick", "scan", "standard"))
     parser.add_argument("--only", default=None, help="Run only cases whose label contains this text.")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -125,3 +126,18 @@ def test_report_from_names_the_file_and_line_it_cannot_read(tmp_path):
     missing = subprocess.run([sys.executable, script, "--report-from", str(tmp_path / "missing.jsonl")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and f"{tmp_path / 'missing.jsonl'}: No such file" in missing.stderr
+
+
+def test_scan_kernel_benchmark_floors_and_its_refusal_without_a_gpu(capsys):
+    from benchmarks import scan_kernels
+
+    # 2.8b at batch 8, seq 2048: 8*5120*2048*16 exponentials per pass; bf16 bytes of each pass's inputs and outputs
+    floors = scan_kernels.floors(5120, 8, 2048, bandwidth=3e12, exp_rate=4e12)
+    channel, state = 8 * 5120 * 2048, 8 * 16 * 2048
+    assert floors["exp_total"] == pytest.approx(2 * channel * 16 / 4e12 * 1e3)
+    assert floors["memory_total"] == pytest.approx(2 * (12 * channel + 6 * state) / 3e12 * 1e3)
+    assert floors["forward"] == pytest.approx(max(2 * (4 * channel + 2 * state) / 3e12, channel * 16 / 4e12) * 1e3)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exit_info:
+            scan_kernels.main(["--models", "2.8b"])
+        assert exit_info.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
