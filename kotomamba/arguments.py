@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import difflib
 import math
 import re
 import sys
@@ -86,7 +87,22 @@ class ArgumentError(ValueError):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # argparse's own errors become ArgumentError too
-        raise ArgumentError(message)
+        raise ArgumentError(message + self._suggestions(message))
+
+    def _suggestions(self, message: str) -> str:
+        """' (did you mean --lr-decay-style?)' for each unknown option, from every option string, aliases too."""
+        if not message.startswith("unrecognized arguments: "):
+            return ""
+        known = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        hints = []
+        for token in message.removeprefix("unrecognized arguments: ").split():
+            name = token.split("=", 1)[0]
+            if not name.startswith("--"):
+                continue
+            close = difflib.get_close_matches(name.replace("_", "-"), known, n=2, cutoff=0.75)
+            if close:
+                hints.append(f"{name}: did you mean {' or '.join(close)}?")
+        return f" ({'; '.join(hints)})" if hints else ""
 
 
 class _IgnoredForCompatibility(argparse.Action):

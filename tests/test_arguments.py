@@ -556,3 +556,15 @@ def test_importing_the_parser_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=root, env={"PYTHONPATH": str(root)},
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_unknown_flags_get_the_closest_known_options_suggested():
+    with pytest.raises(arguments.ArgumentError) as error:
+        parse_args(["--lr-decay-stlye", "cosine", "--micro_batch_sise", "2", "--frobnicate"])
+    message = str(error.value)
+    assert "--lr-decay-stlye: did you mean --lr-decay-style" in message
+    assert "--micro-batch-sise: did you mean --micro-batch-size?" in message
+    assert "--frobnicate:" not in message  # nothing close: no guess
+    with pytest.raises(arguments.ArgumentError) as alias_error:
+        parse_args(["--use-bf17"])
+    assert "did you mean --use-bf16" in str(alias_error.value)  # aliases are suggested too
