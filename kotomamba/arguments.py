@@ -53,10 +53,11 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import difflib
+import functools
 import math
 import re
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -613,7 +614,48 @@ def build_parser() -> argparse.ArgumentParser:
         "--peak-tflops", type=float, default=None,
         help="Peak dense TFLOP/s of one accelerator for the MFU figure (default: looked up from the device name).",
     )
+    _list_legacy_flags_last(parser)
     return parser
+
+
+USAGE = """pretrain.py --model PRESET|CONFIG --tokenizer-model PATH --data-path [WEIGHT] PREFIX [...]
+                   --micro-batch-size N --global-batch-size N --train-iters N --lr LR [--min-lr LR]
+                   [--bf16 | --fp16 | --fp32] [--save DIR] [--load DIR] [--dry-run] [more options below]"""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option under its first (canonical) name; the aliases are listed once, in the last group."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or not action.option_strings[0].startswith("--"):  # positionals, -h/--help
+            return super()._format_action_invocation(action)
+        if action.nargs == 0:
+            return action.option_strings[0]
+        return f"{action.option_strings[0]} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+
+def _list_legacy_flags_last(parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM / kotomamba compatibility flags and aliases leave their groups for one final group."""
+    legacy, aliases = [], []
+    for action in parser._actions:
+        if isinstance(action, (_IgnoredForCompatibility, _Refused)):
+            legacy.append(f"{', '.join(action.option_strings)}: {action.help}")
+            action.help = argparse.SUPPRESS
+        elif len(action.option_strings) > 1 and action.option_strings[0].startswith("--"):
+            aliases.append(f"{', '.join(action.option_strings[1:])} = {action.option_strings[0]}")
+    wrap = functools.partial(textwrap.fill, width=100, subsequent_indent="    ", break_on_hyphens=False)
+    text = "\n".join([
+        wrap("Aliases (the same option under the name another tool uses; underscores work for dashes "
+             "everywhere): " + "; ".join(aliases) + "."),
+        "", "Legacy flags, accepted so that Megatron-LM and kotomamba scripts run unchanged:",
+        *(wrap(line, initial_indent="  ") for line in legacy)])
+    parser.add_argument_group("aliases and legacy flags", text)
+    parser.usage = USAGE
+    parser.formatter_class = _LegacyAwareFormatter
+
+
+class _LegacyAwareFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the legacy group's one-flag-per-line layout (RawDescription) with canonical-name invocations."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -224,8 +225,27 @@ def test_refused_flags_say_why(flag):
 
 
 def test_every_flag_has_help():
-    for action in arguments.build_parser()._actions:
+    parser = arguments.build_parser()
+    legacy_section = parser.format_help().split("aliases and legacy flags:")[1]
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS:  # a compatibility flag: listed with its reason in the last group
+            line = next(line for line in legacy_section.splitlines() if action.option_strings[0] + ":" in line
+                        or action.option_strings[0] + "," in line)
+            assert len(line.split(":", 1)[1].strip()) > 20, action.option_strings
+            continue
         assert action.help and len(action.help) > 20, action.option_strings
+
+
+def test_help_leads_with_the_flags_people_use_and_lists_aliases_once_at_the_end():
+    text = arguments.build_parser().format_help()
+    usage, body = text.split("\n\n", 1)
+    assert usage.startswith("usage: pretrain.py --model PRESET|CONFIG --tokenizer-model PATH --data-path")
+    main_part, legacy_part = body.split("aliases and legacy flags:")
+    for legacy_flag in ("--mamba", "--use-better-transformer", "--quantization", "--pure-bf16", "--clip-grad"):
+        assert legacy_flag not in usage and f"  {legacy_flag}" not in main_part, legacy_flag
+        assert len(re.findall(re.escape(legacy_flag) + r"(?![\w-])", legacy_part)) == 1, legacy_flag
+    assert "--pure-bf16, --use-bf16 = --bf16" in " ".join(legacy_part.split())
+    assert "  --bf16 " in main_part and "  --micro-batch-size MICRO_BATCH_SIZE" in main_part
 
 
 def test_underscore_spelling_and_equals_sign():
