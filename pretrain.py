@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import sys
 
-from kotomamba.arguments import ArgumentError, parse_args
+from kotomamba.arguments import ArgumentError, check_data_files, parse_args
+from kotomamba.cli import INPUT_ERROR, USAGE_ERROR, report_error
+
+PROG = "pretrain.py"
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
     except ArgumentError as error:
-        print(f"pretrain.py: error: {error}", file=sys.stderr)
-        return 2
+        return report_error(PROG, error, USAGE_ERROR)
+    if not args.dry_run:
+        try:
+            check_data_files(args)  # before the process group, the kernels and the model
+        except ArgumentError as error:
+            return report_error(PROG, error, INPUT_ERROR)
     if args.dry_run:
         # Before kotomamba.train is imported: a dry run needs no GPU, process group or data.
         from kotomamba.dry_run import run
@@ -29,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         pretrain(args)
     except USER_ERRORS as error:
         # A problem with the inputs (data, tokenizer, model, launch, flags), already explained by its message.
-        print(f"pretrain.py: error: {error}", file=sys.stderr)
-        return 1
+        return report_error(PROG, error, INPUT_ERROR)
     return 0
 
 

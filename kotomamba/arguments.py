@@ -1031,6 +1031,21 @@ def _validate_data(args: argparse.Namespace) -> None:
             parse_blend(value, flag)
 
 
+def check_data_files(args: argparse.Namespace) -> None:
+    """Every dataset prefix of the data flags names an existing PREFIX.bin and PREFIX.idx (Megatron's pair)."""
+    flags = {"--data-path": args.data_path, "--train-data-path": args.train_data_path,
+             "--valid-data-path": args.valid_data_path, "--test-data-path": args.test_data_path}
+    for flag, values in flags.items():
+        if values is None:
+            continue
+        for prefix in parse_blend(values, flag)[0]:
+            missing = [f"{prefix}{suffix}" for suffix in (".bin", ".idx") if not Path(f"{prefix}{suffix}").is_file()]
+            if missing:
+                raise ArgumentError(
+                    f"{flag} {prefix}: {' and '.join(missing)} not found (a dataset prefix names the PREFIX.bin and "
+                    f"PREFIX.idx that megatron_lm/tools/preprocess_data.py writes, without the extension)")
+
+
 def _validate_precision(args: argparse.Namespace) -> None:
     # bf16 and fp16 never mix: each half type only goes with its own precision flag (or auto -> bf16)
     allowed_half = {"bf16": "bf16", "fp16": "fp16", "fp32": None, "auto": "bf16"}[args.precision]

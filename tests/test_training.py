@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 import pretrain
 
 sys.path.insert(0, str(Path(__file__).parent))
-from launching import run_worker, torchrun_command  # noqa: E402
+from launching import launcher_environment, run_worker, torchrun_command  # noqa: E402
 from reference_training import plain_training  # noqa: E402
 from training_worker import run_configurations  # noqa: E402
 
@@ -250,11 +251,52 @@ def run_pretrain(argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+TYPO_MESSAGE = ("pretrain.py: error: unrecognized arguments: --lr-decay-stlye cosine "
+                "(--lr-decay-stlye: did you mean --lr-decay-style")
+
+
+def launched_typo(command: list[str], tmp_path) -> subprocess.CompletedProcess:
+    return subprocess.run(command + [str(Path(pretrain.__file__)), "--lr-decay-stlye", "cosine"], cwd=tmp_path,
+                          env=launcher_environment(), capture_output=True, text=True, timeout=120)
+
+
+def test_a_usage_error_under_torchrun_is_printed_once_and_ends_torchruns_report(tmp_path):
+    completed = launched_typo(torchrun_command(2), tmp_path)
+    lines = [line for line in completed.stderr.splitlines() if line.strip()]
+    # rank 0 printed it once; torchrun's report ends with it as the root cause, exit code 2, no Python traceback
+    assert sum(line.startswith(TYPO_MESSAGE) for line in lines) == 1, completed.stderr
+    assert lines[-2].strip().startswith(f"traceback : {TYPO_MESSAGE}") and lines[-1].startswith("====="), lines[-6:]
+    assert "exitcode  : 2" in completed.stderr and "To enable traceback" not in completed.stderr
+    assert completed.returncode != 0
+
+
+@pytest.mark.skipif(mpirun_executable() is None, reason="OpenMPI's mpirun is not installed")
+def test_a_usage_error_under_mpirun_is_printed_once_with_the_usage_exit_status(tmp_path):
+    command = [mpirun_executable(), "-np", "2", "--oversubscribe", "--bind-to", "none"]
+    if os.geteuid() == 0:
+        command.append("--allow-run-as-root")
+    completed = launched_typo(command + ["-x", "PYTHONPATH", "-x", "PATH", sys.executable], tmp_path)
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert (completed.stdout + completed.stderr).count(TYPO_MESSAGE) == 1
+
+
 def test_missing_data_prefix_is_named(base_argv, capsys, tmp_path):
     missing = str(tmp_path / "nothing_text_document")
     argv = base_argv + ["--data-path", missing]
     code, err = run_pretrain(argv, capsys)
     assert code == 1 and missing in err and "Traceback" not in err
+
+
+def test_missing_data_is_found_before_the_process_group_or_model(base_argv, capsys, tmp_path, monkeypatch):
+    import kotomamba.train
+
+    def setup_started(*args, **kwargs):
+        raise AssertionError("pretrain() started before the data paths were checked")
+
+    monkeypatch.setattr(kotomamba.train, "pretrain", setup_started)
+    missing = str(tmp_path / "nothing_text_document")
+    code, err = run_pretrain(base_argv + ["--data-path", "0.5", missing, "0.5", missing + "2"], capsys)
+    assert code == 1 and f"--data-path {missing}: {missing}.bin and {missing}.idx not found" in err
 
 
 def test_global_batch_that_does_not_divide_is_refused(base_argv, capsys):
