@@ -22,11 +22,11 @@ throughput/tokens_per_s            trained tokens per second, all ranks together
 throughput/tokens_per_s_per_gpu    the same per rank (per GPU)
 throughput/tflops_per_gpu          model TFLOP/s per GPU (``kotomamba.flops.flops_per_token``)
 throughput/mfu                     model FLOPs utilization (0..1) against the GPU's dense peak, or
-                                   --peak-tflops; absent (``n/a``) when the peak is unknown (CPU)
+                                   --peak-tflops; absent (and left out of the log line) when the peak is unknown (CPU)
 time/iteration_s                   mean wall time per iteration
 time/data_wait_fraction            share of that time spent waiting for the next batch
 memory/peak_allocated_gib          peak CUDA memory allocated since the start, max over ranks (GiB);
-                                   absent (``n/a``) on CPU
+                                   absent (and left out of the log line) on CPU
 memory/peak_reserved_gib           peak CUDA memory reserved by the caching allocator, max over ranks
 progress/consumed_tokens           tokens drawn from the training data so far (--skip-batch included)
 progress/consumed_samples          samples drawn so far
@@ -47,6 +47,7 @@ backward count as trained tokens; --skip-batch iterations do not.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
@@ -206,14 +207,35 @@ def training_metrics(meter: IntervalMeter, *, lr: float, consumed_tokens: int, c
     return values
 
 
+class RemainingTime:
+    """Seconds the run has left, at the pace of its last ``window`` log intervals.
+
+    The first interval (compilation, autotuning, allocator warm-up; 5x slower than the rest on a CPU)
+    is dropped as soon as a second one exists, so it does not inflate every later estimate.
+    """
+
+    def __init__(self, start_iteration: int, started: float, window: int = 5) -> None:
+        self._points: collections.deque[tuple[int, float]] = collections.deque([(start_iteration, started)],
+                                                                               maxlen=window + 1)
+        self._first_interval_dropped = False
+
+    def update(self, iteration: int, now: float, train_iters: int) -> float:
+        self._points.append((iteration, now))
+        if not self._first_interval_dropped and len(self._points) > 2:
+            self._points.popleft()
+            self._first_interval_dropped = True
+        first_iteration, first_time = self._points[0]
+        return (now - first_time) / max(iteration - first_iteration, 1) * (train_iters - iteration)
+
+
 def format_training_line(iteration: int, train_iters: int, values: Mapping[str, float],
                          run_seconds: float, remaining_seconds: float) -> str:
     """The human-readable log line for `values` from `training_metrics`; `kotomamba.plot` parses it."""
-    mfu_text = f"{100 * values['throughput/mfu']:.1f}%" if "throughput/mfu" in values else "n/a"
+    # MFU and peak memory only where they exist (a GPU; MFU also needs the peak rate): no "n/a" fields
+    mfu = f" | MFU {100 * values['throughput/mfu']:.1f}%" if "throughput/mfu" in values else ""
+    memory = ""
     if "memory/peak_allocated_gib" in values:
-        memory = f"{values['memory/peak_allocated_gib']:.1f}/{values['memory/peak_reserved_gib']:.1f} GiB"
-    else:
-        memory = "n/a"
+        memory = f"peak memory {values['memory/peak_allocated_gib']:.1f}/{values['memory/peak_reserved_gib']:.1f} GiB | "
     skipped = f"skipped {values['train/skipped_steps']} (total {values['train/skipped_steps_total']})"
     if values["train/skipped_batches"]:
         skipped += f" | skip-batch {values['train/skipped_batches']}"
@@ -222,9 +244,9 @@ def format_training_line(iteration: int, train_iters: int, values: Mapping[str, 
         f"loss {values['train/loss']:.4f} | ppl {values['train/perplexity']:.2f} | lr {values['train/lr']:.3e} | "
         f"grad norm {values['train/grad_norm']:.3f} | loss scale {values['train/loss_scale']:g} | {skipped} | "
         f"{values['throughput/tokens_per_s']:.0f} tokens/s ({values['throughput/tokens_per_s_per_gpu']:.0f} per GPU) | "
-        f"{values['throughput/tflops_per_gpu']:.2f} TFLOP/s per GPU | MFU {mfu_text} | "
+        f"{values['throughput/tflops_per_gpu']:.2f} TFLOP/s per GPU{mfu} | "
         f"{values['time/iteration_s']:.3f} s/iteration | data wait {100 * values['time/data_wait_fraction']:.0f}% | "
-        f"peak memory {memory} | elapsed {format_duration(run_seconds)} | remaining {format_duration(remaining_seconds)}"
+        f"{memory}elapsed {format_duration(run_seconds)} | remaining {format_duration(remaining_seconds)}"
     )
 
 

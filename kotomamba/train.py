@@ -329,6 +329,7 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
     valid_names, test_names = metrics.blend_component_names(valid_ds), metrics.blend_component_names(test_ds)
     meter = metrics.IntervalMeter(device=ctx.device)
     run_started = time.perf_counter()
+    remaining_time = metrics.RemainingTime(start_iteration, run_started)
     model.train()
     while state.iteration < args.train_iters:
         iteration = state.iteration + 1
@@ -367,7 +368,7 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
         if meter.last_result is not None and (iteration % args.log_interval == 0 or iteration == args.train_iters
                                               or stopping):
             log_training(state, args, meter, lr, ctx, metric_logger, model_flops_per_token, peak, run_started,
-                         start_iteration)
+                         remaining_time)
             meter.reset()
         if stopping:
             # Nothing is saved on this path: the last checkpoint, from before the skips, stays the one to resume.
@@ -399,14 +400,15 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
 
 def log_training(state: TrainState, args: Namespace, meter: metrics.IntervalMeter, lr: float, ctx: DistributedContext,
                  metric_logger: MetricLogger, model_flops_per_token: float, peak: float | None, run_started: float,
-                 start_iteration: int) -> None:
+                 remaining_time: metrics.RemainingTime) -> None:
     """The interval's metrics (see kotomamba.metrics) to the log line and the sinks; on every rank."""
     values = metrics.training_metrics(
         meter, lr=lr, consumed_tokens=state.consumed_tokens, consumed_samples=state.consumed_samples,
         skipped_steps_total=state.skipped_iterations, world_size=ctx.world_size,
         flops_per_token=model_flops_per_token, peak_flops=peak, device=ctx.device,
     )
-    run_seconds = time.perf_counter() - run_started
-    remaining = run_seconds / (state.iteration - start_iteration) * (args.train_iters - state.iteration)
+    now = time.perf_counter()
+    run_seconds = now - run_started
+    remaining = remaining_time.update(state.iteration, now, args.train_iters)
     line = metrics.format_training_line(state.iteration, args.train_iters, values, run_seconds, remaining)
     metric_logger.log(state.iteration, values, line)
