@@ -3,6 +3,7 @@
     python -m kotomamba.plot train.log -o curves.png              # a run's stdout/stderr log
     python -m kotomamba.plot SAVE_DIR/wandb -o curves.png         # W&B run directories (offline or synced)
     python -m kotomamba.plot TENSORBOARD_DIR -o curves.png        # --tensorboard-dir
+    python -m kotomamba.plot SAVE_DIR/metrics.jsonl -o curves.png # what every run with --save writes
 
 A directory is read as W&B when it holds ``*.wandb`` files (every run directory below it, in time order,
 so a resumed run's pieces join up), else as TensorBoard when it holds event files. Anything else is a
@@ -178,12 +179,32 @@ def read_tensorboard(path: str | Path) -> Series:
     return dict(series)
 
 
+def read_jsonl(path: str | Path) -> Series:
+    """``metrics.jsonl`` as the training run writes it next to its checkpoints (a repeated step: the later value)."""
+    series: Series = defaultdict(dict)
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                step = int(record.pop("iteration"))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+                raise PlotError(f"{path}:{number}: not a metrics record (a JSON object with an iteration)") from None
+            for name, value in record.items():
+                if isinstance(value, (int, float)):
+                    series[name][step] = float(value)
+    return dict(series)
+
+
 def read_run(path: str | Path) -> Series:
     """Metrics of a run from its log file, W&B directory or TensorBoard directory."""
     path = Path(path)
     if not path.exists():
         raise PlotError(f"{path}: no such file or directory")
-    if path.suffix == ".wandb" or (path.is_dir() and wandb_files(path)):
+    if path.suffix == ".jsonl":
+        series = read_jsonl(path)
+    elif path.suffix == ".wandb" or (path.is_dir() and wandb_files(path)):
         series = read_wandb(path)
     elif "tfevents" in path.name or (path.is_dir() and any(path.rglob("*tfevents*"))):
         series = read_tensorboard(path)

@@ -9,6 +9,11 @@
   values in W&B, which drops steps lower than the run's latest.
 * TensorBoard is on with ``--tensorboard-dir DIR``. A resumed run purges the events the interrupted
   run logged after its checkpoint, so curves do not fold back.
+* With ``--save DIR`` every metric is also appended to ``DIR/metrics.jsonl`` (one JSON object per log
+  line: ``{"iteration": N, name: value, ...}``), and ``DIR/loss_curves.png`` (``kotomamba.plot``'s four
+  panels) is drawn again after every evaluation and at the end. A step a resumed run repeats appears
+  twice in the file; readers keep the later value. Neither file can stop training: a failure to write
+  them is logged once as a warning.
 
 The step of every metric is the iteration; the names are listed in ``kotomamba.metrics``.
 """
@@ -107,6 +112,51 @@ class TensorBoardSink:
         self.writer.close()
 
 
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "loss_curves.png"
+
+
+class RunFilesSink:
+    """``metrics.jsonl`` and ``loss_curves.png`` in the save directory (rank 0); never fatal to training."""
+
+    def __init__(self, save_dir: str) -> None:
+        self.metrics_path = Path(save_dir) / METRICS_FILE
+        self.curves_path = Path(save_dir) / CURVES_FILE
+        self.warned = False
+
+    def _warn_once(self, what: str, error: BaseException) -> None:
+        if not self.warned:
+            logger.warning("could not write %s (%s: %s); training goes on without it", what, type(error).__name__,
+                           error)
+            self.warned = True
+
+    def log(self, step: int, values: Mapping[str, float]) -> None:
+        try:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_path, "a", encoding="utf-8") as file:
+                file.write(json.dumps({"iteration": step, **values}) + "\n")
+        except OSError as error:
+            self._warn_once(str(self.metrics_path), error)
+            return
+        if any(name.startswith(("valid/", "test/")) for name in values):
+            self.draw()
+
+    def draw(self) -> None:
+        from kotomamba import plot
+
+        try:
+            series = plot.read_run(self.metrics_path)
+            temporary = self.curves_path.with_name(f".{self.curves_path.stem}.tmp.png")  # matplotlib goes by the suffix
+            plot.plot_curves(series, temporary, str(self.metrics_path.parent))
+            temporary.replace(self.curves_path)  # never a half-drawn picture under the final name
+        except Exception as error:  # noqa: BLE001 - a picture must never end a training run
+            self._warn_once(str(self.curves_path), error)
+
+    def close(self, failed: bool) -> None:
+        if self.metrics_path.exists():
+            self.draw()
+
+
 def _check_on_every_rank(error: MetricsSinkError | None, ctx: DistributedContext) -> None:
     """Rank 0 opens the sinks; the others must stop too when it fails, not wait in the next collective."""
     if all_ranks_agree(error is None, ctx.device):
@@ -128,7 +178,7 @@ class MetricLogger:
     def __init__(self, args: Namespace, ctx: DistributedContext) -> None:
         self.args = args
         self.ctx = ctx
-        self.sinks: list[WandbSink | TensorBoardSink] = []
+        self.sinks: list[WandbSink | TensorBoardSink | RunFilesSink] = []
         wandb_flags = {"--wandb-entity": args.wandb_entity, "--wandb-name": args.wandb_name}
         given = [f"{flag} {value}" for flag, value in wandb_flags.items() if value is not None]
         if given and args.wandb_project is None:
@@ -154,6 +204,8 @@ class MetricLogger:
         """Open the sinks on rank 0 for a run that starts after `iteration` completed iterations."""
         error = None
         if self.ctx.is_main:
+            if self.args.save is not None:
+                self.sinks.append(RunFilesSink(self.args.save))
             try:
                 if self.args.wandb_project is not None:
                     self.sinks.append(WandbSink(

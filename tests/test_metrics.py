@@ -144,6 +144,30 @@ def test_every_sink_gets_the_same_metrics(observed):
             assert value == pytest.approx(tensorboard[name][step], rel=2e-3, abs=printed_precision), (name, step)
 
 
+def test_the_save_directory_gets_the_metrics_as_json_lines_and_a_loss_curve_picture(observed):
+    jsonl = plot.read_run(observed["save"] / "metrics.jsonl")
+    tensorboard = observed["tensorboard"]
+    assert set(jsonl) == set(tensorboard)
+    for name, values in tensorboard.items():
+        assert jsonl[name] == pytest.approx(values, rel=1e-6), name  # TensorBoard stores float32
+    picture = observed["save"] / "loss_curves.png"
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
+    assert not list(observed["save"].glob(".loss_curves*"))
+
+
+def test_run_files_that_cannot_be_written_only_warn(tmp_path, caplog):
+    from kotomamba.sinks import RunFilesSink
+
+    (tmp_path / "metrics.jsonl").mkdir()  # opening it for appending fails
+    sink = RunFilesSink(str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="kotomamba"):
+        sink.log(1, {"train/loss": 2.0})
+        sink.log(2, {"valid/loss": 2.0})
+        sink.close(failed=False)
+    warnings = [r for r in caplog.records if "could not write" in r.getMessage()]
+    assert len(warnings) == 1 and "metrics.jsonl" in warnings[0].getMessage()
+
+
 def test_one_log_line_per_interval(observed):
     training_lines = [line for line in observed["lines"] if f"/{ITERATIONS} | consumed tokens" in line]
     assert [line.split("iteration ")[1].split("/")[0] for line in training_lines] == ["2", "4"]

@@ -43,3 +43,4 @@ torchrun --standalone --nproc-per-node "$NPROC" "$REPO/pretrain.py" \
   --save "$CHECKPOINTS" --save-interval 50
 
 python "$REPO/inference.py" --load "$CHECKPOINTS" --prompt "吾輩は" --max-new-tokens 40 --seed 1
+echo "loss curves: $CHECKPOINTS/loss_curves.png (metrics: $CHECKPOINTS/metrics.jsonl)"
