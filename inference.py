@@ -425,6 +425,10 @@ def _run(args: argparse.Namespace, stdin: TextIO) -> int:
     device = _device(args.device)
     dtype = getattr(torch, _DTYPES[args.dtype] if args.dtype else ("bfloat16" if device.type == "cuda" else "float32"))
     select_kernel_backend(device)  # before anything imports mamba_ssm
+    if device.type == "cpu":
+        from kotomamba.distributed import configure_cpu_threads
+
+        configure_cpu_threads()
 
     loaded = load_model_and_tokenizer(args.load, device, dtype, args.tokenizer_type, args.tokenizer_model)
     tokenizer = loaded.tokenizer

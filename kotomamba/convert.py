@@ -180,6 +180,7 @@ def export(checkpoint: str, output: str, format: str, dtype: str = "fp32") -> Pa
             shutil.copy2(path, temporary / path.name)
         provenance.update(format=format, dtype=dtype, **special_ids)
         (temporary / EXPORT_INFO).write_text(json.dumps(provenance, indent=2))
+        _give_files_the_usual_mode(temporary)
         if target.exists():
             target.rmdir()  # empty, checked above
         os.rename(temporary, target)
@@ -187,6 +188,15 @@ def export(checkpoint: str, output: str, format: str, dtype: str = "fp32") -> Pa
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return target
+
+
+def _give_files_the_usual_mode(directory: Path) -> None:
+    """Every exported file readable as the umask allows, like its siblings (safetensors writes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _load_source(checkpoint: str) -> tuple[MambaLMHeadModel, dict[str, int | None], list[Path], dict[str, Any]]:

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -96,6 +97,39 @@ def _agree_on_master_via_mpi() -> None:
     os.environ.setdefault("MASTER_PORT", str(port))
 
 
+def physical_cpu_cores() -> int:
+    """Physical cores this process may run on (hyper-threads counted once; the affinity mask respected)."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        try:
+            siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
+        except OSError:
+            siblings = str(cpu)
+        cores.add(siblings)
+    return max(1, len(cores))
+
+
+def configure_cpu_threads(processes_per_node: int = 1) -> int:
+    """CPU runs: torch's intra-op threads, without oversubscribing the machine; returns the count.
+
+    ``OMP_NUM_THREADS``, when set, is respected (torch reads it at start-up; torchrun sets 1 for
+    several processes). Otherwise each of the node's processes gets an equal share of the physical
+    cores: torch's default counts every core for every process, and threads that outnumber the cores
+    (or share them with hyper-threads) make a small model many times slower.
+    """
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        threads, reason = int(configured), "OMP_NUM_THREADS"
+    else:
+        cores = physical_cpu_cores()
+        threads = max(1, cores // max(1, processes_per_node))
+        reason = f"{cores} physical cores / {processes_per_node} process(es) per node; set OMP_NUM_THREADS to change"
+    torch.set_num_threads(threads)
+    logger.info("CPU threads per process: %d (%s)", threads, reason)
+    return threads
+
+
 def init_distributed(use_mpi: bool = False, device_type: str | None = None, timeout_minutes: int = 30) -> DistributedContext:
     """Create the default process group (NCCL on GPU, gloo on CPU) and pick this rank's device."""
     rank, world, local_rank, local_world, launcher = _ranks_from_environment(use_mpi)
@@ -116,6 +150,7 @@ def init_distributed(use_mpi: bool = False, device_type: str | None = None, time
     else:
         device = torch.device("cpu")
         backend = "gloo"
+        configure_cpu_threads(local_world)
 
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if dist.is_initialized():

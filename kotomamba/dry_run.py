@@ -451,12 +451,20 @@ def _data_report(args: argparse.Namespace, total_tokens: int | None, warnings: l
             detail = f"{_tokens(size)} tokens"
             training = flag in ("--data-path", "--train-data-path") and total_tokens is not None and size > 0
             if training:
-                detail += f", {fraction * total_tokens / (size * share):.2f} epochs of its training part"
+                epochs = fraction * total_tokens / (size * share)
+                detail += f", {epochs:.2f} epochs of its training part"
+                if epochs > MANY_EPOCHS:
+                    warnings.append(
+                        f"{flag}: the plan reads {prefix} {epochs:,.1f} times over ({_tokens(total_tokens)} tokens "
+                        f"planned); more than {MANY_EPOCHS} epochs of the same text usually means a wrong "
+                        f"--train-iters/--train-samples or a wrong dataset")
             lines.append(f"  {fraction:6.1%}  {prefix}  ({detail})")
     if not lines:
         lines.append("no data paths given (allowed with --dry-run)")
     return lines
 
+
+MANY_EPOCHS = 4  # repeating a dataset more often than this gets a warning in the dry run
 
 # ----------------------------------------------------------------------------------------------
 # Plan and report

@@ -88,6 +88,8 @@ def test_hugging_face_export_has_our_logits(name, architecture, checkpoints, tmp
     output = export(str(checkpoints[name]), str(tmp_path / name), "hf")
     assert json.loads((output / "config.json").read_text())["architectures"] == [architecture]
     assert (output / "model.safetensors").is_file()
+    modes = {path.name: path.stat().st_mode & 0o777 for path in output.iterdir()}
+    assert len(set(modes.values())) == 1 and modes["model.safetensors"] & 0o044, modes  # as readable as its siblings
     hf_model = AutoModelForCausalLM.from_pretrained(str(output))
     assert type(hf_model).__name__ == architecture
     ours, info = load_model_from_checkpoint(str(checkpoints[name]), torch.device("cpu"))

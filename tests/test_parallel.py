@@ -3,6 +3,7 @@ replicated (A_log, D, dt_bias under bf16), over 2 real gloo processes."""
 from __future__ import annotations
 
 import datetime
+import os
 
 import torch
 import torch.distributed as dist
@@ -39,3 +40,19 @@ def test_replicated_gradients_are_averaged_over_ranks(tmp_path):
         for grads in per_rank:
             assert torch.equal(grads[i], expected), (i, grads[i], expected)
     assert all(grads[2] is None for grads in per_rank)
+
+
+def test_cpu_threads_respect_omp_num_threads_else_share_the_physical_cores(monkeypatch):
+    from kotomamba import distributed
+
+    assert 1 <= distributed.physical_cpu_cores() <= os.cpu_count()
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert distributed.configure_cpu_threads(processes_per_node=4) == 1 == torch.get_num_threads()
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr(distributed, "physical_cpu_cores", lambda: 8)
+        assert distributed.configure_cpu_threads(processes_per_node=2) == 4 == torch.get_num_threads()
+        assert distributed.configure_cpu_threads(processes_per_node=16) == 1
+    finally:
+        torch.set_num_threads(before)
