@@ -326,10 +326,10 @@ def test_missing_data_is_a_warning_and_existing_data_is_measured(tmp_path):
     assert f" 25.0%  {prefix}  (4.00k tokens, 0.12 epochs of its training part)" in report  # 0.25 x 2000 / 4000
     assert f" 75.0%  {absent}  (not found)" in report
     assert not any("times over" in warning for warning in result.warnings)
-    # 400 iterations of 2000 tokens: 200,000 planned, a quarter of it from 4,000 tokens: 12.5 epochs
+    # 400 iterations of 2000 tokens: 800,000 planned, a quarter of it from 4,000 tokens: 50 epochs
     repeated = plan(dry(*NULL, "--data-path", "0.25", prefix, "0.75", absent, "--split", "100,0,0",
                         "--train-iters", "400", "--global-batch-size", "1", "--seq-length", "2000"), {})
-    assert any(f"reads {prefix} 12.5 times over" in warning for warning in repeated.warnings), repeated.warnings
+    assert any(f"reads {prefix} 50.0 times over" in warning for warning in repeated.warnings), repeated.warnings
 
 
 # ----------------------------------------------------------------------------------------------
