@@ -261,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Directory for the cached sample-index files (default: next to each dataset prefix).",
     )
     data.add_argument(
+        "--data-allow-extra-bin-bytes", action="store_true",
+        help="Accept a .bin longer than its .idx says. By default the pair must match exactly, as "
+             "Megatron-LM's writer makes it: a longer .bin usually belongs to another dataset. Megatron-LM "
+             "itself reads such a pair without a check.",
+    )
+    data.add_argument(
         "--num-workers", "--num-workers-dataloader", type=int, default=2,
         help="DataLoader worker processes per rank (default 2).",
     )

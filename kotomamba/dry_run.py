@@ -434,7 +434,7 @@ def _data_report(args: argparse.Namespace, total_tokens: int | None, warnings: l
                 sizes.append(None)
                 continue
             try:
-                with IndexedDataset(prefix) as dataset:
+                with IndexedDataset(prefix, allow_extra_bin_bytes=args.data_allow_extra_bin_bytes) as dataset:
                     sizes.append(dataset.num_tokens)
             except (IndexedDatasetError, OSError) as error:
                 warnings.append(f"{flag}: {prefix}: {error}")

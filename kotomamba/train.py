@@ -105,6 +105,7 @@ def build_datasets(args: Namespace, min_train_samples: int = 0):
         seq_length=args.seq_length,
         seed=args.seed,
         cache_path=args.data_cache_path,
+        allow_extra_bin_bytes=args.data_allow_extra_bin_bytes,
     )
     return build_train_valid_test_datasets(config, num_samples)
 

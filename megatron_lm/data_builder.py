@@ -42,6 +42,7 @@ class DataConfig:
     test_data_path: Sequence[str] | str | None = None
     cache_path: str | None = None  # --data-cache-path; None keeps indices in memory
     add_extra_token: bool = True
+    allow_extra_bin_bytes: bool = False  # --data-allow-extra-bin-bytes: see IndexedDataset
 
 
 def _as_float(text: str) -> float | None:
@@ -129,7 +130,7 @@ class _Builder:
         if prefix not in self._opened:
             if not IndexedDataset.exists(prefix):
                 raise DatasetBuildError(f"{flag}: no dataset at prefix {prefix!r} (need {prefix}.idx and {prefix}.bin)")
-            self._opened[prefix] = IndexedDataset(prefix)
+            self._opened[prefix] = IndexedDataset(prefix, allow_extra_bin_bytes=self.config.allow_extra_bin_bytes)
         return self._opened[prefix]
 
     def gpt(self, prefix: str, flag: str, split: int, ids: range, num_samples: int | None) -> GPTDataset:

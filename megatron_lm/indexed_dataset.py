@@ -96,8 +96,11 @@ class IndexedDataset:
     `with` block) drops the maps; views already handed out stay valid until they are freed.
     """
 
-    def __init__(self, path_prefix: str) -> None:
+    def __init__(self, path_prefix: str, allow_extra_bin_bytes: bool = False) -> None:
+        """``allow_extra_bin_bytes``: accept a .bin longer than its index says (Megatron-LM reads such a pair
+        without a check); by default the .bin must be exactly as long as Megatron's writer makes it."""
         self.path_prefix = path_prefix
+        self.allow_extra_bin_bytes = allow_extra_bin_bytes
         self._idx_map: mmap.mmap | None = None
         self._bin_map: mmap.mmap | None = None
         self._bin_buffer: Any = None
@@ -180,14 +183,24 @@ class IndexedDataset:
         # Pointers are a running sum, so the last sequence ends furthest into the .bin; checking it
         # alone keeps opening O(1) in S. Reads still bounds-check each sequence they touch.
         if self.sequence_lengths.size == 0:
-            return
-        last_start = int(self.sequence_pointers[-1])
-        last_length = int(self.sequence_lengths[-1])
-        last_end = last_start + last_length * self.dtype.itemsize
-        if last_start < 0 or last_length < 0 or last_end > len(self._bin_buffer):
+            last_start = last_length = last_end = 0
+        else:
+            last_start = int(self.sequence_pointers[-1])
+            last_length = int(self.sequence_lengths[-1])
+            last_end = last_start + last_length * self.dtype.itemsize
+        bin_size = len(self._bin_buffer)
+        if last_start < 0 or last_length < 0 or last_end > bin_size:
             raise IndexedDatasetError(
-                f"{bin_path}: data file has {len(self._bin_buffer)} bytes, but {idx_path} places the "
+                f"{bin_path}: data file has {bin_size} bytes, but {idx_path} places the "
                 f"last sequence at bytes [{last_start}, {last_end})"
+            )
+        if last_end < bin_size and not self.allow_extra_bin_bytes:
+            # Megatron's writer makes the .bin exactly this long: a longer one is usually another dataset's
+            raise IndexedDatasetError(
+                f"{bin_path} has {bin_size:,} bytes, but {idx_path} indexes exactly {last_end:,} bytes "
+                f"({self.sequence_lengths.size:,} sequences): the two files do not belong together (an .idx "
+                f"copied next to another dataset's .bin?). If this .bin really carries "
+                f"{bin_size - last_end:,} extra trailing bytes, --data-allow-extra-bin-bytes accepts it"
             )
 
     @staticmethod

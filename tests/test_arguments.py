@@ -95,6 +95,7 @@ FLAG_CASES: dict[str, tuple[list[str], str, object]] = {
     "--min-loss-scale": (["--min-loss-scale", "2"], "min_loss_scale", 2.0),
     "--loss-scale-window": (["--loss-scale-window", "500"], "loss_scale_window", 500),
     "--hysteresis": (["--hysteresis", "4"], "hysteresis", 4),
+    "--data-allow-extra-bin-bytes": (["--data-allow-extra-bin-bytes"], "data_allow_extra_bin_bytes", True),
     "--selective-scan": (["--selective-scan", "Mamba-SSM"], "selective_scan", "mamba-ssm"),
     "--sharding-strategy": (["--sharding-strategy", "hybrid_shard"], "sharding_strategy", "HYBRID_SHARD"),
     "--fsdp-activation-checkpointing": (["--fsdp-activation-checkpointing"], "fsdp_activation_checkpointing", True),

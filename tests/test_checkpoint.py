@@ -30,9 +30,12 @@ REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "training_worker.py"
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU checkpoint tests (gloo)")
 TYPES = ("SHARDED_STATE_DICT", "LOCAL_STATE_DICT", "FULL_STATE_DICT")
+# What every run with --save writes beside its checkpoints (kotomamba.sinks.RunFilesSink)
+RUN_FILES = ["loss_curves.png", "metrics.jsonl"]
 
 
 @pytest.fixture(scope="module")
+
 def argv(tiny_mamba1_config, sentencepiece_model, tokenized_corpus) -> list[str]:
     """4 iterations of one micro-batch each: as cheap as training gets, with warmup and decay."""
     return [
@@ -91,7 +94,7 @@ def test_stopped_and_resumed_run_is_bitwise_identical(name, argv, single_process
     assert resumed["grad_norm"] == reference["grad_norm"][2:]
     assert resumed["consumed_samples"] == 16
     assert (save / "latest").read_text().strip() == "iter_0000004"
-    assert sorted(p.name for p in save.iterdir()) == ["iter_0000002", "iter_0000004", "latest"]
+    assert sorted(p.name for p in save.iterdir()) == sorted(["iter_0000002", "iter_0000004", "latest", *RUN_FILES])
 
 
 def test_background_save_holds_the_state_of_its_iteration(argv, single_process, reference, tmp_path):
@@ -189,8 +192,8 @@ def test_keep_last_k_deletes_only_older_complete_checkpoints(argv, single_proces
     (save / "iter_0000001_notes").mkdir()
     result = run(single_process, argv + ["--save", str(save), "--save-interval", "1", "--keep-last-k", "2"])
     assert result["loss"] == reference["loss"]  # saving changes nothing
-    assert sorted(p.name for p in save.iterdir()) == [
-        "iter_0000001_notes", "iter_0000003", "iter_0000004", "latest", "wandb_run_id"]
+    assert sorted(p.name for p in save.iterdir()) == sorted([
+        "iter_0000001_notes", "iter_0000003", "iter_0000004", "latest", "wandb_run_id", *RUN_FILES])
 
 
 def test_unwritable_save_directory_stops_before_training(argv, single_process, tmp_path):
@@ -216,7 +219,7 @@ def test_full_disk_leaves_the_previous_checkpoint_as_it_was(argv, single_process
     result = run(single_process, argv + ["--save", str(save), "--save-interval", "1"])
     assert "No space left on device" in result["error"] and "iteration 2" in result["error"]
     assert "latest: iter_0000001" in result["error"]
-    assert sorted(p.name for p in save.iterdir()) == ["iter_0000001", "latest"]
+    assert sorted(p.name for p in save.iterdir()) == sorted(["iter_0000001", "latest", *RUN_FILES])
     assert load_model_from_checkpoint(str(save), torch.device("cpu"))[1]["iteration"] == 1
 
 
@@ -303,8 +306,8 @@ def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(argv, s
     resumed = run(single_process, argv + ["--save", str(save), "--load", str(save), "--save-interval", "1"])
     assert resumed["iteration"] == [2, 3, 4]
     assert resumed["loss"] == reference["loss"][1:]
-    assert sorted(p.name for p in save.iterdir()) == ["iter_0000001", "iter_0000002", "iter_0000003",
-                                                      "iter_0000004", "latest"]
+    assert sorted(p.name for p in save.iterdir()) == sorted(["iter_0000001", "iter_0000002", "iter_0000003",
+                                                             "iter_0000004", "latest", *RUN_FILES])
 
 
 def test_scheduler_signal_to_torchrun_saves_and_exits(argv, tmp_path):

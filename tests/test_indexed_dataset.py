@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -193,6 +194,26 @@ def test_documents_of_several_sequences_via_add_document(tmp_path: Path) -> None
         assert_dataset_holds(dataset, documents, np.uint16)
 
 
+def test_an_idx_beside_another_datasets_longer_bin_is_refused_unless_allowed(tmp_path: Path) -> None:
+    """The reported case: `cp good.bin mix.bin; cp other.idx mix.idx` trained without a word."""
+    write_dataset(tmp_path / "good", [[np.arange(50)], [np.arange(30)]], np.uint16)
+    write_dataset(tmp_path / "other", [[np.arange(10)]], np.uint16)
+    shutil.copy(data_file_path(str(tmp_path / "good")), data_file_path(str(tmp_path / "mix")))
+    shutil.copy(index_file_path(str(tmp_path / "other")), index_file_path(str(tmp_path / "mix")))
+    mix = str(tmp_path / "mix")
+    with pytest.raises(IndexedDatasetError) as error:
+        IndexedDataset(mix)
+    message = str(error.value)
+    assert f"{mix}.bin has 160 bytes, but {mix}.idx indexes exactly 20 bytes (1 sequences)" in message
+    assert "--data-allow-extra-bin-bytes" in message
+    with IndexedDataset(mix, allow_extra_bin_bytes=True) as dataset:  # what Megatron-LM reads
+        assert dataset[0].tolist() == list(range(10))
+    write_dataset(tmp_path / "empty", [], np.uint16)  # an empty index beside a non-empty .bin: the same
+    shutil.copy(data_file_path(str(tmp_path / "good")), data_file_path(str(tmp_path / "empty")))
+    with pytest.raises(IndexedDatasetError, match="indexes exactly 0 bytes"):
+        IndexedDataset(str(tmp_path / "empty"))
+
+
 def test_empty_dataset(tmp_path: Path) -> None:
     write_dataset(tmp_path / "empty", [], np.uint16)
     bin_bytes, idx_bytes = file_bytes(tmp_path / "empty")
@@ -377,6 +398,11 @@ def document_index_decreasing(prefix: str) -> None:
     patch_bytes(index_file_path(prefix), 70 + 8, struct.pack("<q", 5))
 
 
+def lengthen_data(prefix: str) -> None:
+    with open(data_file_path(prefix), "ab") as data:
+        data.write(b"\x00" * 6)
+
+
 def remove_data(prefix: str) -> None:
     os.remove(data_file_path(prefix))
 
@@ -393,6 +419,7 @@ MALFORMATIONS = {
     truncate_arrays: (".idx", "truncated"),
     append_junk_to_index: (".idx", "1 bytes after the document index"),
     shorten_data: (".bin", "data file has"),
+    lengthen_data: (".bin", "has 18 bytes, but"),
     document_index_not_from_zero: (".idx", "starts at 1"),
     document_index_not_to_s: (".idx", "ends at 2"),
     document_index_decreasing: (".idx", "decreases"),
