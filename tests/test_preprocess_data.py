@@ -275,3 +275,57 @@ def test_runs_as_script_and_as_module(tmp_path, sentencepiece_model, corpus_json
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "absent.jsonl" in bad.stderr
+
+
+def test_an_unwritable_output_directory_is_one_line_naming_it(capsys, tmp_path, sentencepiece_model, corpus_jsonl,
+                                                             read_only_disk):
+    code, _, err = run_main(capsys, *sp_args(sentencepiece_model, corpus_jsonl, read_only_disk / "out"))
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"cannot create files in {read_only_disk}: Read-only file system" in err
+    file_as_directory = tmp_path / "a_file"
+    file_as_directory.write_text("")
+    code, _, err = run_main(capsys, *sp_args(sentencepiece_model, corpus_jsonl, file_as_directory / "out"))
+    assert code == 1 and f"directory {file_as_directory} is not a directory" in err
+
+
+def mounted_tmpfs(mount_point: Path, options: str):
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    """A read-only tmpfs (where mounting is allowed: root, who ignores mode bits); skipped elsewhere."""
+    yield from mounted_tmpfs(tmp_path / "read_only", "ro,size=64k")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (where mounting is allowed: root); skipped elsewhere."""
+    yield from mounted_tmpfs(tmp_path / "small_disk", "size=256k")
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_behind(capsys, tmp_path, small_disk, sentencepiece_model):
+    big = write_jsonl(tmp_path / "big.jsonl", mixed_texts(4000, seed=3))  # ~1 MB of tokens, four times the disk
+    code, _, err = run_main(capsys, *sp_args(sentencepiece_model, big, small_disk / "corpus"))
+    assert code == 1 and "No space left on device" in err and "nothing was written" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert outputs(small_disk) == []  # no staging directory, no .bin without its .idx
+
+
+def test_empty_input_is_refused_unless_allowed(capsys, tmp_path, sentencepiece_model):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, out, err = run_main(capsys, *sp_args(sentencepiece_model, empty, tmp_path / "e"))
+    assert code == 1 and "0 document(s) and no tokens" in err and "--allow-empty" in err
+    assert outputs(tmp_path) == ["empty.jsonl"]
+    code, out, _ = run_main(capsys, *sp_args(sentencepiece_model, empty, tmp_path / "e", "--allow-empty"))
+    assert code == 0 and "done: 0 documents" in out
+    assert outputs(tmp_path) == ["e_text_document.bin", "e_text_document.idx", "empty.jsonl"]

@@ -383,6 +383,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--input", required=True, help="JSONL file (.jsonl or .jsonl.gz) or a glob of them")
     group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize, one dataset per key")
     group.add_argument("--skip-invalid", action="store_true", help="skip and count malformed lines, don't stop")
+    group.add_argument("--allow-empty", action="store_true",
+                       help="write the (valid, empty) dataset when the input holds no tokens at all; by default "
+                            "that is an error and nothing is written, since training would refuse it later")
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     group.add_argument("--tokenizer-model", help="SentencePiece model, tokenizer.json or HF tokenizer directory")
@@ -413,11 +416,16 @@ def run(args: argparse.Namespace) -> PartitionStats:
     dtype = np.dtype(best_token_dtype(tokenizer.vocab_size))
     output_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     if not os.path.isdir(output_dir):
-        raise PreprocessError(f"--output-prefix {args.output_prefix!r}: directory {output_dir} does not exist")
+        problem = "is not a directory" if os.path.exists(output_dir) else "does not exist"
+        raise PreprocessError(f"--output-prefix {args.output_prefix!r}: directory {output_dir} {problem}")
     final_prefixes = [f"{args.output_prefix}_{key}_document" for key in args.json_keys]
 
     # Staging beside the outputs keeps the final renames atomic (same file system).
-    staging = tempfile.mkdtemp(prefix=".preprocess-", dir=output_dir)
+    try:
+        staging = tempfile.mkdtemp(prefix=".preprocess-", dir=output_dir)
+    except OSError as error:
+        raise PreprocessError(f"--output-prefix {args.output_prefix!r}: cannot create files in {output_dir}: "
+                              f"{error.strerror or error}") from None
     try:
         merged_prefixes = [os.path.join(staging, f"all_{i}") for i in range(len(args.json_keys))]
         plan = plan_partitions(inputs, args.partitions)
@@ -454,8 +462,16 @@ def run(args: argparse.Namespace) -> PartitionStats:
                     for job in jobs:
                         builder.add_index(job.output_prefixes[i])
                     builder.finalize(index_file_path(merged))
+        if not args.allow_empty and sum(r.tokens for r in results) == 0:
+            documents = sum(r.documents for r in results)
+            raise PreprocessError(
+                f"--input {args.input}: {documents} document(s) and no tokens (an empty input, or the wrong "
+                f"--json-keys {' '.join(args.json_keys)}?); nothing was written. --allow-empty writes the empty dataset")
         for staged, final in zip(merged_prefixes, final_prefixes):
             _publish(staged, final)
+    except OSError as error:  # a full disk, the output directory removed or made read-only under us
+        raise PreprocessError(f"writing {error.filename or output_dir}: {error.strerror or error}; "
+                              f"nothing was written") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return PartitionStats(
