@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "from --tokenizer-model: .model -> SentencePieceTokenizer, else HuggingFaceTokenizer).")
     parser.add_argument("--tokenizer-model", default=None, metavar="PATH",
                         help="Override the tokenizer: SentencePiece .model, tokenizer.json or a HF tokenizer directory.")
+    parser.add_argument("--allow-other-tokenizer", action="store_true",
+                        help="Use --tokenizer-model even though its checksum differs from the tokenizer the "
+                             "kotomamba checkpoint records as trained with (e.g. the same vocabulary re-saved).")
     prompts = parser.add_argument_group("prompts (default: standard input, one prompt per line)")
     prompts.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                          help="A prompt; repeat for several.")
@@ -174,7 +177,7 @@ class LoadedModel:
 
 
 def load_model_and_tokenizer(path: str, device: torch.device, dtype: torch.dtype, tokenizer_type: str | None = None,
-                             tokenizer_model: str | None = None) -> LoadedModel:
+                             tokenizer_model: str | None = None, allow_other_tokenizer: bool = False) -> LoadedModel:
     """The model in ``path`` (any supported format) on ``device``/``dtype``, and its tokenizer.
 
     ``tokenizer_type`` / ``tokenizer_model`` override the tokenizer saved with the model; a type
@@ -189,7 +192,8 @@ def load_model_and_tokenizer(path: str, device: torch.device, dtype: torch.dtype
         raise InferenceInputError(f"--load {path}: not a directory")
     if _is_training_checkpoint(directory):
         model, info = _load_training_checkpoint(directory, device, dtype)
-        tokenizer = _checkpoint_tokenizer(info, directory, model.config.vocab_size, tokenizer_type, tokenizer_model)
+        tokenizer = _checkpoint_tokenizer(info, directory, model.config.vocab_size, tokenizer_type, tokenizer_model,
+                                          allow_other_tokenizer)
         loaded = LoadedModel(model, tokenizer, f"kotomamba checkpoint {directory}")
     else:
         config = _read_json(directory / "config.json", directory)
@@ -286,9 +290,18 @@ def _directory_tokenizer(directory: Path, config_vocab_size: Any, tokenizer_type
 
 
 def _checkpoint_tokenizer(info: dict[str, Any], directory: Path, config_vocab_size: int, tokenizer_type: str | None,
-                          tokenizer_model: str | None) -> Tokenizer:
+                          tokenizer_model: str | None, allow_other_tokenizer: bool = False) -> Tokenizer:
     if tokenizer_model is not None or tokenizer_type == "NullTokenizer":
-        return _override_tokenizer(tokenizer_type, tokenizer_model, config_vocab_size, directory)
+        from megatron_lm.tokenizer import same_tokenizer
+
+        tokenizer = _override_tokenizer(tokenizer_type, tokenizer_model, config_vocab_size, directory)
+        trained_with = info.get("tokenizer_name")
+        if trained_with and not same_tokenizer(trained_with, tokenizer.name) and not allow_other_tokenizer:
+            raise InferenceInputError(
+                f"--tokenizer-model {tokenizer_model} is {tokenizer.name}, but the checkpoint {directory} was trained "
+                f"with {trained_with} (its copy: {info.get('tokenizer_dir')}); drop --tokenizer-model to use that "
+                f"one, or add --allow-other-tokenizer if this one really encodes text the same way")
+        return tokenizer
     saved_type = tokenizer_type or info.get("tokenizer_type")
     if saved_type == "NullTokenizer":
         return _override_tokenizer("NullTokenizer", None, config_vocab_size, directory)
@@ -430,7 +443,8 @@ def _run(args: argparse.Namespace, stdin: TextIO) -> int:
 
         configure_cpu_threads()
 
-    loaded = load_model_and_tokenizer(args.load, device, dtype, args.tokenizer_type, args.tokenizer_model)
+    loaded = load_model_and_tokenizer(args.load, device, dtype, args.tokenizer_type, args.tokenizer_model,
+                                      args.allow_other_tokenizer)
     tokenizer = loaded.tokenizer
     prompt_ids = []
     for prompt in prompts:

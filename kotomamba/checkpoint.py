@@ -78,6 +78,7 @@ import torch
 import torch.distributed as dist
 
 from kotomamba.version import __version__
+from megatron_lm.tokenizer import same_tokenizer
 
 if TYPE_CHECKING:
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
@@ -700,7 +701,7 @@ class CheckpointManager:
         if saved["seq_length"] != args.seq_length:
             problems.append(f"--seq-length {args.seq_length} differs from the checkpoint's {saved['seq_length']}")
         saved_tokenizer = metadata["tokenizer"]["name"]
-        if _tokenizer_identity(saved_tokenizer) != _tokenizer_identity(self.tokenizer.name):
+        if not same_tokenizer(saved_tokenizer, self.tokenizer.name):
             problems.append(f"the tokenizer is {self.tokenizer.name}, the checkpoint was trained with {saved_tokenizer} "
                             f"(its copy: {directory / TOKENIZER_DIR})")
         changed = [f"--{key.replace('_', '-')}" for key in ("data_path", "train_data_path", "split", "seed")
@@ -1063,13 +1064,6 @@ def _clone_tensors(value: Any) -> Any:
 def _retie(model_state: dict[str, torch.Tensor], model_config: Any) -> None:
     if getattr(model_config, "tie_embeddings", False) and "lm_head.weight" not in model_state:
         model_state["lm_head.weight"] = model_state["backbone.embedding.weight"]
-
-
-def _tokenizer_identity(name: str) -> list[str]:
-    """A tokenizer name without its file or directory name ("Type:location:sha256[:options]"): the
-    same files copied elsewhere (e.g. the checkpoint's tokenizer/ copy) are the same tokenizer."""
-    parts = name.split(":")
-    return parts[:1] + parts[2:] if len(parts) >= 3 else parts
 
 
 def _config_dict(model_config: Any) -> dict[str, Any]:

@@ -397,7 +397,8 @@ def _checkpoint_loader_available() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _checkpoint_loader_available(),
                     reason="kotomamba.checkpoint.load_model_from_checkpoint does not exist yet")
-def test_cli_generates_from_a_real_training_run(inference, sentencepiece_model, capsys, tmp_path):
+def test_cli_generates_from_a_real_training_run(inference, sentencepiece_model, sentencepiece_model_without_pad,
+                                                capsys, tmp_path):
     from megatron_lm.indexed_dataset import IndexedDatasetBuilder, data_file_path, index_file_path
     from megatron_lm.tokenizer import build_tokenizer
 
@@ -425,6 +426,18 @@ def test_cli_generates_from_a_real_training_run(inference, sentencepiece_model, 
                                        "--output", str(output)], capsys)
     assert code == 0, err
     assert read_jsonl(output)[0]["prompt"] == "Document"
+
+    # Another tokenizer that fits the embedding is refused by name unless allowed; the training one is fine
+    other = str(sentencepiece_model_without_pad)
+    code, _, err = run_cli(inference, ["--load", str(save), "--tokenizer-model", other, "--prompt", "Document",
+                                       "--max-new-tokens", "2"], capsys)
+    assert code == 2 and f"--tokenizer-model {other} is SentencePieceTokenizer:nopad.model:" in err, err
+    assert "was trained with SentencePieceTokenizer:tiny.model:" in err and "--allow-other-tokenizer" in err
+    for extra in (["--tokenizer-model", other, "--allow-other-tokenizer"],
+                  ["--tokenizer-model", str(sentencepiece_model)]):
+        code, _, err = run_cli(inference, ["--load", str(save), "--prompt", "Document", "--max-new-tokens", "2",
+                                           *extra], capsys)
+        assert code == 0, (extra, err)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from megatron_lm.tokenizer.tokenizer import (
     Tokenizer,
     TokenizerError,
     build_tokenizer,
+    same_tokenizer,
 )
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "Tokenizer",
     "TokenizerError",
     "build_tokenizer",
+    "same_tokenizer",
 ]

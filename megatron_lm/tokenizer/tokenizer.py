@@ -54,6 +54,16 @@ class Tokenizer(abc.ABC):
         return f"<{self.name} vocab_size={self.vocab_size} eod={self.eod}>"
 
 
+def same_tokenizer(name: str, other: str) -> bool:
+    """Whether two tokenizer names (``Type:location:sha256[:options]``) are one tokenizer: the location's
+    directory does not count, so the same files copied elsewhere (a checkpoint's tokenizer/) match."""
+    def identity(text: str) -> list[str]:
+        parts = text.split(":")
+        return parts[:1] + parts[2:] if len(parts) >= 3 else parts
+
+    return identity(name) == identity(other)
+
+
 def _sha256_of_files(paths: Sequence[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
