@@ -200,6 +200,9 @@ def find_checkpoint(path: str | Path) -> Path | None:
             raise TrainingCheckpointError(f"{latest} names {name!r}, but {target} is not a complete checkpoint")
         logger.warning("%s names %r, which is not a complete checkpoint; using the newest complete one, %s",
                        latest, name, complete[-1].name)
+    elif complete:
+        logger.warning("%s has no %s file (removed, or the run was copied without it); using the newest complete "
+                       "checkpoint, %s", path, LATEST, complete[-1].name)
     return complete[-1] if complete else None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
@@ -258,6 +259,14 @@ def test_latest_naming_a_missing_checkpoint_is_an_error(tmp_path):
         checkpoint_module.find_checkpoint(tmp_path)
     assert checkpoint_module.find_checkpoint(tmp_path / "missing") is None
 
+
+def test_a_missing_latest_marker_is_said_when_the_newest_checkpoint_is_used(tmp_path, caplog):
+    for name in ("iter_0000002", "iter_0000004"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / checkpoint_module.METADATA).write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="kotomamba"):
+        assert checkpoint_module.find_checkpoint(tmp_path) == tmp_path / "iter_0000004"
+    assert f"{tmp_path} has no latest file" in caplog.text and "iter_0000004" in caplog.text
 
 
 def test_load_of_a_model_or_a_foreign_checkpoint_is_not_a_fresh_start(argv, single_process, tmp_path):

@@ -164,7 +164,8 @@ def test_plan_partitions_cuts_on_line_boundaries(tmp_path):
 @pytest.mark.parametrize(
     "bad_line, reason",
     [
-        (b'{"text": "unterminated\n', "malformed JSON"),
+        (b'{"text": "unterminated\n', "malformed JSON: Unterminated string starting at column 10"),
+        (b'{"text": "a" "b"}\n', "malformed JSON: Expecting ',' delimiter at column 14"),
         (b'{"text": "\xff\xfe broken"}\n', "invalid UTF-8"),
         (b'{"body": "no text key"}\n', "missing key 'text'"),
         (b'["a", "list"]\n', "expected a JSON object"),

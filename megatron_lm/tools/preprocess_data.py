@@ -166,9 +166,11 @@ class LineEncoder:
         if not line.strip():
             raise _InvalidLine("empty line (expected a JSON object)")
         try:
-            record = json.loads(line)
+            record = json.loads(line.rstrip("\r\n"))  # a string left open names itself, not the newline
         except json.JSONDecodeError as exc:
-            raise _InvalidLine(f"malformed JSON: {exc.msg} at column {exc.colno}") from None
+            # json's messages may end in "at" themselves ("Unterminated string starting at")
+            where = "column" if exc.msg.endswith(" at") else "at column"
+            raise _InvalidLine(f"malformed JSON: {exc.msg} {where} {exc.colno}") from None
         if not isinstance(record, dict):
             raise _InvalidLine(f"expected a JSON object, got {type(record).__name__}")
         documents = []
