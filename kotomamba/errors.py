@@ -12,6 +12,7 @@ from kotomamba.kernels import KernelRoutingError, KernelsUnavailableError
 from kotomamba.model import CheckpointError, ModelConfigError
 from kotomamba.optim import OptimizerConfigError
 from kotomamba.precision import PrecisionConfigError
+from kotomamba.run_lock import RunLockError
 from kotomamba.sinks import MetricsSinkError
 from kotomamba.train import TrainingError
 from megatron_lm.data_builder import DataConfigError
@@ -24,4 +25,5 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ArgumentError, ExportError, LaunchError, FlopsConfigError, KernelRoutingError, KernelsUnavailableError, CheckpointError,
     MetricsSinkError, ModelConfigError, OptimizerConfigError, PrecisionConfigError, TrainingError, DataConfigError,
     DatasetBuildError, HelpersNotBuiltError, IndexedDatasetError, TokenizerError, TrainingCheckpointError,
+    RunLockError,
 )

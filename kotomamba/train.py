@@ -192,8 +192,9 @@ def run_training(args: Namespace, ctx: DistributedContext, on_step: StepCallback
     # closed (the W&B run marked failed on an exception) whichever way training ends.
     # SIGTERM/SIGUSR1 (a scheduler's warning) become a save-and-exit at the next iteration boundary.
     from kotomamba.checkpoint import exit_signals_handled
+    from kotomamba.run_lock import save_directory_locked
 
-    with exit_signals_handled(), MetricLogger(args, ctx) as metric_logger:
+    with save_directory_locked(args.save, ctx), exit_signals_handled(), MetricLogger(args, ctx) as metric_logger:
         return _train(args, ctx, metric_logger, on_step)
 
 

@@ -545,3 +545,69 @@ def test_iterations_without_a_save_do_not_pause_the_training_clock(argv, single_
     result = run(single_process, argv + ["--save", str(tmp_path / "run"), "--save-interval", "2"])
     assert len(result["loss"]) == 4
     assert len(entered) == 2  # the saves at iterations 2 and 4
+
+
+# ------------------------------------------------------------------------------------------------
+# One run per save directory
+
+
+def test_a_second_run_on_the_same_save_directory_is_refused_and_a_killed_runs_lock_taken_over(argv, tmp_path):
+    """Two real pretrain.py processes on one --save (a job submitted twice), then the first SIGKILLed."""
+    from kotomamba.run_lock import LOCK_FILE
+
+    save = tmp_path / "run"
+    command = [sys.executable, str(Path(checkpoint_module.__file__).parents[1] / "pretrain.py"), *argv,
+               "--save", str(save), "--load", str(save)]
+    first = subprocess.Popen([*command, "--train-iters", "100000", "--log-interval", "1000"],
+                             env=launcher_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (save / LOCK_FILE).exists():
+            assert first.poll() is None, first.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the first run never took the lock"
+            time.sleep(0.1)
+        holder = json.loads((save / LOCK_FILE).read_text())
+        assert holder["pid"] == first.pid and holder["host"] and holder["started"] <= holder["renewed"]
+        second = subprocess.run(command, env=launcher_environment(), capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1, second.stderr[-3000:]
+        assert f"--save {save} is in use by another run (pid {first.pid} on {holder['host']}" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None  # the refused run touched nothing of the running one
+    finally:
+        first.kill()
+        first.wait()
+    assert (save / LOCK_FILE).exists()  # a SIGKILL leaves the lock behind
+    third = subprocess.run(command, env=launcher_environment(), capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"taking over the save directory's lock from a run that is gone (pid {first.pid}" in third.stderr
+    assert f"process {first.pid} no longer exists on this host" in third.stderr
+    assert not (save / LOCK_FILE).exists()  # released at the end
+
+
+def test_run_lock_lease_and_damaged_files(tmp_path, caplog):
+    from kotomamba.run_lock import LOCK_FILE, RunLock, RunLockError
+
+    lock_path = tmp_path / LOCK_FILE
+    # a live holder on another host whose lease is fresh: refused; once the lease is old: taken over
+    lock_path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": time.time(), "renewed": time.time(),
+                                     "job": "SLURM_JOB_ID=42", "token": "theirs"}))
+    with pytest.raises(RunLockError, match=r"in use by another run \(pid 1 on elsewhere, job SLURM_JOB_ID=42"):
+        RunLock(tmp_path).acquire()
+    old = time.time() - 3600
+    lock_path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": old, "renewed": old, "token": "x"}))
+    with caplog.at_level(logging.WARNING, logger="kotomamba"), RunLock(tmp_path, lease_seconds=600):
+        assert json.loads(lock_path.read_text())["pid"] == os.getpid()
+    assert "lease was last renewed" in caplog.text and not lock_path.exists()
+    # a half-written file is judged by its age; a fresh one still blocks
+    lock_path.write_text('{"host": "elsew')
+    with pytest.raises(RunLockError, match="in use by another run"):
+        RunLock(tmp_path).acquire()
+    os.utime(lock_path, (old, old))
+    with RunLock(tmp_path):
+        pass
+    # the holder renews its lease
+    with RunLock(tmp_path, renew_seconds=0.05) as lock:
+        first = json.loads(lock_path.read_text())["renewed"]
+        time.sleep(0.3)
+        assert json.loads(lock_path.read_text())["renewed"] > first
+        assert json.loads(lock_path.read_text())["token"] == lock.token
