@@ -68,4 +68,8 @@ def build_loader(
         collate_fn=collate_samples,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        # Each iterator draws its workers' base seed: from its own generator, not the global one, so that
+        # building a loader after a resume leaves the restored RNG stream where the uninterrupted run had it.
+        # The samples themselves are fixed by Megatron's precomputed indices and use no randomness.
+        generator=torch.Generator().manual_seed(0),
     )

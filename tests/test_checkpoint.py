@@ -611,3 +611,57 @@ def test_run_lock_lease_and_damaged_files(tmp_path, caplog):
         time.sleep(0.3)
         assert json.loads(lock_path.read_text())["renewed"] > first
         assert json.loads(lock_path.read_text())["token"] == lock.token
+
+
+# ------------------------------------------------------------------------------------------------
+# What resuming restores beyond the weights
+
+
+def test_a_resumed_run_draws_the_random_numbers_the_uninterrupted_run_draws(argv, single_process, tmp_path):
+    """Python, numpy and torch generators continue from the checkpoint: a step that draws (dropout, say)
+    draws the same numbers resumed as uninterrupted, even in a process seeded differently."""
+    import random
+
+    import numpy as np
+
+    from kotomamba.train import run_training
+
+    def training(extra: list[str], seed: int) -> list[tuple[float, float, float]]:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        draws = []
+
+        def draw(state, result):
+            draws.append((random.random(), float(np.random.rand()), float(torch.rand(1))))
+
+        run_training(parse_args(argv + extra), single_process, draw)
+        return draws
+
+    save = tmp_path / "run"
+    uninterrupted = training(["--save", str(tmp_path / "uninterrupted")], seed=1)
+    first_half = training(["--save", str(save), "--exit-interval", "2"], seed=1)
+    resumed = training(["--save", str(save), "--load", str(save)], seed=99)  # a new process, other seeds
+    assert first_half == uninterrupted[:2]  # saving changes no draw
+    assert resumed == uninterrupted[2:]
+
+
+def test_each_rank_checks_its_own_share_of_the_checkpoint_files(argv, tmp_path):
+    """Two processes resume; a file only rank 1 verifies is damaged: rank 1 finds it and every rank stops."""
+    save = tmp_path / "run"
+    argv = argv + ["--micro-batch-size", "2"]
+    saved = run_worker(torchrun_command(2), {"save": argv + ["--save", str(save), "--train-iters", "2",
+                                                             "--save-interval", "2"]}, tmp_path, name="save")
+    assert "error" not in saved["save"], saved
+    directory = save / "iter_0000002"
+    names = sorted(checkpoint_module.read_checksums(directory))
+    rank1_only = next(name for name in names[1::2] if (directory / name).stat().st_size > 0)
+    damaged = directory / rank1_only
+    content = bytearray(damaged.read_bytes())
+    content[len(content) // 2] ^= 0xFF  # same size, other bytes: only the CRC32 tells
+    damaged.write_bytes(bytes(content))
+    resumed = run_worker(torchrun_command(2), {"resume": argv + ["--save", str(save), "--load", str(save)]},
+                         tmp_path, name="resume")["resume"]
+    assert resumed.get("error", "").startswith(f"cannot resume from {directory}: {damaged} has changed since it "
+                                               f"was saved"), resumed
+    assert resumed["error"].endswith("(rank 1)")

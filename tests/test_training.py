@@ -61,7 +61,7 @@ def test_fsdp_training_matches_a_plain_pytorch_loop(base_argv, baseline):
     assert expected_losses[-1] < expected_losses[0]
 
 
-def test_gradient_accumulation_equals_one_large_micro_batch(base_argv, baseline, single_process):
+def test_gradient_accumulation_equals_one_large_micro_batch(base_argv, baseline, single_process, tmp_path):
     runs = run_in_process(
         single_process,
         micro1=base_argv + ["--micro-batch-size", "1"],
@@ -69,6 +69,49 @@ def test_gradient_accumulation_equals_one_large_micro_batch(base_argv, baseline,
     )
     assert_close(runs["micro1"]["loss"], baseline["loss"], rtol=1e-5)
     assert_close(runs["micro4"]["loss"], baseline["loss"], rtol=1e-5)
+    # Clipping makes the updates of a gradient and of a multiple of it alike: the norms and the weights
+    # after the steps (saved and compared) must match too.
+    assert_close(runs["micro1"]["grad_norm"], baseline["grad_norm"], rtol=1e-4)
+    assert_close(runs["micro4"]["grad_norm"], baseline["grad_norm"], rtol=1e-4)
+    from kotomamba.checkpoint import load_model_from_checkpoint
+
+    weights = {}
+    for micro_batch in ("1", "2", "4"):
+        save = tmp_path / f"micro{micro_batch}"
+        # two iterations (the first has lr 0, warm-up from 0), saved when the run stops after the second
+        run_in_process(single_process, one=base_argv + ["--micro-batch-size", micro_batch, "--save", str(save),
+                                                        "--exit-interval", "2"])
+        weights[micro_batch] = load_model_from_checkpoint(str(save), torch.device("cpu"))[0].state_dict()
+    for name, expected in weights["4"].items():
+        for micro_batch in ("1", "2"):
+            torch.testing.assert_close(weights[micro_batch][name], expected, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fp16_gradients_are_unscaled_before_the_clip_coefficient_is_taken(base_argv, baseline, single_process,
+                                                                         monkeypatch):
+    from kotomamba import optim
+
+    clip_calls = []
+    clip = optim.clip_grad_norm
+
+    def recording_clip(parameters, max_norm, foreach=None):
+        parameters = list(parameters)
+        clip_calls.append((float(clip(parameters, None)), max_norm))  # the norm the coefficient comes from
+        return clip(parameters, max_norm, foreach)
+
+    monkeypatch.setattr(optim, "clip_grad_norm", recording_clip)
+    true_norm = baseline["grad_norm"][0]
+    max_norm = true_norm / 2  # this step is clipped: coefficient about 0.5
+    argv = [a for a in base_argv if a != "--fp32"] + ["--fp16", "--initial-loss-scale", "1024",
+                                                      "--grad-clip-norm", str(max_norm)]
+    fp16 = run_in_process(single_process, fp16=argv)["fp16"]
+    assert "error" not in fp16 and clip_calls, fp16
+    norm, clipped_to = clip_calls[0]
+    assert fp16["skipped"][0] is False
+    # 1024 times the gradient if the clip came before unscaling (coefficient 1/2048 instead of 1/2)
+    assert norm == pytest.approx(true_norm, rel=5e-2) and clipped_to == max_norm
+    assert clipped_to / (norm + 1e-6) == pytest.approx(0.5, rel=5e-2)
+    assert fp16["grad_norm"][0] == pytest.approx(norm, rel=1e-6)
 
 
 def test_checkpointing_offload_meta_device_init_and_chunked_loss_change_nothing(base_argv, baseline, single_process):
@@ -233,6 +276,29 @@ def mpirun_executable() -> str | None:
 
 
 @pytest.mark.skipif(mpirun_executable() is None, reason="OpenMPI's mpirun is not installed")
+def test_throughput_and_mfu_are_per_gpu_on_two_processes(base_argv, tiny_mamba1_config, tmp_path):
+    """tokens/s per GPU is the total over the world size, and MFU is taken from the per-GPU figure."""
+    from kotomamba import plot
+    from kotomamba.flops import flops_per_token
+    from kotomamba.model import load_model_config
+
+    peak_tflops = 0.01
+    argv = base_argv + ["--log-interval", "1", "--peak-tflops", str(peak_tflops), "--tensorboard-dir",
+                        str(tmp_path / "tb")]
+    results = run_worker(torchrun_command(2), {"two": argv}, tmp_path)
+    assert "error" not in results["two"], results
+    logged = plot.read_tensorboard(tmp_path / "tb")
+    config = load_model_config(str(tiny_mamba1_config), 450)
+    flops = flops_per_token(config, 32)
+    tokens_per_iteration = 4 * 32  # --global-batch-size 4, --seq-length 32: all ranks together
+    for step, total in logged["throughput/tokens_per_s"].items():
+        per_gpu = logged["throughput/tokens_per_s_per_gpu"][step]
+        seconds = logged["time/iteration_s"][step]
+        assert total == pytest.approx(tokens_per_iteration / seconds, rel=1e-3)
+        assert per_gpu == pytest.approx(total / 2, rel=1e-5)
+        assert logged["throughput/mfu"][step] == pytest.approx(per_gpu * flops / (peak_tflops * 1e12), rel=1e-4)
+
+
 def test_two_processes_with_mpirun_match_one_process(base_argv, baseline, tmp_path):
     command = [mpirun_executable(), "-np", "2", "--oversubscribe", "--bind-to", "none"]
     if os.geteuid() == 0:
