@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from kotomamba.errors import KotomambaError
+
 if TYPE_CHECKING:
     import torch
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
@@ -36,7 +38,7 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
 _ITERATION_DIR = re.compile(r"iter_\d+")
 
 
-class InferenceInputError(ValueError):
+class InferenceInputError(KotomambaError, ValueError):
     """A flag, file or prompt given to inference.py is unusable; the message names it."""
 
 
@@ -410,19 +412,15 @@ class _TextStream:
 
 def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     args = parse_args(argv)
-    from kotomamba.generation import GenerationError
+    from kotomamba.cli import INPUT_ERROR, USAGE_ERROR, report_error
     from kotomamba.kernels import KernelRoutingError, KernelsUnavailableError
-    from kotomamba.model import CheckpointError, ModelConfigError
-    from megatron_lm.tokenizer import TokenizerError
 
     try:
         return _run(args, sys.stdin if stdin is None else stdin)
-    except (InferenceInputError, GenerationError, CheckpointError, ModelConfigError, TokenizerError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
     except (KernelsUnavailableError, KernelRoutingError) as error:  # the machine, not the input
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 1
+        return report_error(PROG, error, INPUT_ERROR)
+    except KotomambaError as error:
+        return report_error(PROG, error, USAGE_ERROR)
 
 
 def _run(args: argparse.Namespace, stdin: TextIO) -> int:

@@ -10,6 +10,7 @@ import sys
 
 from kotomamba.arguments import ArgumentError, check_data_files, parse_args
 from kotomamba.cli import INPUT_ERROR, USAGE_ERROR, report_error
+from kotomamba.errors import KotomambaError
 
 PROG = "pretrain.py"
 
@@ -29,12 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         from kotomamba.dry_run import run
 
         return run(args)
-    from kotomamba.errors import USER_ERRORS
     from kotomamba.train import pretrain
 
     try:
         pretrain(args)
-    except USER_ERRORS as error:
+    except KotomambaError as error:
         # A problem with the inputs (data, tokenizer, model, launch, flags), already explained by its message.
         return report_error(PROG, error, INPUT_ERROR)
     return 0

@@ -209,12 +209,13 @@ def main(argv: list[str] | None = None) -> int:
 def sweep_configs():
     from kotomamba.ops.selective_scan import ScanConfig
 
+    # the default first, then the chunk length and tile sizes around it, most informative first
     yield ScanConfig()
-    for chunk, fwd_d, fwd_w, bwd_d, bwd_w in ((32, 8, 4, 4, 4), (32, 16, 8, 8, 8), (128, 4, 8, 2, 8),
-                                              (64, 4, 4, 2, 4), (64, 16, 8, 8, 8), (128, 8, 8, 4, 8)):
+    for chunk, fwd_d, fwd_w, bwd_d, bwd_w in ((32, 8, 4, 4, 4), (128, 4, 8, 2, 8), (64, 4, 4, 2, 4),
+                                              (64, 16, 8, 8, 8), (32, 16, 8, 8, 8)):
         yield ScanConfig(chunk=chunk, forward_block_d=fwd_d, forward_warps=fwd_w, backward_block_d=bwd_d,
                          backward_warps=bwd_w)
-    for bwd_d, split, bwd_w in ((2, None, 4), (4, 1, 8), (4, 4, 8), (8, None, 4)):
+    for bwd_d, split, bwd_w in ((4, 1, 8), (4, 4, 8), (2, None, 4)):
         yield ScanConfig(backward_block_d=bwd_d, backward_split=split, backward_warps=bwd_w)
 
 

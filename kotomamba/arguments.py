@@ -62,6 +62,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from kotomamba.errors import KotomambaError
+
 MODEL_PRESETS = (
     "130m", "370m", "790m", "1.4b", "2.8b",
     "mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b", "mamba2-2.7b",
@@ -82,7 +84,7 @@ DEFAULT_SPLIT = "969,30,1"
 _BLEND_FORMAT = "one prefix, several prefixes, or WEIGHT PREFIX pairs (w1 p1 w2 p2 ...)"
 
 
-class ArgumentError(ValueError):
+class ArgumentError(KotomambaError, ValueError):
     """An invalid flag, value or combination; the message names the flag (or YAML key) and value."""
 
 

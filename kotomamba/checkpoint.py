@@ -2,7 +2,7 @@
 safety, and loading a checkpoint's model without a process group.
 
 One object, :class:`CheckpointManager`, owns every piece of state a resume needs: the FSDP model,
-the optimizer, the loss scaler, the progress counters (:class:`kotomamba.train.TrainState`), each
+the optimizer, the loss scaler, the progress counters (:class:`kotomamba.state.TrainState`), each
 rank's random number generators and the position in the data. The training loop calls it at four
 places: ``load`` (before the training data loader is built, so that it starts at the restored
 ``consumed_samples``), ``after_iteration`` (interval saves, SIGTERM/SIGUSR1, ``--exit-*``),
@@ -79,12 +79,13 @@ import torch.distributed as dist
 
 from kotomamba.version import __version__
 from megatron_lm.tokenizer import same_tokenizer
+from kotomamba.errors import KotomambaError
 
 if TYPE_CHECKING:
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
     from kotomamba.distributed import DistributedContext
-    from kotomamba.train import TrainState
+    from kotomamba.state import TrainState
 
 logger = logging.getLogger("kotomamba")
 
@@ -110,7 +111,7 @@ _REQUIRED_METADATA = {"format_version", "iteration", "checkpoint_type", "world_s
                       "tokenizer"}
 
 
-class TrainingCheckpointError(RuntimeError):
+class TrainingCheckpointError(KotomambaError, RuntimeError):
     """A training checkpoint cannot be saved, found or resumed; the message names the path or flag."""
 
 

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kotomamba.errors import KotomambaError
+
 if TYPE_CHECKING:
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
@@ -52,7 +54,7 @@ _INIT_ONLY_OPTIONS = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(KotomambaError, ValueError):
     """A checkpoint cannot be exported as asked; the message names the path, flag or model option."""
 
 
@@ -277,13 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from kotomamba.checkpoint import TrainingCheckpointError
-    from kotomamba.model import CheckpointError, ModelConfigError
-    from megatron_lm.tokenizer import TokenizerError
-
     try:
         target = export(args.checkpoint, args.output, args.format, args.dtype)
-    except (ExportError, TrainingCheckpointError, CheckpointError, ModelConfigError, TokenizerError) as error:
+    except KotomambaError as error:
         print(f"kotomamba.convert: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:

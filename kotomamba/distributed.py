@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from kotomamba.errors import KotomambaError
+
 logger = logging.getLogger(__name__)
 
 
-class LaunchError(RuntimeError):
+class LaunchError(KotomambaError, RuntimeError):
     """The launcher's environment is incomplete or inconsistent."""
 
 

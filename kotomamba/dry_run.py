@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from kotomamba import arguments
 from kotomamba.arguments import ArgumentError, checkpointed_block_count
+from kotomamba.errors import KotomambaError
 
 if TYPE_CHECKING:  # both import torch or mamba-ssm; the functions import them when called
     from mamba_ssm.models.config_mamba import MambaConfig
@@ -52,7 +53,7 @@ _LAUNCHER_VARIABLES = (
 _RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK")
 
 
-class DryRunError(ValueError):
+class DryRunError(KotomambaError, ValueError):
     """The configuration cannot run as given; the message names the flag or variable."""
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from kotomamba.errors import KotomambaError
+
 # Selective scan (Mamba-1), per token, per (d_inner x d_state) state element, forward:
 # dA = exp(delta * A) is 2 (mul + exp), dBx = (delta * x) * B is 1 (delta * x is shared over
 # d_state), h = dA * h + dBx is 2, y += C * h is 2.
@@ -27,7 +29,7 @@ _GATED_MLP_MULTIPLE_OF = 128
 _MHA_MLP_DIM_MULTIPLE_OF = 256
 
 
-class FlopsConfigError(ValueError):
+class FlopsConfigError(KotomambaError, ValueError):
     """The model config cannot be counted (missing field or unknown layer); the message names it."""
 
 

@@ -32,13 +32,14 @@ import numpy as np
 import torch
 
 from kotomamba.kernels import ensure_kernel_backend
+from kotomamba.errors import KotomambaError
 
 if TYPE_CHECKING:
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
     from mamba_ssm.utils.generation import InferenceParams
 
 
-class GenerationError(ValueError):
+class GenerationError(KotomambaError, ValueError):
     """Sampling settings or prompts are invalid; the message names the flag or prompt."""
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from kotomamba.arguments import SELECTIVE_SCAN_CHOICES
+from kotomamba.errors import KotomambaError
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +42,11 @@ GPU_DSL_KERNEL_MODULES = (
 )
 
 
-class KernelRoutingError(RuntimeError):
+class KernelRoutingError(KotomambaError, RuntimeError):
     """A kernel was called that the reference routing does not cover, or backends were mixed."""
 
 
-class KernelsUnavailableError(RuntimeError):
+class KernelsUnavailableError(KotomambaError, RuntimeError):
     """A GPU run was asked for but mamba-ssm's CUDA kernels are not installed."""
 
 

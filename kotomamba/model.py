@@ -20,17 +20,18 @@ from torch import nn
 
 from kotomamba.flops import padded_vocab_size
 from kotomamba.kernels import ensure_kernel_backend
+from kotomamba.errors import KotomambaError
 
 if TYPE_CHECKING:
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(KotomambaError, ValueError):
     """A model preset, config file or override is unknown or invalid."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(KotomambaError, ValueError):
     """A base-model directory cannot be loaded."""
 
 

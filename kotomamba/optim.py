@@ -23,6 +23,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from kotomamba.errors import KotomambaError
+
 # Parameter names (last dotted component) that never get weight decay: mamba-ssm's SSM parameters.
 SSM_NO_DECAY_NAMES = frozenset({"A_log", "D", "dt_bias"})
 
@@ -33,7 +35,7 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 
 
-class OptimizerConfigError(ValueError):
+class OptimizerConfigError(KotomambaError, ValueError):
     """A learning-rate schedule or optimizer setting is invalid; the message names the flag."""
 
 

@@ -22,10 +22,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kotomamba.errors import KotomambaError
+
 Series = dict[str, dict[int, float]]  # metric name -> {iteration: value}
 
 
-class PlotError(ValueError):
+class PlotError(KotomambaError, ValueError):
     """The source cannot be read or holds no metrics; the message names it."""
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from kotomamba.optim import scale_gradients_
+from kotomamba.errors import KotomambaError
 
 FP32_PARAMETER_NAMES = ("A_log", "D", "dt_bias")
 
@@ -56,7 +57,7 @@ _PRESETS = {
 }
 
 
-class PrecisionConfigError(ValueError):
+class PrecisionConfigError(KotomambaError, ValueError):
     """A precision flag is invalid or unsupported on this device; the message names the flag."""
 
 

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kotomamba.errors import KotomambaError
+
 logger = logging.getLogger("kotomamba")
 
 LOCK_FILE = "run.lock"
@@ -31,7 +33,7 @@ LEASE_SECONDS = 600.0  # ten missed renewals: the holder is gone
 _JOB_ID_VARIABLES = ("SLURM_JOB_ID", "JOB_ID", "PBS_JOBID", "LSB_JOBID", "TORCHELASTIC_RUN_ID")
 
 
-class RunLockError(RuntimeError):
+class RunLockError(KotomambaError, RuntimeError):
     """Another live run holds the save directory; the message names it."""
 
 

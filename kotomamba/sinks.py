@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from kotomamba.distributed import DistributedContext, all_ranks_agree
+from kotomamba.errors import KotomambaError
 
 logger = logging.getLogger("kotomamba")
 
 WANDB_RUN_ID_FILE = "wandb_run_id"
 
 
-class MetricsSinkError(RuntimeError):
+class MetricsSinkError(KotomambaError, RuntimeError):
     """A metric sink cannot be used as the flags ask (missing package, failed W&B start); names the flag."""
 
 

@@ -14,7 +14,6 @@ import time
 from argparse import Namespace
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -24,38 +23,19 @@ from kotomamba import arguments, metrics
 from kotomamba.distributed import DistributedContext, all_ranks_agree, init_distributed, shutdown_distributed
 from kotomamba.loss import LossFunction, training_loss
 from kotomamba.sinks import MetricLogger
+from kotomamba.state import StepResult, TrainState
+from kotomamba.errors import KotomambaError
 
 logger = logging.getLogger("kotomamba")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(KotomambaError, RuntimeError):
     """A problem found during setup or training that every rank reports the same way."""
 
 
 def setup_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
-
-
-@dataclass
-class TrainState:
-    """Progress counters; everything a resume needs besides model, optimizer and scaler state."""
-
-    iteration: int = 0
-    consumed_samples: int = 0
-    consumed_tokens: int = 0
-    skipped_iterations: int = 0
-    consecutive_skips: int = 0
-    consumed_valid_samples: int = 0  # where the validation stream continues after a resume
-
-
-@dataclass
-class StepResult:
-    loss: float  # mean over the global batch
-    grad_norm: float  # global L2 norm before clipping, after unscaling
-    skipped: bool  # non-finite loss or gradients: the optimizer did not step
-    loss_scale: float  # the scale this step's backward used (1 without fp16)
-    optimizer_stats: dict[str, float] | None = None  # every --optimizer-stats-interval (kotomamba.optimizer_stats)
 
 
 def check_on_every_rank(ok: bool, message: str, ctx: DistributedContext) -> None:

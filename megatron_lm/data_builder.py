@@ -15,13 +15,14 @@ from typing import Sequence
 from megatron_lm.blended_dataset import BlendedDataset, normalize_weights
 from megatron_lm.gpt_dataset import DatasetBuildError, GPTDataset, GPTDatasetConfig
 from megatron_lm.indexed_dataset import IndexedDataset
+from kotomamba.errors import KotomambaError
 
 SPLIT_NAMES = ("train", "valid", "test")
 # Megatron-core's mid_level_dataset_surplus: headroom so the blend never runs a dataset dry.
 BLEND_SURPLUS = 0.005
 
 
-class DataConfigError(ValueError):
+class DataConfigError(KotomambaError, ValueError):
     """A data flag (--data-path, --split, per-split paths, sample counts) is malformed."""
 
 

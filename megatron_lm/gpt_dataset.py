@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from megatron_lm import helpers
+from kotomamba.errors import KotomambaError
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ _SEPARATE_FINAL_EPOCH_THRESHOLD = 0.80
 IGNORE_LABEL = -100
 
 
-class DatasetBuildError(ValueError):
+class DatasetBuildError(KotomambaError, ValueError):
     """A dataset cannot be built from the given data and settings."""
 
 

@@ -5,10 +5,12 @@ from pathlib import Path
 
 import numpy as np
 
+from kotomamba.errors import KotomambaError
+
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class HelpersNotBuiltError(ImportError):
+class HelpersNotBuiltError(KotomambaError, ImportError):
     """The pybind11 extension megatron_lm._helpers has not been compiled."""
 
 

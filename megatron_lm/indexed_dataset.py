@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from kotomamba.errors import KotomambaError
+
 _MAGIC = b"MMIDIDX\x00\x00"
 _VERSION = 1
 # magic, version, token dtype code, sequence count S, document-index length D'; 34 bytes, no padding
@@ -38,7 +40,7 @@ DTYPE_BY_CODE: dict[int, type] = {
 _CODE_BY_DTYPE = {np.dtype(t).newbyteorder("<"): code for code, t in DTYPE_BY_CODE.items()}
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(KotomambaError, ValueError):
     """A `.bin`/`.idx` pair that cannot be read or written; the message names the file."""
 
 

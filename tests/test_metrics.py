@@ -392,7 +392,7 @@ def test_skip_batch_counts_absolute_iterations_after_a_resume(stability_runs):
 
 
 def test_a_wandb_flag_error_is_a_user_error(single_process, tiny_mamba1_config, sentencepiece_model, tokenized_corpus):
-    """Raised on every rank before the model is built, and one of USER_ERRORS (one line, no traceback)."""
+    """Raised on every rank before the model is built, and a KotomambaError (one line, no traceback)."""
     argv = training_argv(tiny_mamba1_config, sentencepiece_model, [str(tokenized_corpus)]) + ["--wandb-entity", "team"]
     result = run_configurations({"run": argv}, single_process)["run"]
     assert result["error"].startswith("--wandb-entity team given without --wandb-project")

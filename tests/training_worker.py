@@ -44,7 +44,7 @@ def _pause_before_publish(iteration: int, marker: str) -> None:
 
 
 def run_configurations(runs: dict[str, list[str] | dict], ctx: DistributedContext) -> dict[str, dict]:
-    from kotomamba.errors import USER_ERRORS
+    from kotomamba.errors import KotomambaError
     from kotomamba.train import run_training
 
     results: dict[str, dict] = {}
@@ -68,7 +68,7 @@ def run_configurations(runs: dict[str, list[str] | dict], ctx: DistributedContex
 
         try:
             run_training(parse_args(hooks["argv"]), ctx, on_step)
-        except USER_ERRORS as error:
+        except KotomambaError as error:
             record = {"error": str(error)}
         results[name] = record
     return results

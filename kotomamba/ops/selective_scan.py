@@ -38,10 +38,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kotomamba.errors import KotomambaError
+
 LOG2_E = 1.4426950408889634
 
 
-class SelectiveScanInputError(ValueError):
+class SelectiveScanInputError(KotomambaError, ValueError):
     """The inputs are outside what this kernel computes (shape, dtype, layout or device)."""
 
 

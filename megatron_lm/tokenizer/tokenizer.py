@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kotomamba.errors import KotomambaError
+
 TOKENIZER_TYPES = (
     "HuggingFaceTokenizer",
     "SentencePieceTokenizer",
@@ -31,7 +33,7 @@ TOKENIZER_TYPES = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(KotomambaError, ValueError):
     """A tokenizer could not be built or could not encode its input; the message says why."""
 
 

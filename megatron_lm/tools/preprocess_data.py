@@ -46,6 +46,7 @@ from megatron_lm.indexed_dataset import (
     index_file_path,
 )
 from megatron_lm.tokenizer import TOKENIZER_TYPES, Tokenizer, TokenizerError, build_tokenizer
+from kotomamba.errors import KotomambaError
 
 # Lines per task sent to a worker: large enough to amortize inter-process overhead.
 _BATCH_LINES = 256
@@ -53,7 +54,7 @@ _BATCH_LINES = 256
 _MAX_SKIP_WARNINGS = 10
 
 
-class PreprocessError(Exception):
+class PreprocessError(KotomambaError):
     """Bad input or arguments; the message names the file and line, or the flag."""
 
 
@@ -498,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         stats = run(args)
-    except (PreprocessError, TokenizerError, IndexedDatasetError) as exc:
+    except KotomambaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except BrokenProcessPool:
