@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             row["model"] = json.dumps(dataclasses.asdict(config))
             rows.append(row)
             print(table([row]).splitlines()[-1], flush=True)
-        best = min(rows, key=lambda r: r["ours_forward"] + r["ours_backward"])
-        print(f"fastest configuration: {best['model']}", flush=True)
+        if rows:
+            best = min(rows, key=lambda r: r["ours_forward"] + r["ours_backward"])
+            print(f"fastest configuration: {best['model']}", flush=True)
     else:
         for model in args.models:
             for batch, seqlen in PLAN:

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from kotomamba.errors import KotomambaError
 
-LOG2_E = 1.4426950408889634
+LOG2_E = tl.constexpr(1.4426950408889634)  # a constexpr: kernels may read no other global
 
 
 class SelectiveScanInputError(KotomambaError, ValueError):
