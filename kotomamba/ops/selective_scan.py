@@ -280,12 +280,13 @@ class ScanConfig:
     """Tile sizes of one launch pair. The forward stores a state every ``chunk`` steps and the backward
     restarts from those states, so both must use the same ``chunk``."""
 
+    # Defaults: the fastest of benchmarks/scan_kernels.py --sweep on an H100 (docs/benchmarks.md)
     chunk: int = 64  # T: steps per scan tile (power of two)
-    forward_block_d: int = 8  # channels per forward program
-    forward_warps: int = 8
-    backward_block_d: int = 4  # channels per backward sub-block
+    forward_block_d: int = 4  # channels per forward program
+    forward_warps: int = 4
+    backward_block_d: int = 2  # channels per backward sub-block
     backward_split: int | None = None  # sub-blocks per backward program; None: as many as still fill the GPU
-    backward_warps: int = 8
+    backward_warps: int = 4
 
 
 DEFAULT_CONFIG = ScanConfig()
