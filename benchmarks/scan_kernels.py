@@ -14,6 +14,7 @@ over the special-function units' rate (16 per multiprocessor per clock at the ma
     python benchmarks/scan_kernels.py                           # the shape plan below, on a GPU
     python benchmarks/scan_kernels.py --sweep                   # tile configurations at one 2.8b shape
     python benchmarks/scan_kernels.py --report docs/benchmarks.md
+    ncu --clock-control none -k regex:_selective_scan python benchmarks/scan_kernels.py --once
 """
 from __future__ import annotations
 
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(D_INNER), choices=list(D_INNER))
     parser.add_argument("--sweep", action="store_true", help="time tile configurations at one 2.8b shape instead")
     parser.add_argument("--report", type=Path, default=None, help=f"write the section into this file ({BENCHMARKS_MD})")
+    parser.add_argument("--once", action="store_true",
+                        help="run our forward and backward once at the sweep's shape and exit (for a profiler: "
+                             "ncu -k regex:_selective_scan python benchmarks/scan_kernels.py --once)")
     parser.add_argument("--config", default=None, metavar="JSON",
                         help='ScanConfig fields to use instead of the defaults, e.g. \'{"chunk": 32}\'')
     args = parser.parse_args(argv)
@@ -171,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tile configuration: {selective_scan.DEFAULT_CONFIG}", flush=True)
     ours = selective_scan.SelectiveScanExtension(None)
     device = torch.device("cuda")
+    if args.once:
+        model, batch, seqlen = SWEEP_SHAPE
+        forward, backward, _ = runners(ours, scan_inputs(D_INNER[model], batch, seqlen, device))
+        backward()
+        torch.cuda.synchronize()
+        return 0
     bandwidth, exp_rate = copy_bandwidth(device), exponential_rate(device)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, exponentials {exp_rate / 1e12:.2f} T/s", flush=True)
     rows = []
