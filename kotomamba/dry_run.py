@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from kotomamba import arguments
 from kotomamba.arguments import ArgumentError, checkpointed_block_count
+from kotomamba.cli import launcher_rank
 from kotomamba.errors import KotomambaError
 
 if TYPE_CHECKING:  # both import torch or mamba-ssm; the functions import them when called
@@ -50,7 +51,6 @@ _LAUNCHER_VARIABLES = (
     ("torchrun", "WORLD_SIZE", "LOCAL_WORLD_SIZE"),
     ("mpirun", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"),
 )
-_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK")
 
 
 class DryRunError(KotomambaError, ValueError):
@@ -177,18 +177,6 @@ def _checked_layout(world: int, local: int, source: str, world_name: str, local_
             f"number of processes"
         )
     return WorldLayout(world, local, source)
-
-
-def launcher_rank(environ: Mapping[str, str] | None = None) -> int:
-    """This process's rank under torchrun or mpirun, 0 otherwise."""
-    environ = os.environ if environ is None else environ
-    for name in _RANK_VARIABLES:
-        if name in environ:
-            try:
-                return int(environ[name])
-            except ValueError:
-                return 0
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------
