@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(D_INNER), choices=list(D_INNER))
     parser.add_argument("--sweep", action="store_true", help="time tile configurations at one 2.8b shape instead")
     parser.add_argument("--report", type=Path, default=None, help=f"write the section into this file ({BENCHMARKS_MD})")
+    parser.add_argument("--shape", default=None, metavar="MODEL,BATCH,SEQ",
+                        help=f"the sweep's shape (default {','.join(map(str, SWEEP_SHAPE))})")
     parser.add_argument("--once", action="store_true",
                         help="run our forward and backward once at the sweep's shape and exit (for a profiler: "
                              "ncu -k regex:_selective_scan python benchmarks/scan_kernels.py --once)")
@@ -175,8 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tile configuration: {selective_scan.DEFAULT_CONFIG}", flush=True)
     ours = selective_scan.SelectiveScanExtension(None)
     device = torch.device("cuda")
+    sweep_shape = SWEEP_SHAPE
+    if args.shape:
+        model, batch, seqlen = args.shape.split(",")
+        if model not in D_INNER:
+            parser.error(f"--shape: model {model!r} is not one of {', '.join(D_INNER)}")
+        sweep_shape = (model, int(batch), int(seqlen))
     if args.once:
-        model, batch, seqlen = SWEEP_SHAPE
+        model, batch, seqlen = sweep_shape
         forward, backward, _ = runners(ours, scan_inputs(D_INNER[model], batch, seqlen, device))
         backward()
         torch.cuda.synchronize()
@@ -185,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, exponentials {exp_rate / 1e12:.2f} T/s", flush=True)
     rows = []
     if args.sweep:
-        model, batch, seqlen = SWEEP_SHAPE
+        model, batch, seqlen = sweep_shape
         for config in sweep_configs():
             selective_scan.DEFAULT_CONFIG = config
             try:
@@ -220,14 +228,16 @@ def main(argv: list[str] | None = None) -> int:
 def sweep_configs():
     from kotomamba.ops.selective_scan import ScanConfig
 
-    # the default first, then the chunk length and tile sizes around it, most informative first
+    # the default first, then channels per program, warps and chunk length around it
     yield ScanConfig()
-    for chunk, fwd_d, fwd_w, bwd_d, bwd_w in ((32, 8, 4, 4, 4), (128, 4, 8, 2, 8), (64, 4, 4, 2, 4),
-                                              (64, 16, 8, 8, 8), (32, 16, 8, 8, 8)):
+    for chunk, fwd_d, fwd_w, bwd_d, bwd_w in ((64, 8, 4, 8, 4), (64, 32, 4, 32, 4), (64, 32, 8, 32, 8),
+                                              (64, 16, 8, 16, 8), (64, 8, 2, 8, 2), (64, 4, 1, 4, 1),
+                                              (32, 16, 4, 16, 4), (32, 32, 4, 32, 4), (128, 8, 4, 8, 4),
+                                              (128, 16, 8, 16, 8)):
         yield ScanConfig(chunk=chunk, forward_block_d=fwd_d, forward_warps=fwd_w, backward_block_d=bwd_d,
                          backward_warps=bwd_w)
-    for bwd_d, split, bwd_w in ((4, 1, 8), (4, 4, 8), (2, None, 4)):
-        yield ScanConfig(backward_block_d=bwd_d, backward_split=split, backward_warps=bwd_w)
+    for split in (1, 4):
+        yield ScanConfig(backward_split=split)
 
 
 if __name__ == "__main__":

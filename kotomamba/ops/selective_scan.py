@@ -61,20 +61,25 @@ def _softplus(x):
 
 @triton.jit
 def _affine_combine(a_first, b_first, a_next, b_next):
-    # h -> a h + b, applied first then next: h -> a_next (a_first h + b_first) + b_next
+    # h -> a h + b, applied first then next: h -> a_next (a_first h + b_first) + b_next. A reverse scan
+    # hands the later segment first, so the same function composes the adjoint's maps backwards.
     return a_first * a_next, a_next * b_first + b_next
 
 
 @triton.jit
-def _suffix_combine(fa_later, fb_later, ea_later, eb_later, fa_cur, fb_cur, ea_cur, eb_cur):
-    # Reverse scan of the maps psi_t(g) = dA_t (c_t + g), walked from the end of the chunk: the later
-    # segment comes first. F is the composition over the whole segment, E the same without its first
-    # (earliest) element, so at position t it gives the adjoint entering t from t + 1.
-    fa = fa_cur * fa_later
-    fb = fa_cur * fb_later + fb_cur
-    ea = ea_cur * fa_later
-    eb = ea_cur * fb_later + eb_cur
-    return fa, fb, ea, eb
+def _column(tile, columns, index):
+    # tile[:, index] of a [channels, T] tile, kept in the tile's own layout (no shuffle to another one)
+    return tl.sum(tl.where(columns[None, :] == index, tile, 0.0), axis=1)
+
+
+@triton.jit
+def _time_step(delta_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    # (dt, the raw delta + bias that softplus saw): dt is 0 where masked, so those steps keep the state
+    raw = tl.load(delta_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += bias[:, None]
+    dt = _softplus(raw) if SOFTPLUS else raw
+    return tl.where(mask, dt, 0.0), raw
 
 
 @triton.jit
@@ -85,55 +90,51 @@ def _selective_scan_fwd_kernel(
     stride_B_b, stride_B_g, stride_B_n, stride_C_b, stride_C_g, stride_C_n,
     stride_z_b, stride_z_d, stride_out_b, stride_out_d, stride_out_z_b, stride_out_z_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    STORE_OUT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+    STORE_OUT: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = pid_bg // n_groups
     g = pid_bg % n_groups
+    dim = dim_per_group * n_groups
     local_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = local_d < dim_per_group
     d = g * dim_per_group + local_d
-    n = tl.arange(0, BLOCK_N)
-    mask_n = n < dstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    dim = dim_per_group * n_groups
-
-    A2 = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :] * stride_A_n, mask=mask_dn, other=0.0).to(tl.float32)
-    A2 = A2 * LOG2_E
+    columns = tl.arange(0, T)
+    # The state of channel d, n lives in column n of a [BLOCK_D, T] tile (T >= d_state), in the same
+    # layout as the step tiles, so carrying it from chunk to chunk moves nothing between threads.
+    mask_state = mask_d[:, None] & (columns[None, :] < dstate)
+    states_rows = states_ptr + ((b * dim + d[:, None]) * n_chunks) * dstate + columns[None, :]
     if HAS_D:
         D = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    A_rows = A_ptr + d * stride_A_d
+    B_row = B_ptr + b * stride_B_b + g * stride_B_g
+    C_row = C_ptr + b * stride_C_b + g * stride_C_g
 
-    u_rows = u_ptr + b * stride_u_b + d[:, None] * stride_u_d
-    delta_rows = delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d
-    B_rows = B_ptr + b * stride_B_b + g * stride_B_g + n[:, None] * stride_B_n
-    C_rows = C_ptr + b * stride_C_b + g * stride_C_g + n[:, None] * stride_C_n
-    states_rows = states_ptr + ((b * dim + d[:, None]) * n_chunks) * dstate + n[None, :]
-    is_last = tl.arange(0, T) == T - 1
-
-    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    state = tl.zeros((BLOCK_D, T), dtype=tl.float32)
     for chunk in range(0, n_chunks):
-        t = chunk * T + tl.arange(0, T)
+        t = chunk * T + columns
         mask_t = t < seqlen
         mask_dt = mask_d[:, None] & mask_t[None, :]
-        mask_nt = mask_n[:, None] & mask_t[None, :]
-        u = tl.load(u_rows + t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
-        dt = tl.load(delta_rows + t[None, :], mask=mask_dt, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt += bias[:, None]
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        dt = tl.where(mask_dt, dt, 0.0)  # steps past the end keep the state: exp(0) = 1, no input
-        Bt = tl.load(B_rows + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_rows + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
-
-        decay = tl.exp2(dt[:, None, :] * A2[:, :, None])
-        inflow = (dt * u)[:, None, :] * Bt[None, :, :]
-        decay_prefix, inflow_prefix = tl.associative_scan((decay, inflow), 2, _affine_combine)
-        hs = decay_prefix * h[:, :, None] + inflow_prefix
-        y = tl.sum(hs * Ct[None, :, :], axis=1)
+        u = tl.load(u_ptr + b * stride_u_b + d[:, None] * stride_u_d + t[None, :], mask=mask_dt,
+                    other=0.0).to(tl.float32)
+        dt, _ = _time_step(delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d + t[None, :], mask_dt, bias,
+                           HAS_BIAS, SOFTPLUS)
+        dtu = dt * u
+        y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+        next_state = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+        for n in range(0, dstate):
+            A2 = tl.load(A_rows + n * stride_A_n, mask=mask_d, other=0.0) * LOG2_E
+            Bn = tl.load(B_row + n * stride_B_n + t, mask=mask_t, other=0.0).to(tl.float32)
+            Cn = tl.load(C_row + n * stride_C_n + t, mask=mask_t, other=0.0).to(tl.float32)
+            decay = tl.exp2(dt * A2[:, None])
+            decay_prefix, inflow_prefix = tl.associative_scan((decay, dtu * Bn[None, :]), 1, _affine_combine)
+            hs = decay_prefix * _column(state, columns, n)[:, None] + inflow_prefix
+            y += hs * Cn[None, :]
+            next_state = tl.where(columns[None, :] == n, _column(hs, columns, T - 1)[:, None], next_state)
+        state = next_state
+        tl.store(states_rows + chunk * dstate, state, mask=mask_state)
         if HAS_D:
             y += u * D[:, None]
         if STORE_OUT:
@@ -141,10 +142,8 @@ def _selective_scan_fwd_kernel(
         if HAS_Z:
             z = tl.load(z_ptr + b * stride_z_b + d[:, None] * stride_z_d + t[None, :], mask=mask_dt,
                         other=0.0).to(tl.float32)
-            out_z = y * z * tl.sigmoid(z)
-            tl.store(out_z_ptr + b * stride_out_z_b + d[:, None] * stride_out_z_d + t[None, :], out_z, mask=mask_dt)
-        h = tl.sum(tl.where(is_last[None, None, :], hs, 0.0), axis=2)
-        tl.store(states_rows + chunk * dstate, h, mask=mask_dn)
+            tl.store(out_z_ptr + b * stride_out_z_b + d[:, None] * stride_out_z_d + t[None, :], y * z * tl.sigmoid(z),
+                     mask=mask_dt)
 
 
 @triton.jit
@@ -166,110 +165,112 @@ def _selective_scan_bwd_kernel(
     b = pid_bg // n_groups
     g = pid_bg % n_groups
     dim = dim_per_group * n_groups
-    n = tl.arange(0, BLOCK_N)
-    mask_n = n < dstate
-    position = tl.arange(0, T)
-    is_first = position == 0
-    B_rows = B_ptr + b * stride_B_b + g * stride_B_g + n[:, None] * stride_B_n
-    C_rows = C_ptr + b * stride_C_b + g * stride_C_g + n[:, None] * stride_C_n
+    columns = tl.arange(0, T)
+    state_rows = tl.arange(0, BLOCK_N)
+    B_row = B_ptr + b * stride_B_b + g * stride_B_g
+    C_row = C_ptr + b * stride_C_b + g * stride_C_g
     # Partial dB/dC of this program: [batch, group, program, n, seqlen], fp32, contiguous
-    part_rows = ((pid_bg * n_programs_d + pid_d) * dstate + n[:, None]) * seqlen
+    part_rows = ((pid_bg * n_programs_d + pid_d) * dstate + state_rows[:, None]) * seqlen
+    mask_part_n = state_rows[:, None] < dstate
 
     for chunk_back in range(0, n_chunks):
         chunk = n_chunks - 1 - chunk_back
-        t = chunk * T + position
+        t = chunk * T + columns
         mask_t = t < seqlen
-        mask_nt = mask_n[:, None] & mask_t[None, :]
-        Bt = tl.load(B_rows + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_rows + t[None, :], mask=mask_nt, other=0.0).to(tl.float32)
+        mask_next = t + 1 < seqlen
         dB_acc = tl.zeros((BLOCK_N, T), dtype=tl.float32)
         dC_acc = tl.zeros((BLOCK_N, T), dtype=tl.float32)
         for split in range(0, SPLIT):
             local_d = (pid_d * SPLIT + split) * BLOCK_D + tl.arange(0, BLOCK_D)
             mask_d = local_d < dim_per_group
             d = g * dim_per_group + local_d
-            mask_dn = mask_d[:, None] & mask_n[None, :]
             mask_dt = mask_d[:, None] & mask_t[None, :]
-            A = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :] * stride_A_n, mask=mask_dn,
-                        other=0.0).to(tl.float32)
-            if HAS_D:
-                D = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + b * stride_u_b + d[:, None] * stride_u_d + t[None, :], mask=mask_dt,
-                        other=0.0).to(tl.float32)
-            dt_in = tl.load(delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d + t[None, :], mask=mask_dt,
-                            other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt_in += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-            if SOFTPLUS:
-                dt = _softplus(dt_in)
-            else:
-                dt = dt_in
-            dt = tl.where(mask_dt, dt, 0.0)
-            dtu = dt * u
-            state_rows = ((b * dim + d[:, None]) * n_chunks) * dstate + n[None, :]
-            not_first_chunk = (n[None, :] * 0 + chunk) > 0
-            h0 = tl.load(states_ptr + state_rows + (chunk - 1) * dstate, mask=mask_dn & not_first_chunk, other=0.0)
-
-            # The forward inside the chunk, from its stored starting state
-            decay = tl.exp2(dt[:, None, :] * (A * LOG2_E)[:, :, None])
-            inflow = dtu[:, None, :] * Bt[None, :, :]
-            decay_prefix, inflow_prefix = tl.associative_scan((decay, inflow), 2, _affine_combine)
-            hs = decay_prefix * h0[:, :, None] + inflow_prefix
-
-            dout = tl.load(dout_ptr + b * stride_dout_b + d[:, None] * stride_dout_d + t[None, :], mask=mask_dt,
-                           other=0.0).to(tl.float32)
+            mask_state = mask_d[:, None] & (columns[None, :] < dstate)
+            bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+            delta_rows = delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d
+            u_tile = u_ptr + b * stride_u_b + d[:, None] * stride_u_d + t[None, :]
+            dout_tile = dout_ptr + b * stride_dout_b + d[:, None] * stride_dout_d + t[None, :]
+            z_tile = z_ptr + b * stride_z_b + d[:, None] * stride_z_d + t[None, :] if HAS_Z else None
+            dt, _ = _time_step(delta_rows + t[None, :], mask_dt, bias, HAS_BIAS, SOFTPLUS)
+            # the next step's dt: the adjoint flows back through its decay exp(dt_{t+1} A)
+            dt_next, _ = _time_step(delta_rows + t[None, :] + 1, mask_d[:, None] & mask_next[None, :], bias,
+                                    HAS_BIAS, SOFTPLUS)
+            dtu = dt * tl.load(u_tile, mask=mask_dt, other=0.0).to(tl.float32)
+            dy = tl.load(dout_tile, mask=mask_dt, other=0.0).to(tl.float32)
             if HAS_Z:
-                y = tl.sum(hs * Ct[None, :, :], axis=1)
-                if HAS_D:
-                    y += u * D[:, None]
-                z = tl.load(z_ptr + b * stride_z_b + d[:, None] * stride_z_d + t[None, :], mask=mask_dt,
-                            other=0.0).to(tl.float32)
-                z_sigmoid = tl.sigmoid(z)
-                dy = dout * z * z_sigmoid
-                dz = dout * y * z_sigmoid * (1.0 + z * (1.0 - z_sigmoid))
-                tl.store(dz_ptr + b * stride_dz_b + d[:, None] * stride_dz_d + t[None, :], dz, mask=mask_dt)
-                if STORE_OUT_Z:
-                    tl.store(out_z_ptr + b * stride_out_z_b + d[:, None] * stride_out_z_d + t[None, :],
-                             y * z * z_sigmoid, mask=mask_dt)
-            else:
-                dy = dout
-
-            # The adjoint: G_t = c_t + P_{t+1}, P_t = dA_t G_t, with the carry P entering from the next chunk
-            carry_rows = carry_ptr + (b * dim + d[:, None]) * dstate + n[None, :]
-            carry = tl.load(carry_rows, mask=mask_dn, other=0.0)
-            c = Ct[None, :, :] * dy[:, None, :]
-            ones = tl.full(c.shape, 1.0, tl.float32)
-            zeros = tl.zeros(c.shape, dtype=tl.float32)
-            _, _, suffix_a, suffix_b = tl.associative_scan((decay, decay * c, ones, zeros), 2, _suffix_combine,
+                z = tl.load(z_tile, mask=mask_dt, other=0.0).to(tl.float32)
+                dy = dy * z * tl.sigmoid(z)
+            # Column n: the state entering the chunk (stored by the forward) and dL/dh entering it from the
+            # chunk after (carried in a buffer between this sub-block's turns)
+            start = tl.load(states_ptr + ((b * dim + d[:, None]) * n_chunks + chunk - 1) * dstate + columns[None, :],
+                            mask=mask_state & (columns[None, :] * 0 + chunk > 0), other=0.0)
+            carry_rows = carry_ptr + (b * dim + d[:, None]) * dstate + columns[None, :]
+            carry = tl.load(carry_rows, mask=mask_state, other=0.0)
+            carry_out = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+            dA_chunk = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+            sum_GB = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+            ddt = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+            y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+            for n in range(0, dstate):
+                A = tl.load(A_ptr + d * stride_A_d + n * stride_A_n, mask=mask_d, other=0.0)
+                Bn = tl.load(B_row + n * stride_B_n + t, mask=mask_t, other=0.0).to(tl.float32)
+                Cn = tl.load(C_row + n * stride_C_n + t, mask=mask_t, other=0.0).to(tl.float32)
+                # the forward inside the chunk, from its stored starting state
+                decay = tl.exp2(dt * (A * LOG2_E)[:, None])
+                inflow = dtu * Bn[None, :]
+                decay_prefix, inflow_prefix = tl.associative_scan((decay, inflow), 1, _affine_combine)
+                hs = decay_prefix * _column(start, columns, n)[:, None] + inflow_prefix
+                # the adjoint G_t = C_t dy_t + exp(dt_{t+1} A) G_{t+1}, as a reverse scan
+                decay_next = tl.exp2(dt_next * (A * LOG2_E)[:, None])
+                g_coefficient, g_sum = tl.associative_scan((decay_next, dy * Cn[None, :]), 1, _affine_combine,
                                                            reverse=True)
-            G = c + suffix_b + suffix_a * carry[:, :, None]
+                G = g_sum + g_coefficient * _column(carry, columns, n)[:, None]
+                carry_out = tl.where(columns[None, :] == n, _column(G, columns, 0)[:, None], carry_out)
+                if HAS_Z:
+                    y += hs * Cn[None, :]
+                row = state_rows[:, None] == n
+                dC_acc += tl.where(row, tl.sum(hs * dy, axis=0)[None, :], 0.0)
+                dB_acc += tl.where(row, tl.sum(G * dtu, axis=0)[None, :], 0.0)
+                sum_GB += G * Bn[None, :]
+                decayed_prev = hs - inflow  # exp(dt_t A) h_{t-1}
+                AG_prev = G * decayed_prev
+                ddt += A[:, None] * AG_prev
+                dA_chunk = tl.where(columns[None, :] == n, tl.sum(AG_prev * dt, axis=1)[:, None], dA_chunk)
             tl.debug_barrier()  # every thread has read the carry before any overwrites it
-            tl.store(carry_rows, tl.sum(tl.where(is_first[None, None, :], decay * G, 0.0), axis=2), mask=mask_dn)
-
-            dC_acc += tl.sum(hs * dy[:, None, :], axis=0)
-            dB_acc += tl.sum(G * dtu[:, None, :], axis=0)
-            GB = G * Bt[None, :, :]
-            sum_GB = tl.sum(GB, axis=1)
-            A_G = A[:, :, None] * G
-            ddt = tl.sum(A_G * hs, axis=1) + u * sum_GB - dtu * tl.sum(A_G * Bt[None, :, :], axis=1)
+            tl.store(carry_rows, carry_out, mask=mask_state)
+            dA_rows = dA_part_ptr + (b * dim + d[:, None]) * dstate + columns[None, :]
+            tl.store(dA_rows, tl.load(dA_rows, mask=mask_state, other=0.0) + dA_chunk, mask=mask_state)
+            # u, dout, z and delta are loaded again rather than held in registers through the state loop
+            u = tl.load(u_tile, mask=mask_dt, other=0.0).to(tl.float32)
             du = dt * sum_GB
             if HAS_D:
+                D = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
                 du += dy * D[:, None]
                 dD_rows = dD_part_ptr + b * dim + d
                 tl.store(dD_rows, tl.load(dD_rows, mask=mask_d, other=0.0) + tl.sum(dy * u, axis=1), mask=mask_d)
             tl.store(du_ptr + b * stride_du_b + d[:, None] * stride_du_d + t[None, :], du, mask=mask_dt)
+            ddt += u * sum_GB
             if SOFTPLUS:
-                ddt = ddt * tl.sigmoid(dt_in)
+                _, dt_raw = _time_step(delta_rows + t[None, :], mask_dt, bias, HAS_BIAS, False)
+                ddt = ddt * tl.sigmoid(dt_raw)
             ddt = tl.where(mask_dt, ddt, 0.0)
             tl.store(ddelta_ptr + b * stride_ddelta_b + d[:, None] * stride_ddelta_d + t[None, :], ddt, mask=mask_dt)
             if HAS_BIAS:
                 dbias_rows = dbias_part_ptr + b * dim + d
                 tl.store(dbias_rows, tl.load(dbias_rows, mask=mask_d, other=0.0) + tl.sum(ddt, axis=1), mask=mask_d)
-            dA_rows = dA_part_ptr + (b * dim + d[:, None]) * dstate + n[None, :]
-            dA_chunk = tl.sum(G * dt[:, None, :] * (hs - inflow), axis=2)
-            tl.store(dA_rows, tl.load(dA_rows, mask=mask_dn, other=0.0) + dA_chunk, mask=mask_dn)
-        tl.store(dB_part_ptr + part_rows + t[None, :], dB_acc, mask=mask_nt)
-        tl.store(dC_part_ptr + part_rows + t[None, :], dC_acc, mask=mask_nt)
+            if HAS_Z:
+                if HAS_D:
+                    y += u * D[:, None]
+                dout = tl.load(dout_tile, mask=mask_dt, other=0.0).to(tl.float32)
+                z = tl.load(z_tile, mask=mask_dt, other=0.0).to(tl.float32)
+                z_sigmoid = tl.sigmoid(z)
+                dz = dout * y * z_sigmoid * (1.0 + z * (1.0 - z_sigmoid))
+                tl.store(dz_ptr + b * stride_dz_b + d[:, None] * stride_dz_d + t[None, :], dz, mask=mask_dt)
+                if STORE_OUT_Z:
+                    tl.store(out_z_ptr + b * stride_out_z_b + d[:, None] * stride_out_z_d + t[None, :],
+                             y * z * z_sigmoid, mask=mask_dt)
+        tl.store(dB_part_ptr + part_rows + t[None, :], dB_acc, mask=mask_part_n & mask_t[None, :])
+        tl.store(dC_part_ptr + part_rows + t[None, :], dC_acc, mask=mask_part_n & mask_t[None, :])
         tl.debug_barrier()  # the carries and accumulators written above are read by other threads next
 
 
@@ -282,11 +283,10 @@ class ScanConfig:
     """Tile sizes of one launch pair. The forward stores a state every ``chunk`` steps and the backward
     restarts from those states, so both must use the same ``chunk``."""
 
-    # Defaults: the fastest of benchmarks/scan_kernels.py --sweep on an H100 (docs/benchmarks.md)
-    chunk: int = 64  # T: steps per scan tile (power of two)
-    forward_block_d: int = 4  # channels per forward program
+    chunk: int = 64  # T: steps per scan tile (power of two; at least d_state)
+    forward_block_d: int = 16  # channels per forward program
     forward_warps: int = 4
-    backward_block_d: int = 2  # channels per backward sub-block
+    backward_block_d: int = 16  # channels per backward sub-block
     backward_split: int | None = None  # sub-blocks per backward program; None: as many as still fill the GPU
     backward_warps: int = 4
 
@@ -357,6 +357,11 @@ def _block_n(dstate: int) -> int:
     return max(2, triton.next_power_of_2(dstate))
 
 
+def _chunk(config: ScanConfig, dstate: int) -> int:
+    # the kernels carry the states in the columns of a [channels, chunk] tile
+    return max(config.chunk, _block_n(dstate))
+
+
 def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, store_out=True,
                  config: ScanConfig | None = None):
     """Runs the forward kernel. Returns (out or None, chunk_states, out_z or None).
@@ -372,7 +377,8 @@ def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     dstate = A.shape[1]
     n_groups = B.shape[1]
     dim_per_group = dim // n_groups
-    n_chunks = max(1, triton.cdiv(seqlen, config.chunk))
+    chunk = _chunk(config, dstate)
+    n_chunks = max(1, triton.cdiv(seqlen, chunk))
     out = torch.empty_like(u, memory_format=torch.contiguous_format) if store_out else None
     out_z = torch.empty_like(u, memory_format=torch.contiguous_format) if z is not None else None
     states = torch.empty(batch, dim, n_chunks, dstate, device=u.device, dtype=torch.float32)
@@ -384,7 +390,7 @@ def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
             *_strides(u, 2), *_strides(delta, 2), *A.stride(), *_strides(B, 3), *_strides(C, 3),
             *_strides(z, 2), *_strides(out, 2), *_strides(out_z, 2),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-            STORE_OUT=store_out, BLOCK_D=config.forward_block_d, BLOCK_N=_block_n(dstate), T=config.chunk,
+            STORE_OUT=store_out, BLOCK_D=config.forward_block_d, T=chunk,
             num_warps=config.forward_warps,
         )
     return out, states, out_z
@@ -405,10 +411,11 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, states, delta_softp
     n_groups = B.shape[1]
     dim_per_group = dim // n_groups
     n_chunks = states.shape[2]
-    if states.shape != (batch, dim, n_chunks, dstate) or n_chunks != max(1, triton.cdiv(seqlen, config.chunk)):
+    chunk = _chunk(config, dstate)
+    if states.shape != (batch, dim, n_chunks, dstate) or n_chunks != max(1, triton.cdiv(seqlen, chunk)):
         raise SelectiveScanInputError(
             f"selective_scan backward: chunk states of shape {tuple(states.shape)} do not come from a forward "
-            f"of this input with chunk={config.chunk}")
+            f"of this input with chunk={chunk}")
     if tuple(dout.shape) != (batch, dim, seqlen):
         raise SelectiveScanInputError(f"selective_scan backward: dout has shape {tuple(dout.shape)}, "
                                       f"expected {(batch, dim, seqlen)}")
@@ -444,7 +451,7 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, states, delta_softp
             *_strides(out_z, 2),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
             STORE_OUT_Z=out_z is not None, BLOCK_D=config.backward_block_d, BLOCK_N=_block_n(dstate),
-            T=config.chunk, SPLIT=split, num_warps=config.backward_warps,
+            T=chunk, SPLIT=split, num_warps=config.backward_warps,
         )
     dB = dB_part.sum(dim=2).to(B.dtype)
     dC = dC_part.sum(dim=2).to(C.dtype)
