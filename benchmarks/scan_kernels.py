@@ -228,16 +228,13 @@ def main(argv: list[str] | None = None) -> int:
 def sweep_configs():
     from kotomamba.ops.selective_scan import ScanConfig
 
-    # the default first, then channels per program, warps and chunk length around it
+    # the default first, then chunk length, channels per program, warps and unrolling around it
     yield ScanConfig()
-    for chunk, fwd_d, fwd_w, bwd_d, bwd_w in ((64, 8, 4, 8, 4), (64, 32, 4, 32, 4), (64, 32, 8, 32, 8),
-                                              (64, 16, 8, 16, 8), (64, 8, 2, 8, 2), (64, 4, 1, 4, 1),
-                                              (32, 16, 4, 16, 4), (32, 32, 4, 32, 4), (128, 8, 4, 8, 4),
-                                              (128, 16, 8, 16, 8)):
+    for chunk, fwd_d, fwd_w, bwd_d, bwd_w, unroll in ((64, 16, 4, 16, 4, 1), (64, 16, 4, 16, 4, 4), (32, 16, 4, 16, 4, 1),
+                                                      (32, 16, 4, 16, 4, 2), (32, 16, 4, 8, 2, 2), (32, 16, 4, 32, 8, 2),
+                                                      (16, 16, 4, 16, 4, 2), (16, 16, 4, 32, 4, 2), (64, 8, 2, 8, 2, 4)):
         yield ScanConfig(chunk=chunk, forward_block_d=fwd_d, forward_warps=fwd_w, backward_block_d=bwd_d,
-                         backward_warps=bwd_w)
-    for split in (1, 4):
-        yield ScanConfig(backward_split=split)
+                         backward_warps=bwd_w, forward_unroll=unroll, backward_unroll=unroll)
 
 
 if __name__ == "__main__":

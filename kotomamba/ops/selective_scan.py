@@ -10,20 +10,25 @@ real ``A`` and input-dependent ``B``/``C`` (Mamba-1's case), per channel ``d`` a
 
 How the work is laid out, and why:
 - A program owns ``BLOCK_D`` channels of one (batch, group) and walks the sequence in chunks of ``T``
-  steps; inside a chunk the recurrence is a ``tl.associative_scan`` over a ``[BLOCK_D, N, T]`` tile,
-  between chunks the state is carried in registers. B and C are loaded once per chunk for all the
-  program's channels (mamba-ssm's CUDA kernel reloads them for every channel).
-- The forward writes the state at the end of every chunk (fp32). The backward starts each chunk from
-  that state instead of re-running the whole forward, and runs the adjoint recurrence backwards::
+  steps. Every tile is two-dimensional, [channels, steps], in one layout (each thread holds a run of
+  consecutive steps of one channel, as the 16-byte loads give it); a loop over the ``d_state`` states
+  runs one ``tl.associative_scan`` along the steps per state, mostly inside each thread. B and C rows
+  are loaded once per chunk for all of the program's channels (mamba-ssm's CUDA kernel reloads them
+  for every channel).
+- The forward writes the state at the end of every chunk (fp32, gathered in the columns of a tile and
+  stored once per chunk); the next chunk, and the backward, read each state back from memory instead
+  of moving it between threads. The backward restarts each chunk from its stored state instead of
+  re-running the whole forward, and runs the adjoint recurrence::
 
       G_t = C_t * dy_t + exp(dt_{t+1} A) * G_{t+1}          (dL/dh_t)
 
-  as one reverse scan that also yields the exclusive suffix (the state entering ``t+1``), so no
-  shifted reload is needed. ``exp(dt_t A) h_{t-1}`` is recovered as ``h_t - dt_t B_t u_t``.
+  as a reverse scan through the next step's decay (dt is loaded again one step ahead), with the
+  adjoint of the chunk after entering at the chunk's last step. ``exp(dt_t A) h_{t-1}`` is recovered
+  as ``h_t - dt_t B_t u_t``.
 - dB and dC sum over every channel of a group. A backward program handles ``SPLIT`` blocks of
-  channels one after another and adds their contributions in registers; the sums across programs
-  are written as partial sums and added by one ``torch.sum``. No atomics anywhere: the backward is
-  bitwise deterministic (mamba-ssm's accumulates dB/dC/dA with atomic adds and is not).
+  channels one after another and adds their contributions to its own partial-sum rows; the partial
+  sums of the programs are added by one ``torch.sum``. No atomics anywhere: the backward is bitwise
+  deterministic (mamba-ssm's accumulates dB/dC/dA with atomic adds and is not).
 - When ``z`` is given, the pre-gate output is not stored (mamba-ssm's interface keeps it only for
   its own backward); the backward recomputes it. By count, not measured: the chunk states take
   d_state x 4 bytes per T steps of a channel where that output took 2 bytes per step.
@@ -67,12 +72,6 @@ def _affine_combine(a_first, b_first, a_next, b_next):
 
 
 @triton.jit
-def _column(tile, columns, index):
-    # tile[:, index] of a [channels, T] tile, kept in the tile's own layout (no shuffle to another one)
-    return tl.sum(tl.where(columns[None, :] == index, tile, 0.0), axis=1)
-
-
-@triton.jit
 def _time_step(delta_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     # (dt, the raw delta + bias that softplus saw): dt is 0 where masked, so those steps keep the state
     raw = tl.load(delta_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -90,7 +89,7 @@ def _selective_scan_fwd_kernel(
     stride_B_b, stride_B_g, stride_B_n, stride_C_b, stride_C_g, stride_C_n,
     stride_z_b, stride_z_d, stride_out_b, stride_out_d, stride_out_z_b, stride_out_z_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    STORE_OUT: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr,
+    STORE_OUT: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, UNROLL: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -101,10 +100,12 @@ def _selective_scan_fwd_kernel(
     mask_d = local_d < dim_per_group
     d = g * dim_per_group + local_d
     columns = tl.arange(0, T)
-    # The state of channel d, n lives in column n of a [BLOCK_D, T] tile (T >= d_state), in the same
-    # layout as the step tiles, so carrying it from chunk to chunk moves nothing between threads.
+    is_last = (columns == T - 1)[None, :]
+    # state n of channel d after chunk c: states[b, d, c, n]. The states leaving a chunk are gathered in
+    # the columns of a tile and stored at its end; the next chunk reads each back from memory.
+    state_base = states_ptr + (b * dim + d) * n_chunks * dstate
+    state_tile = states_ptr + (b * dim + d[:, None]) * n_chunks * dstate + columns[None, :]
     mask_state = mask_d[:, None] & (columns[None, :] < dstate)
-    states_rows = states_ptr + ((b * dim + d[:, None]) * n_chunks) * dstate + columns[None, :]
     if HAS_D:
         D = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
@@ -112,29 +113,32 @@ def _selective_scan_fwd_kernel(
     B_row = B_ptr + b * stride_B_b + g * stride_B_g
     C_row = C_ptr + b * stride_C_b + g * stride_C_g
 
-    state = tl.zeros((BLOCK_D, T), dtype=tl.float32)
     for chunk in range(0, n_chunks):
         t = chunk * T + columns
         mask_t = t < seqlen
         mask_dt = mask_d[:, None] & mask_t[None, :]
+        mask_start = mask_d & (d * 0 + chunk > 0)
         u = tl.load(u_ptr + b * stride_u_b + d[:, None] * stride_u_d + t[None, :], mask=mask_dt,
                     other=0.0).to(tl.float32)
         dt, _ = _time_step(delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d + t[None, :], mask_dt, bias,
                            HAS_BIAS, SOFTPLUS)
         dtu = dt * u
         y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
-        next_state = tl.zeros((BLOCK_D, T), dtype=tl.float32)
-        for n in range(0, dstate):
+        states_out = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+        for n in tl.range(0, dstate, loop_unroll_factor=UNROLL):
             A2 = tl.load(A_rows + n * stride_A_n, mask=mask_d, other=0.0) * LOG2_E
             Bn = tl.load(B_row + n * stride_B_n + t, mask=mask_t, other=0.0).to(tl.float32)
             Cn = tl.load(C_row + n * stride_C_n + t, mask=mask_t, other=0.0).to(tl.float32)
+            start = tl.load(state_base + (chunk - 1) * dstate + n, mask=mask_start, other=0.0)
             decay = tl.exp2(dt * A2[:, None])
             decay_prefix, inflow_prefix = tl.associative_scan((decay, dtu * Bn[None, :]), 1, _affine_combine)
-            hs = decay_prefix * _column(state, columns, n)[:, None] + inflow_prefix
+            hs = decay_prefix * start[:, None] + inflow_prefix
             y += hs * Cn[None, :]
-            next_state = tl.where(columns[None, :] == n, _column(hs, columns, T - 1)[:, None], next_state)
-        state = next_state
-        tl.store(states_rows + chunk * dstate, state, mask=mask_state)
+            # steps past the end keep the state, so the last column holds it also in a short last chunk
+            last = tl.sum(tl.where(is_last, hs, 0.0), axis=1)
+            states_out = tl.where(columns[None, :] == n, last[:, None], states_out)
+        tl.store(state_tile + chunk * dstate, states_out, mask=mask_state)
+        tl.debug_barrier()  # this chunk's states are read by other threads in the next one
         if HAS_D:
             y += u * D[:, None]
         if STORE_OUT:
@@ -157,8 +161,8 @@ def _selective_scan_bwd_kernel(
     stride_z_b, stride_z_d, stride_dout_b, stride_dout_d, stride_du_b, stride_du_d,
     stride_ddelta_b, stride_ddelta_d, stride_dz_b, stride_dz_d, stride_out_z_b, stride_out_z_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    STORE_OUT_Z: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
-    SPLIT: tl.constexpr,
+    STORE_OUT_Z: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, SPLIT: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -166,26 +170,29 @@ def _selective_scan_bwd_kernel(
     g = pid_bg % n_groups
     dim = dim_per_group * n_groups
     columns = tl.arange(0, T)
-    state_rows = tl.arange(0, BLOCK_N)
+    is_first = (columns == 0)[None, :]
+    is_last = (columns == T - 1)[None, :]
     B_row = B_ptr + b * stride_B_b + g * stride_B_g
     C_row = C_ptr + b * stride_C_b + g * stride_C_g
-    # Partial dB/dC of this program: [batch, group, program, n, seqlen], fp32, contiguous
-    part_rows = ((pid_bg * n_programs_d + pid_d) * dstate + state_rows[:, None]) * seqlen
-    mask_part_n = state_rows[:, None] < dstate
+    # Partial dB/dC of this program: [batch, group, program, n, seqlen], fp32, summed over its sub-blocks
+    part_base = (pid_bg * n_programs_d + pid_d) * dstate * seqlen
+    # dL/dh entering a chunk from the next one: carry[parity, b, d, n], written and read in alternate halves
+    carry_half = tl.num_programs(1) * dim_per_group * dstate
 
     for chunk_back in range(0, n_chunks):
         chunk = n_chunks - 1 - chunk_back
         t = chunk * T + columns
         mask_t = t < seqlen
         mask_next = t + 1 < seqlen
-        dB_acc = tl.zeros((BLOCK_N, T), dtype=tl.float32)
-        dC_acc = tl.zeros((BLOCK_N, T), dtype=tl.float32)
+        carry_in = carry_ptr + (chunk_back % 2) * carry_half
+        carry_out = carry_ptr + ((chunk_back + 1) % 2) * carry_half
         for split in range(0, SPLIT):
             local_d = (pid_d * SPLIT + split) * BLOCK_D + tl.arange(0, BLOCK_D)
             mask_d = local_d < dim_per_group
             d = g * dim_per_group + local_d
             mask_dt = mask_d[:, None] & mask_t[None, :]
-            mask_state = mask_d[:, None] & (columns[None, :] < dstate)
+            mask_start = mask_d & (d * 0 + chunk > 0)
+            mask_part = mask_t & (t * 0 + split > 0)
             bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
             delta_rows = delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d
             u_tile = u_ptr + b * stride_u_b + d[:, None] * stride_u_d + t[None, :]
@@ -200,46 +207,41 @@ def _selective_scan_bwd_kernel(
             if HAS_Z:
                 z = tl.load(z_tile, mask=mask_dt, other=0.0).to(tl.float32)
                 dy = dy * z * tl.sigmoid(z)
-            # Column n: the state entering the chunk (stored by the forward) and dL/dh entering it from the
-            # chunk after (carried in a buffer between this sub-block's turns)
-            start = tl.load(states_ptr + ((b * dim + d[:, None]) * n_chunks + chunk - 1) * dstate + columns[None, :],
-                            mask=mask_state & (columns[None, :] * 0 + chunk > 0), other=0.0)
-            carry_rows = carry_ptr + (b * dim + d[:, None]) * dstate + columns[None, :]
-            carry = tl.load(carry_rows, mask=mask_state, other=0.0)
-            carry_out = tl.zeros((BLOCK_D, T), dtype=tl.float32)
-            dA_chunk = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+            state_base = states_ptr + ((b * dim + d) * n_chunks + chunk - 1) * dstate
+            channel_state = (b * dim + d) * dstate
             sum_GB = tl.zeros((BLOCK_D, T), dtype=tl.float32)
             ddt = tl.zeros((BLOCK_D, T), dtype=tl.float32)
             y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
-            for n in range(0, dstate):
+            for n in tl.range(0, dstate, loop_unroll_factor=UNROLL):
                 A = tl.load(A_ptr + d * stride_A_d + n * stride_A_n, mask=mask_d, other=0.0)
                 Bn = tl.load(B_row + n * stride_B_n + t, mask=mask_t, other=0.0).to(tl.float32)
                 Cn = tl.load(C_row + n * stride_C_n + t, mask=mask_t, other=0.0).to(tl.float32)
-                # the forward inside the chunk, from its stored starting state
+                # the forward inside the chunk, from the state the forward stored before it
+                start = tl.load(state_base + n, mask=mask_start, other=0.0)
                 decay = tl.exp2(dt * (A * LOG2_E)[:, None])
                 inflow = dtu * Bn[None, :]
                 decay_prefix, inflow_prefix = tl.associative_scan((decay, inflow), 1, _affine_combine)
-                hs = decay_prefix * _column(start, columns, n)[:, None] + inflow_prefix
+                hs = decay_prefix * start[:, None] + inflow_prefix
                 # the adjoint G_t = C_t dy_t + exp(dt_{t+1} A) G_{t+1}, as a reverse scan
+                carry = tl.load(carry_in + channel_state + n, mask=mask_d, other=0.0)
                 decay_next = tl.exp2(dt_next * (A * LOG2_E)[:, None])
-                g_coefficient, g_sum = tl.associative_scan((decay_next, dy * Cn[None, :]), 1, _affine_combine,
-                                                           reverse=True)
-                G = g_sum + g_coefficient * _column(carry, columns, n)[:, None]
-                carry_out = tl.where(columns[None, :] == n, _column(G, columns, 0)[:, None], carry_out)
+                # the carry enters at the chunk's last step, so only the scan's sums are needed
+                adjoint_in = dy * Cn[None, :] + tl.where(is_last, decay_next * carry[:, None], 0.0)
+                _, G = tl.associative_scan((decay_next, adjoint_in), 1, _affine_combine, reverse=True)
+                tl.store(carry_out + channel_state + n, tl.sum(tl.where(is_first, G, 0.0), axis=1), mask=mask_d)
                 if HAS_Z:
                     y += hs * Cn[None, :]
-                row = state_rows[:, None] == n
-                dC_acc += tl.where(row, tl.sum(hs * dy, axis=0)[None, :], 0.0)
-                dB_acc += tl.where(row, tl.sum(G * dtu, axis=0)[None, :], 0.0)
+                part_row = part_base + n * seqlen + t
+                dC_row = dC_part_ptr + part_row
+                tl.store(dC_row, tl.load(dC_row, mask=mask_part, other=0.0) + tl.sum(hs * dy, axis=0), mask=mask_t)
+                dB_row = dB_part_ptr + part_row
+                tl.store(dB_row, tl.load(dB_row, mask=mask_part, other=0.0) + tl.sum(G * dtu, axis=0), mask=mask_t)
                 sum_GB += G * Bn[None, :]
                 decayed_prev = hs - inflow  # exp(dt_t A) h_{t-1}
                 AG_prev = G * decayed_prev
                 ddt += A[:, None] * AG_prev
-                dA_chunk = tl.where(columns[None, :] == n, tl.sum(AG_prev * dt, axis=1)[:, None], dA_chunk)
-            tl.debug_barrier()  # every thread has read the carry before any overwrites it
-            tl.store(carry_rows, carry_out, mask=mask_state)
-            dA_rows = dA_part_ptr + (b * dim + d[:, None]) * dstate + columns[None, :]
-            tl.store(dA_rows, tl.load(dA_rows, mask=mask_state, other=0.0) + dA_chunk, mask=mask_state)
+                dA_n = dA_part_ptr + channel_state + n
+                tl.store(dA_n, tl.load(dA_n, mask=mask_d, other=0.0) + tl.sum(AG_prev * dt, axis=1), mask=mask_d)
             # u, dout, z and delta are loaded again rather than held in registers through the state loop
             u = tl.load(u_tile, mask=mask_dt, other=0.0).to(tl.float32)
             du = dt * sum_GB
@@ -269,9 +271,7 @@ def _selective_scan_bwd_kernel(
                 if STORE_OUT_Z:
                     tl.store(out_z_ptr + b * stride_out_z_b + d[:, None] * stride_out_z_d + t[None, :],
                              y * z * z_sigmoid, mask=mask_dt)
-        tl.store(dB_part_ptr + part_rows + t[None, :], dB_acc, mask=mask_part_n & mask_t[None, :])
-        tl.store(dC_part_ptr + part_rows + t[None, :], dC_acc, mask=mask_part_n & mask_t[None, :])
-        tl.debug_barrier()  # the carries and accumulators written above are read by other threads next
+            tl.debug_barrier()  # the next sub-block adds to the dB/dC rows, the next chunk reads the carries
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,12 +283,15 @@ class ScanConfig:
     """Tile sizes of one launch pair. The forward stores a state every ``chunk`` steps and the backward
     restarts from those states, so both must use the same ``chunk``."""
 
-    chunk: int = 64  # T: steps per scan tile (power of two; at least d_state)
+    # Defaults: the fastest of a sweep on an H200 at 2.8b, batch 8, seq 2048 (docs/benchmarks.md)
+    chunk: int = 32  # T: steps per scan tile (power of two; at least d_state)
     forward_block_d: int = 16  # channels per forward program
     forward_warps: int = 4
+    forward_unroll: int = 1  # states per turn of the state loop (lets loads and scans of several overlap)
     backward_block_d: int = 16  # channels per backward sub-block
     backward_split: int | None = None  # sub-blocks per backward program; None: as many as still fill the GPU
     backward_warps: int = 4
+    backward_unroll: int = 1
 
 
 DEFAULT_CONFIG = ScanConfig()
@@ -390,7 +393,7 @@ def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
             *_strides(u, 2), *_strides(delta, 2), *A.stride(), *_strides(B, 3), *_strides(C, 3),
             *_strides(z, 2), *_strides(out, 2), *_strides(out_z, 2),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-            STORE_OUT=store_out, BLOCK_D=config.forward_block_d, T=chunk,
+            STORE_OUT=store_out, BLOCK_D=config.forward_block_d, T=chunk, UNROLL=config.forward_unroll,
             num_warps=config.forward_warps,
         )
     return out, states, out_z
@@ -437,7 +440,7 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, states, delta_softp
     dB_part = torch.empty(batch, n_groups, n_programs_d, dstate, seqlen, **float_options)
     dC_part = torch.empty_like(dB_part)
     dA_part = torch.zeros(batch, dim, dstate, **float_options)
-    carry = torch.zeros(batch, dim, dstate, **float_options)
+    carry = torch.zeros(2, batch, dim, dstate, **float_options)
     dD_part = torch.zeros(batch, dim, **float_options) if D is not None else None
     dbias_part = torch.zeros(batch, dim, **float_options) if delta_bias is not None else None
     grid = (n_programs_d, batch * n_groups)
@@ -450,8 +453,9 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, states, delta_softp
             *_strides(z, 2), *_strides(dout, 2), *_strides(du, 2), *_strides(ddelta, 2), *_strides(dz, 2),
             *_strides(out_z, 2),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-            STORE_OUT_Z=out_z is not None, BLOCK_D=config.backward_block_d, BLOCK_N=_block_n(dstate),
-            T=chunk, SPLIT=split, num_warps=config.backward_warps,
+            STORE_OUT_Z=out_z is not None, BLOCK_D=config.backward_block_d, T=chunk, SPLIT=split,
+            UNROLL=config.backward_unroll,
+            num_warps=config.backward_warps,
         )
     dB = dB_part.sum(dim=2).to(B.dtype)
     dC = dC_part.sum(dim=2).to(C.dtype)
