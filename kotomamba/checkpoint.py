@@ -59,7 +59,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import signal
 import threading
@@ -77,8 +76,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kotomamba.arguments import resolved_config
+from kotomamba.checkpoint_layout import ITERATION_DIR, LATEST, METADATA, iteration_dir_name
 from kotomamba.version import __version__
-from megatron_lm.tokenizer import same_tokenizer
+from megatron_lm.tokenizer import same_tokenizer, tokenizer_files
 from kotomamba.errors import KotomambaError
 
 if TYPE_CHECKING:
@@ -90,8 +91,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("kotomamba")
 
 FORMAT_VERSION = 1
-LATEST = "latest"
-METADATA = "checkpoint.json"
 CHECKSUMS = "checksums.json"
 CONFIG_YAML = "config.yaml"
 MODEL_CONFIG = "model_config.json"
@@ -101,9 +100,10 @@ SHARDED_STATE = "state"
 FULL_STATE = "state.pt"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
-ITERATION_DIR = re.compile(r"iter_(\d+)")
 SHARDED_TYPES = ("SHARDED_STATE_DICT", "LOCAL_STATE_DICT")
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# The flags that choose the training samples' order; a resume compares them with the checkpoint's.
+DATA_SOURCES = ("data_path", "train_data_path", "split", "seed")
 # Training samples hashed on each side of consumed_samples to detect a changed data order on resume.
 FINGERPRINT_SAMPLES = 8
 # checkpoint.json keys a resume reads; a file without them is damaged (e.g. truncated, then "repaired").
@@ -113,10 +113,6 @@ _REQUIRED_METADATA = {"format_version", "iteration", "checkpoint_type", "world_s
 
 class TrainingCheckpointError(KotomambaError, RuntimeError):
     """A training checkpoint cannot be saved, found or resumed; the message names the path or flag."""
-
-
-def iteration_dir_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,19 +468,7 @@ def _rng_file(checkpoint_dir: Path, rank: int) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizer files and data identity
-
-
-def _tokenizer_files(tokenizer_type: str, tokenizer_model: str | None) -> list[Path]:
-    """The files that make up the tokenizer, as megatron_lm.tokenizer reads them."""
-    if tokenizer_type == "NullTokenizer" or not tokenizer_model:
-        return []
-    location = Path(tokenizer_model)
-    if location.is_dir():
-        from megatron_lm.tokenizer.tokenizer import _HF_TOKENIZER_FILES
-
-        return sorted(p for p in location.iterdir() if p.is_file() and _HF_TOKENIZER_FILES.match(p.name))
-    return [location]
+# Data identity
 
 
 def data_fingerprint(dataset: Any, start: int, end: int) -> str | None:
@@ -708,8 +692,8 @@ class CheckpointManager:
         if not same_tokenizer(saved_tokenizer, self.tokenizer.name):
             problems.append(f"the tokenizer is {self.tokenizer.name}, the checkpoint was trained with {saved_tokenizer} "
                             f"(its copy: {directory / TOKENIZER_DIR})")
-        changed = [f"--{key.replace('_', '-')}" for key in ("data_path", "train_data_path", "split", "seed")
-                   if saved["sources"].get(key) != _plain(getattr(args, key, None))]
+        sources = _data_sources(args)
+        changed = [f"--{key.replace('_', '-')}" for key in DATA_SOURCES if saved["sources"].get(key) != sources[key]]
         fingerprint = saved["fingerprint"]
         if not problems and fingerprint["sha256"] is not None:
             now = data_fingerprint(train_dataset, fingerprint["start"], fingerprint["end"])
@@ -923,20 +907,18 @@ class CheckpointManager:
         return f"{self.save_dir} holds its previous checkpoints unchanged (latest: {name})"
 
     def _metadata(self, state: TrainState, with_optimizer: bool) -> dict[str, Any]:
-        from kotomamba.arguments import resolved_config
-
         args = self.args
         consumed = state.consumed_samples
         dataset_size = len(self._train_dataset) if self._train_dataset is not None else consumed
         start = max(0, min(consumed, dataset_size) - FINGERPRINT_SAMPLES)
         end = min(dataset_size, consumed + FINGERPRINT_SAMPLES)
         fingerprint = data_fingerprint(self._train_dataset, start, end) if self._train_dataset is not None else None
-        tokenizer_files = _tokenizer_files(args.tokenizer_type, args.tokenizer_model)
+        files = tokenizer_files(args.tokenizer_type, args.tokenizer_model)
         tokenizer_model = args.tokenizer_model
         if tokenizer_model and not Path(tokenizer_model).is_dir():
             saved_model = f"{TOKENIZER_DIR}/{Path(tokenizer_model).name}"
         else:
-            saved_model = TOKENIZER_DIR if tokenizer_files else None
+            saved_model = TOKENIZER_DIR if files else None
         return {
             "format_version": FORMAT_VERSION,
             "checksums": CHECKSUMS,  # written after every other file, when the save is complete
@@ -956,14 +938,13 @@ class CheckpointManager:
                 "vocab_size": self.tokenizer.vocab_size,
                 "original_model": tokenizer_model,
                 "saved_model": saved_model,  # relative to the checkpoint directory
-                "files": [path.name for path in tokenizer_files],
+                "files": [path.name for path in files],
                 "null_vocab_size": args.vocab_size,
             },
             "data": {
                 "seq_length": args.seq_length,
                 "global_batch_size": args.global_batch_size,
-                "sources": {key: _plain(getattr(args, key, None))
-                            for key in ("data_path", "train_data_path", "split", "seed")},
+                "sources": _data_sources(args),
                 "fingerprint": {"start": start, "end": end, "sha256": fingerprint},
             },
             "config": resolved_config(args),
@@ -976,7 +957,7 @@ class CheckpointManager:
             shutil.rmtree(temporary)
         (temporary / TOKENIZER_DIR).mkdir(parents=True)
         (temporary / SHARDED_STATE if metadata["checkpoint_type"] in SHARDED_TYPES else temporary).mkdir(exist_ok=True)
-        for path in _tokenizer_files(self.args.tokenizer_type, self.args.tokenizer_model):
+        for path in tokenizer_files(self.args.tokenizer_type, self.args.tokenizer_model):
             shutil.copy2(path, temporary / TOKENIZER_DIR / path.name)
         _write_bytes_durably(temporary / MODEL_CONFIG, json.dumps(_config_dict(self.model_config), indent=2).encode())
         _write_bytes_durably(temporary / CONFIG_YAML,
@@ -1076,8 +1057,10 @@ def _config_dict(model_config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(values))
 
 
-def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
+def _data_sources(args: Namespace) -> dict[str, Any]:
+    """The flags that choose the training data order, as plain JSON values."""
+    config = resolved_config(args)
+    return {key: config.get(key) for key in DATA_SOURCES}
 
 
 def _package_version(name: str) -> str | None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from kotomamba.flops import padded_vocab_size
 from kotomamba.kernels import ensure_kernel_backend
+from kotomamba.presets import MODEL_PRESETS
 from kotomamba.errors import KotomambaError
 
 if TYPE_CHECKING:
@@ -34,41 +35,6 @@ class ModelConfigError(KotomambaError, ValueError):
 class CheckpointError(KotomambaError, ValueError):
     """A base-model directory cannot be loaded."""
 
-
-_MAMBA1_LM = {
-    "d_intermediate": 0,
-    "ssm_cfg": {"layer": "Mamba1", "d_state": 16, "d_conv": 4, "expand": 2},
-    "attn_layer_idx": [],
-    "attn_cfg": {},
-    "rms_norm": True,
-    "residual_in_fp32": True,
-    "fused_add_norm": True,
-    "pad_vocab_size_multiple": 8,
-    "tie_embeddings": True,
-}
-# The state-spaces/mamba2-* config.json files use pad_vocab_size_multiple 16 (50277 -> 50288 rows).
-_MAMBA2_LM = {
-    **_MAMBA1_LM,
-    "ssm_cfg": {"layer": "Mamba2", "d_state": 128, "d_conv": 4, "expand": 2, "headdim": 64},
-    "pad_vocab_size_multiple": 16,
-}
-
-# d_model / n_layer from the public checkpoints' config.json files:
-#   https://huggingface.co/state-spaces/mamba-{130m,370m,790m,1.4b,2.8b}/blob/main/config.json
-#   https://huggingface.co/state-spaces/mamba2-{130m,370m,780m,1.3b,2.7b}/blob/main/config.json
-# The other values are those files' (and mamba-ssm's module defaults, spelled out here).
-MODEL_PRESETS: dict[str, dict] = {
-    "130m": {"d_model": 768, "n_layer": 24, **_MAMBA1_LM},
-    "370m": {"d_model": 1024, "n_layer": 48, **_MAMBA1_LM},
-    "790m": {"d_model": 1536, "n_layer": 48, **_MAMBA1_LM},
-    "1.4b": {"d_model": 2048, "n_layer": 48, **_MAMBA1_LM},
-    "2.8b": {"d_model": 2560, "n_layer": 64, **_MAMBA1_LM},
-    "mamba2-130m": {"d_model": 768, "n_layer": 24, **_MAMBA2_LM},
-    "mamba2-370m": {"d_model": 1024, "n_layer": 48, **_MAMBA2_LM},
-    "mamba2-780m": {"d_model": 1536, "n_layer": 48, **_MAMBA2_LM},
-    "mamba2-1.3b": {"d_model": 2048, "n_layer": 48, **_MAMBA2_LM},
-    "mamba2-2.7b": {"d_model": 2560, "n_layer": 64, **_MAMBA2_LM},
-}
 
 # Config keys holding keyword dicts; overrides are merged into them instead of replacing them.
 _DICT_KEYS = ("ssm_cfg", "attn_cfg")
@@ -456,38 +422,3 @@ def mamba_ssm_model_from_hf(hf_config: dict, state_dict: dict[str, torch.Tensor]
 def count_parameters(model: nn.Module) -> int:
     """Number of distinct parameter elements (tied embeddings counted once); works on meta models."""
     return sum(parameter.numel() for parameter in model.parameters())
-
-
-_NO_DECAY_LEAF_NAMES = ("A_log", "D")
-
-
-def no_weight_decay_parameter_names(model: nn.Module) -> set[str]:
-    """Names of parameters to train without weight decay.
-
-    Biases (any name ending in "bias": .bias, dt_bias, Mamba-3's B_bias/C_bias), norm weights,
-    A_log, D, and everything mamba-ssm marks ``_no_weight_decay = True``. Names are used as well as
-    the attribute because FSDP flattening and to_empty() drop parameter attributes.
-    """
-    norm_types = _norm_module_types()
-    names = set()
-    for module_name, module in model.named_modules():
-        for leaf_name, parameter in module.named_parameters(recurse=False):
-            full_name = f"{module_name}.{leaf_name}" if module_name else leaf_name
-            if (
-                leaf_name.endswith("bias")
-                or leaf_name in _NO_DECAY_LEAF_NAMES
-                or isinstance(module, norm_types)
-                or getattr(parameter, "_no_weight_decay", False)
-            ):
-                names.add(full_name)
-    # A tied lm_head.weight is the embedding weight: keep only names model.named_parameters() yields.
-    return names & {name for name, _ in model.named_parameters()}
-
-
-def _norm_module_types() -> tuple[type, ...]:
-    ensure_kernel_backend()
-    from mamba_ssm.ops.triton.layer_norm import RMSNorm
-    from mamba_ssm.ops.triton.layernorm_gated import LayerNorm as GatedLayerNorm
-    from mamba_ssm.ops.triton.layernorm_gated import RMSNorm as GatedRMSNorm
-
-    return (nn.LayerNorm, RMSNorm, GatedRMSNorm, GatedLayerNorm)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kotomamba import arguments, metrics
-from kotomamba.distributed import DistributedContext, all_ranks_agree, init_distributed, shutdown_distributed
+from kotomamba.distributed import DistributedContext, init_distributed, raise_on_every_rank, shutdown_distributed
 from kotomamba.loss import LossFunction, training_loss
 from kotomamba.sinks import MetricLogger
 from kotomamba.state import StepResult, TrainState
@@ -36,12 +36,6 @@ class TrainingError(KotomambaError, RuntimeError):
 def setup_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
-
-
-def check_on_every_rank(ok: bool, message: str, ctx: DistributedContext) -> None:
-    """Raise on every rank when the check fails on any rank, so no rank is left waiting in a collective."""
-    if not all_ranks_agree(ok, ctx.device):
-        raise TrainingError(message if not ok else "a check failed on another rank; see its log")
 
 
 def build_model_and_tokenizer(args: Namespace, ctx: DistributedContext):
@@ -61,10 +55,11 @@ def build_model_and_tokenizer(args: Namespace, ctx: DistributedContext):
         else:
             model = build_model(config, device=ctx.device, seed=args.seed)
     embedding_rows = model.backbone.embedding.weight.shape[0]
-    check_on_every_rank(
-        tokenizer.vocab_size <= embedding_rows,
-        f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only {embedding_rows} rows",
-        ctx,
+    too_small = tokenizer.vocab_size > embedding_rows
+    raise_on_every_rank(
+        TrainingError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
+                      f"{embedding_rows} rows") if too_small else None,
+        TrainingError("a check failed on another rank; see its log"), ctx.device,
     )
     return model, model.config, tokenizer
 
@@ -184,7 +179,8 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
     from kotomamba.checkpoint import CheckpointManager, evaluation_resume_position
     from kotomamba.flops import flops_per_token, peak_flops
     from kotomamba.kernels import configure_triton_cache, kernel_summary, select_kernel_backend
-    from kotomamba.optim import LRSchedule, apply_lr, build_optimizer, clip_grad_norm, marked_no_weight_decay_names
+    from kotomamba.lr_schedule import LRSchedule
+    from kotomamba.optim import apply_lr, build_optimizer, clip_grad_norm, marked_no_weight_decay_names
     from kotomamba.optimizer_stats import OptimizerStats, summary_line
     from kotomamba.parallel import parallelize
     from kotomamba.precision import autocast_context, build_loss_scaler, resolve_precision
