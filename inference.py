@@ -223,7 +223,7 @@ def _load_training_checkpoint(directory: Path, device: torch.device, dtype: torc
                               ) -> tuple[MambaLMHeadModel, dict[str, Any]]:
     import torch
 
-    from kotomamba.checkpoint import TrainingCheckpointError, load_model_from_checkpoint
+    from kotomamba.model_loading import TrainingCheckpointError, load_model_from_checkpoint
 
     # An unreadable checkpoint is the user's input problem: one line, exit 2.
     try:

@@ -203,7 +203,7 @@ def _give_files_the_usual_mode(directory: Path) -> None:
 
 def _load_source(checkpoint: str) -> tuple[MambaLMHeadModel, dict[str, int | None], list[Path], dict[str, Any]]:
     """(fp32 model on the CPU, its special token ids, tokenizer files to copy, provenance) of CHECKPOINT."""
-    from kotomamba.checkpoint import load_model_from_checkpoint
+    from kotomamba.model_loading import load_model_from_checkpoint
     from kotomamba.checkpoint_layout import is_training_checkpoint
     from kotomamba.model import load_base_model
     from megatron_lm.tokenizer import tokenizer_files

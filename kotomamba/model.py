@@ -87,7 +87,7 @@ def load_model_config(model: str, vocab_size: int, overrides: dict | None = None
             values[key] = {**values[key], **value}
         else:
             values[key] = value
-    return _make_config(values, source)
+    return make_model_config(values, source)
 
 
 def _config_json_path(path: str | Path) -> Path:
@@ -112,7 +112,8 @@ def _read_config_json(path: str | Path) -> tuple[dict, str]:
     return values, str(config_path)
 
 
-def _make_config(values: dict, source: str) -> MambaConfig:
+def make_model_config(values: dict, source: str) -> MambaConfig:
+    """A MambaConfig of config.json ``values``, checked; ``source`` names them in errors."""
     config_class = _mamba_config_class()
     known = {field.name for field in dataclasses.fields(config_class)}
     unknown = sorted(set(values) - known)
@@ -199,6 +200,15 @@ def materialize_and_init(model: MambaLMHeadModel, device: torch.device | str, se
     return model
 
 
+def build_empty_model(config: MambaConfig, device: torch.device | str, dtype: torch.dtype) -> MambaLMHeadModel:
+    """A MambaLMHeadModel as mamba-ssm builds it in ``dtype`` on ``device``, its tensors allocated but
+    not initialized (the random initialization is slow and pointless): for loading every tensor. A tied
+    lm_head is untied until ``model.tie_weights()``, which the caller runs once the tensors are loaded."""
+    model = build_model(config, on_meta=True, dtype=dtype)
+    _materialize(model, device)
+    return model
+
+
 def _materialize(model: nn.Module, device: torch.device | str) -> None:
     """to_empty(), keeping the Python attributes mamba-ssm puts on parameters (_no_reinit, _no_weight_decay).
 
@@ -246,7 +256,7 @@ def load_base_model(dir: str, vocab_size: int | None = None, device: torch.devic
     else:
         if "vocab_size" not in values:
             raise CheckpointError(f"{source} has no vocab_size")
-        config = _make_config(values, source)
+        config = make_model_config(values, source)
     multiple = config.pad_vocab_size_multiple
     embedding_rows = padded_vocab_size(config.vocab_size, multiple)
     if vocab_size is not None and vocab_size > embedding_rows:
@@ -264,9 +274,7 @@ def model_from_state_dict(config: MambaConfig, state_dict: dict[str, torch.Tenso
                           dtype: torch.dtype, source: str) -> MambaLMHeadModel:
     """A MambaLMHeadModel built as mamba-ssm builds it in ``dtype``, on ``device``, holding ``state_dict``
     (which must match it, except a tied lm_head.weight that may be absent). ``source`` names the weights."""
-    # Allocated without the (slow, pointless) random initialization: every tensor is loaded below.
-    model = build_model(config, on_meta=True, dtype=dtype)
-    _materialize(model, device)
+    model = build_empty_model(config, device, dtype)
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as error:  # shape mismatches

@@ -166,7 +166,7 @@ def run_training(args: Namespace, ctx: DistributedContext, on_step: StepCallback
     # Opened first so that a missing package or a bad W&B flag stops the run before the model is built;
     # closed (the W&B run marked failed on an exception) whichever way training ends.
     # SIGTERM/SIGUSR1 (a scheduler's warning) become a save-and-exit at the next iteration boundary.
-    from kotomamba.checkpoint import exit_signals_handled
+    from kotomamba.run_control import exit_signals_handled
     from kotomamba.run_lock import save_directory_locked
 
     with save_directory_locked(args.save, ctx), exit_signals_handled(), MetricLogger(args, ctx) as metric_logger:
@@ -183,6 +183,7 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
     from kotomamba.optim import apply_lr, build_optimizer, clip_grad_norm, marked_no_weight_decay_names
     from kotomamba.optimizer_stats import OptimizerStats, summary_line
     from kotomamba.parallel import parallelize
+    from kotomamba.run_control import RunControl
     from kotomamba.precision import autocast_context, build_loss_scaler, resolve_precision
 
     configure_triton_cache(ctx.rank)
@@ -222,6 +223,8 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
     # --- data -----------------------------------------------------------------------------------
     # The checkpoint (--load) is restored before the loaders are built: they start at its data position.
     checkpointer = CheckpointManager(args, ctx, model, optimizer, scaler, tokenizer, model_config)
+    run_control = RunControl(checkpointer, args.train_iters, args.save_interval, args.exit_interval,
+                             args.exit_duration_in_mins)
     train_ds, valid_ds, test_ds = build_datasets(args, checkpointer.train_samples_needed())
     state = checkpointer.load(TrainState(), train_ds)
     loader_options = dict(micro_batch_size=args.micro_batch_size, dp_rank=ctx.rank, dp_size=ctx.world_size,
@@ -363,12 +366,13 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
             metric_logger.log(iteration, values, metrics.format_evaluation_line("valid", iteration, values))
 
         # Saves at --save-interval; True when the run must stop now (SIGTERM/SIGUSR1, --exit-*), after saving.
-        stop = checkpointer.after_iteration(state, pause=meter.paused)  # saving is not training time either
+        stop = run_control.after_iteration(state, pause=meter.paused)  # saving is not training time either
         if stop:
             break
 
     checkpointer.finish(state)  # the final checkpoint, and any background write completed
-    if evaluating and test_ds is not None and not checkpointer.exited:
+    run_control.close()
+    if evaluating and test_ds is not None and not run_control.exited:
         test_batches = checked(cycle(data_lib.build_loader(test_ds, 0, **loader_options)), "test")
         evaluation = evaluate(model, compute_loss, test_batches, args.eval_iters * accumulation, ctx, autocast)
         values = metrics.evaluation_metrics("test", evaluation, test_names)

@@ -356,9 +356,9 @@ def test_training_checkpoint_is_loaded_through_the_checkpoint_module(inference, 
         return models["mamba1"], {"tokenizer_dir": str(tokenizer_dir), "tokenizer_type": "SentencePieceTokenizer",
                                   "tokenizer_model": "/gone/tiny.model"}
 
-    from kotomamba import checkpoint
+    from kotomamba import model_loading
 
-    monkeypatch.setattr(checkpoint, "load_model_from_checkpoint", load_model_from_checkpoint)
+    monkeypatch.setattr(model_loading, "load_model_from_checkpoint", load_model_from_checkpoint)
     for path in (run, run / "iter_0000002"):
         loaded = inference.load_model_and_tokenizer(str(path), torch.device("cpu"), torch.bfloat16)
         assert loaded.tokenizer.name.startswith("SentencePieceTokenizer:tiny.model")
@@ -371,9 +371,9 @@ def test_training_checkpoint_is_loaded_through_the_checkpoint_module(inference, 
     assert [path for path, _ in calls] == [str(run), str(run / "iter_0000002")]
 
     def unreadable(path: str, device: torch.device):
-        raise checkpoint.TrainingCheckpointError(f"cannot read the model of checkpoint {path}: truncated file")
+        raise model_loading.TrainingCheckpointError(f"cannot read the model of checkpoint {path}: truncated file")
 
-    monkeypatch.setattr(checkpoint, "load_model_from_checkpoint", unreadable)
+    monkeypatch.setattr(model_loading, "load_model_from_checkpoint", unreadable)
     code, _, err = run_cli(inference, ["--load", str(run), "--prompt", "x"], capsys)
     assert code == 2 and err == f"inference.py: error: cannot read the model of checkpoint {run}: truncated file\n"
 
