@@ -13,15 +13,14 @@ unless --tokenizer-type / --tokenizer-model say otherwise.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from kotomamba.errors import KotomambaError
+from megatron_lm.tokenizer import TOKENIZER_TYPES
 
 if TYPE_CHECKING:
     import torch
@@ -30,12 +29,9 @@ if TYPE_CHECKING:
     from megatron_lm.tokenizer import Tokenizer
 
 PROG = "inference.py"
-TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
-                   "Llama2Tokenizer", "NullTokenizer")
 _SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16"}
-_ITERATION_DIR = re.compile(r"iter_\d+")
 
 
 class InferenceInputError(KotomambaError, ValueError):
@@ -185,6 +181,7 @@ def load_model_and_tokenizer(path: str, device: torch.device, dtype: torch.dtype
     ``tokenizer_type`` / ``tokenizer_model`` override the tokenizer saved with the model; a type
     alone picks how the saved files are read (e.g. GPTSentencePieceTokenizer for tokenizer.model).
     """
+    from kotomamba.checkpoint_layout import is_training_checkpoint
     from kotomamba.model import CheckpointError, load_base_model, mamba_ssm_model_from_hf, read_weights
 
     directory = Path(path)
@@ -192,7 +189,7 @@ def load_model_and_tokenizer(path: str, device: torch.device, dtype: torch.dtype
         raise InferenceInputError(f"--load {path}: no such directory")
     if not directory.is_dir():
         raise InferenceInputError(f"--load {path}: not a directory")
-    if _is_training_checkpoint(directory):
+    if is_training_checkpoint(directory):
         model, info = _load_training_checkpoint(directory, device, dtype)
         tokenizer = _checkpoint_tokenizer(info, directory, model.config.vocab_size, tokenizer_type, tokenizer_model,
                                           allow_other_tokenizer)
@@ -222,37 +219,16 @@ def load_model_and_tokenizer(path: str, device: torch.device, dtype: torch.dtype
     return loaded
 
 
-def _is_training_checkpoint(directory: Path) -> bool:
-    """A run's --save directory (a `latest` file or iter_* subdirectories) or one iter_* directory of it."""
-    if (directory / "latest").is_file():
-        return True
-    if any(child.is_dir() and _ITERATION_DIR.fullmatch(child.name) for child in directory.iterdir()):
-        return True
-    # Converted models are often kept in iter_* directories too: those have a config.json.
-    return bool(_ITERATION_DIR.fullmatch(directory.name)) and (
-        (directory.parent / "latest").is_file() or not (directory / "config.json").exists())
-
-
 def _load_training_checkpoint(directory: Path, device: torch.device, dtype: torch.dtype
                               ) -> tuple[MambaLMHeadModel, dict[str, Any]]:
-    try:
-        checkpoint_module = importlib.import_module("kotomamba.checkpoint")
-    except ModuleNotFoundError as error:
-        if error.name != "kotomamba.checkpoint":
-            raise
-        checkpoint_module = None
-    loader = getattr(checkpoint_module, "load_model_from_checkpoint", None)
-    if loader is None:
-        raise InferenceInputError(
-            f"--load {directory} is a kotomamba training checkpoint, but this kotomamba cannot read those yet "
-            f"(kotomamba.checkpoint.load_model_from_checkpoint is missing)")
     import torch
 
-    # The checkpoint module's "unreadable checkpoint" error is the user's input problem: one line, exit 2.
-    unreadable = getattr(checkpoint_module, "TrainingCheckpointError", ())
+    from kotomamba.model_loading import TrainingCheckpointError, load_model_from_checkpoint
+
+    # An unreadable checkpoint is the user's input problem: one line, exit 2.
     try:
-        model, info = loader(str(directory), torch.device("cpu"))
-    except unreadable as error:
+        model, info = load_model_from_checkpoint(str(directory), torch.device("cpu"))
+    except TrainingCheckpointError as error:
         raise InferenceInputError(str(error)) from None
     from kotomamba.model import model_from_state_dict
 
@@ -283,7 +259,7 @@ def _directory_tokenizer(directory: Path, config_vocab_size: Any, tokenizer_type
                          tokenizer_model: str | None) -> Tokenizer:
     if tokenizer_model is not None or tokenizer_type == "NullTokenizer":
         return _override_tokenizer(tokenizer_type, tokenizer_model, config_vocab_size, directory)
-    found = _tokenizer_files(directory, tokenizer_type)
+    found = _find_tokenizer(directory, tokenizer_type)
     if found is None:
         raise InferenceInputError(
             f"no tokenizer saved with the model in {directory} (looked for tokenizer/, tokenizer.json, "
@@ -308,7 +284,7 @@ def _checkpoint_tokenizer(info: dict[str, Any], directory: Path, config_vocab_si
     if saved_type == "NullTokenizer":
         return _override_tokenizer("NullTokenizer", None, config_vocab_size, directory)
     if info.get("tokenizer_dir"):
-        found = _tokenizer_files(Path(info["tokenizer_dir"]), saved_type)
+        found = _find_tokenizer(Path(info["tokenizer_dir"]), saved_type)
         if found is not None:
             return _build_tokenizer(*found)
     original = info.get("tokenizer_model")
@@ -333,7 +309,7 @@ def _override_tokenizer(tokenizer_type: str | None, tokenizer_model: str | None,
     return _build_tokenizer(tokenizer_type, tokenizer_model)
 
 
-def _tokenizer_files(directory: Path, tokenizer_type: str | None) -> tuple[str, str] | None:
+def _find_tokenizer(directory: Path, tokenizer_type: str | None) -> tuple[str, str] | None:
     """(type, model path) of tokenizer files in ``directory``/tokenizer or ``directory``, or None."""
     for place in (directory / "tokenizer", directory):
         if not place.is_dir():

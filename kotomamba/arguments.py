@@ -3,9 +3,10 @@
 The help string of each flag is its documentation (``python pretrain.py --help``). ``parse_args``
 parses, merges ``--config FILE.yaml`` (command line wins), validates and derives the iteration
 schedule; every problem raises :class:`ArgumentError` whose message names the flag and value.
-The world size is unknown while parsing, so ``pretrain.py`` calls :func:`apply_data_parallel_size`
-once it is known: it fills in a missing ``--global-batch-size`` (Megatron: micro batch × data-parallel
-size) and checks that the global batch splits evenly over the ranks. Nothing here imports torch.
+The world size is unknown while parsing, so the training run (``kotomamba.train``) and the dry run
+call :func:`apply_data_parallel_size` once it is known: it fills in a missing ``--global-batch-size``
+(Megatron: micro batch × data-parallel size), checks that the global batch splits evenly over the
+ranks and derives a ``--train-samples`` schedule. Nothing here imports torch.
 
 Option names may be written with ``_`` instead of ``-`` (``--wandb_name``, ``--low_cpu_fsdp``), as
 kotomamba's scripts mixed both spellings; YAML keys likewise.
@@ -62,19 +63,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from kotomamba.checkpoint_layout import is_training_checkpoint
 from kotomamba.errors import KotomambaError
+from kotomamba.lr_schedule import LR_DECAY_STYLES, WSD_DECAY_STYLES
+from kotomamba.presets import MODEL_PRESETS
+from megatron_lm.tokenizer import TOKENIZER_TYPES
 
-MODEL_PRESETS = (
-    "130m", "370m", "790m", "1.4b", "2.8b",
-    "mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b", "mamba2-2.7b",
-)
 DEFAULT_MODEL = "130m"
-TOKENIZER_TYPES = (
-    "HuggingFaceTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
-    "NullTokenizer",
-)
-LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
-WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
 CHECKPOINT_TYPES = ("SHARDED_STATE_DICT", "LOCAL_STATE_DICT", "FULL_STATE_DICT")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -969,8 +964,7 @@ def _validate_model(args: argparse.Namespace) -> None:
         )
         base = Path(args.base_model)
         _check(base.is_dir(), f"--base-model {args.base_model}: no such directory")
-        training_checkpoint = (base / "checkpoint.json").is_file() or (base / "latest").is_file()
-        _check(not training_checkpoint,
+        _check(not is_training_checkpoint(base),
                f"--base-model {args.base_model} is a kotomamba training checkpoint: continue that run with --load "
                f"{args.base_model}, or start a new one from its weights after `python -m kotomamba.convert "
                f"{args.base_model} OUT --format mamba-ssm` with --base-model OUT")

@@ -1,12 +1,12 @@
 """Training checkpoints: sharded save, exact resume (also on another number of processes), crash
-safety, and loading a checkpoint's model without a process group.
+safety; the readers that loading a model outside training (kotomamba.model_loading) uses too.
 
 One object, :class:`CheckpointManager`, owns every piece of state a resume needs: the FSDP model,
 the optimizer, the loss scaler, the progress counters (:class:`kotomamba.state.TrainState`), each
-rank's random number generators and the position in the data. The training loop calls it at four
+rank's random number generators and the position in the data. The training loop calls it at three
 places: ``load`` (before the training data loader is built, so that it starts at the restored
-``consumed_samples``), ``after_iteration`` (interval saves, SIGTERM/SIGUSR1, ``--exit-*``),
-``finish`` (the final save) and, through :func:`exit_signals_handled`, around the whole run.
+``consumed_samples``), ``save`` (through kotomamba.run_control at --save-interval, SIGTERM/SIGUSR1 and
+``--exit-*``) and ``finish`` (the final save).
 
 On-disk layout of a ``--save`` directory::
 
@@ -59,17 +59,13 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
-import signal
-import threading
 import time
 import warnings
 import zlib
 from argparse import Namespace
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,21 +73,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kotomamba.arguments import resolved_config
+from kotomamba.checkpoint_layout import ITERATION_DIR, LATEST, METADATA, iteration_dir_name
 from kotomamba.version import __version__
-from megatron_lm.tokenizer import same_tokenizer
+from megatron_lm.tokenizer import same_tokenizer, tokenizer_files
 from kotomamba.errors import KotomambaError
 
 if TYPE_CHECKING:
-    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-
     from kotomamba.distributed import DistributedContext
     from kotomamba.state import TrainState
 
 logger = logging.getLogger("kotomamba")
 
 FORMAT_VERSION = 1
-LATEST = "latest"
-METADATA = "checkpoint.json"
 CHECKSUMS = "checksums.json"
 CONFIG_YAML = "config.yaml"
 MODEL_CONFIG = "model_config.json"
@@ -101,9 +95,9 @@ SHARDED_STATE = "state"
 FULL_STATE = "state.pt"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
-ITERATION_DIR = re.compile(r"iter_(\d+)")
 SHARDED_TYPES = ("SHARDED_STATE_DICT", "LOCAL_STATE_DICT")
-EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# The flags that choose the training samples' order; a resume compares them with the checkpoint's.
+DATA_SOURCES = ("data_path", "train_data_path", "split", "seed")
 # Training samples hashed on each side of consumed_samples to detect a changed data order on resume.
 FINGERPRINT_SAMPLES = 8
 # checkpoint.json keys a resume reads; a file without them is damaged (e.g. truncated, then "repaired").
@@ -113,55 +107,6 @@ _REQUIRED_METADATA = {"format_version", "iteration", "checkpoint_type", "world_s
 
 class TrainingCheckpointError(KotomambaError, RuntimeError):
     """A training checkpoint cannot be saved, found or resumed; the message names the path or flag."""
-
-
-def iteration_dir_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
-
-# ----------------------------------------------------------------------------------------------
-# Exit signals: the scheduler's SIGTERM / SIGUSR1 become a save-and-exit at the next step boundary
-
-
-class _ExitRequest:
-    signum: int | None = None
-    started: float | None = None  # time.monotonic() when the run started, for --exit-duration-in-mins
-
-
-_exit_request = _ExitRequest()
-
-
-def _on_exit_signal(signum: int, frame: Any) -> None:
-    if _exit_request.signum == signum:
-        # A second identical signal: the user (or scheduler) insists; die the default way.
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
-    _exit_request.signum = signum
-    # Only a flag: the loop saves at the next iteration boundary, where every rank agrees to stop.
-    logger.warning("received %s: saving and exiting at the end of this iteration", signal.Signals(signum).name)
-
-
-@contextmanager
-def exit_signals_handled() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGUSR1 request a save-and-exit instead of killing the process.
-
-    The previous handlers come back afterwards. Outside the main thread (where Python cannot install
-    handlers) signals keep their default behaviour.
-    """
-    _exit_request.signum = None
-    _exit_request.started = time.monotonic()
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in EXIT_SIGNALS:
-            previous[signum] = signal.signal(signum, _on_exit_signal)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        _exit_request.signum = None
-        _exit_request.started = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,6 +315,69 @@ def _sharded_files_problem(location: Path) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Reading the saved model and optimizer state: one path for both formats
+
+
+def read_state(directory: Path, checkpoint_type: str, into: dict[str, Any], model_config: Any,
+               agree: Callable[[str | None], None] | None = None, no_dist: bool = False) -> dict[str, Any]:
+    """The state dicts saved in checkpoint ``directory`` under ``into``'s keys ("model", and "optimizer"
+    when wanted); a problem is a TrainingCheckpointError naming the file.
+
+    Sharded formats are read by every rank into ``into``'s tensors, which give the shapes and the
+    sharding (``no_dist``: one process without a process group). Every rank passes the damage it finds
+    before reading, then its read failure, to ``agree`` (None: raise it), which lets every rank stop
+    together: DCP's read is a collective. The full format's state.pt is read whole by one rank and
+    returned as saved, a tied lm_head restored.
+    """
+    agree = agree or _raise_error
+    if checkpoint_type in SHARDED_TYPES:
+        import torch.distributed.checkpoint as dcp
+
+        location = directory / SHARDED_STATE
+        problem = _sharded_files_problem(location)
+        agree(problem and f"cannot read checkpoint {location}: {problem}")
+
+        def load() -> None:
+            with warnings.catch_warnings():
+                if no_dist:  # "assuming the intent is to load in a single process": it is
+                    warnings.simplefilter("ignore", UserWarning)
+                dcp.load(into, checkpoint_id=str(location), no_dist=no_dist)
+
+        failure = _failure_of(load)
+        agree(failure and f"cannot read checkpoint {location}: {failure}")
+        return into
+    location = directory / FULL_STATE
+    try:
+        full = torch.load(location, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # any reader failure is a damaged or missing file
+        raise TrainingCheckpointError(f"cannot read checkpoint {location}: {_describe_failure(exc)}") from None
+    missing = [key for key in into if not isinstance(full, dict) or not isinstance(full.get(key), dict)]
+    if missing:
+        raise TrainingCheckpointError(
+            f"checkpoint {location} has no {' or '.join(repr(key) for key in missing)} state")
+    if getattr(model_config, "tie_embeddings", False) and "lm_head.weight" not in full["model"]:
+        full["model"]["lm_head.weight"] = full["model"]["backbone.embedding.weight"]  # saved once
+    return full
+
+
+def _raise_error(error: str | None) -> None:
+    if error is not None:
+        raise TrainingCheckpointError(error)
+
+
+def _failure_of(action: Callable[[], Any]) -> str | None:
+    """Run ``action``; a failure becomes its one-line description. torch.distributed.checkpoint reports
+    failures as CheckpointException, a BaseException: everything but an interrupt or exit is caught."""
+    try:
+        action()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        return _describe_failure(exc)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
 # Checksums: every file of a checkpoint, shared out over the ranks
 
 
@@ -472,19 +480,7 @@ def _rng_file(checkpoint_dir: Path, rank: int) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizer files and data identity
-
-
-def _tokenizer_files(tokenizer_type: str, tokenizer_model: str | None) -> list[Path]:
-    """The files that make up the tokenizer, as megatron_lm.tokenizer reads them."""
-    if tokenizer_type == "NullTokenizer" or not tokenizer_model:
-        return []
-    location = Path(tokenizer_model)
-    if location.is_dir():
-        from megatron_lm.tokenizer.tokenizer import _HF_TOKENIZER_FILES
-
-        return sorted(p for p in location.iterdir() if p.is_file() and _HF_TOKENIZER_FILES.match(p.name))
-    return [location]
+# Data identity
 
 
 def data_fingerprint(dataset: Any, start: int, end: int) -> str | None:
@@ -533,19 +529,13 @@ class CheckpointManager:
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.save_dir = Path(args.save) if args.save else None
-        self.exited = False  # the loop stopped before --train-iters (signal or --exit-*)
         self.last_saved_iteration: int | None = None
         self._pending: _PendingSave | None = None
         self._train_dataset: Any = None
-        self._started = _exit_request.started or time.monotonic()
         sharded = args.checkpoint_type in SHARDED_TYPES
         self._async = bool(args.async_save) and self.save_dir is not None
         # Background writes run collectives while training runs its own: they get their own gloo group.
         self._async_group = dist.new_group(backend="gloo") if self._async and sharded else None
-        # The stop decision every iteration agrees over the CPU: a GPU collective would wait for all the
-        # training work queued before it (the optimizer step) instead of letting the next step start.
-        # Its own group also on CPU runs, whose default group is gloo already: one code path, tested.
-        self._control_group = dist.new_group(backend="gloo") if self._distributed() else None
         self._writer = ThreadPoolExecutor(1, "checkpoint-writer") if self._async and not sharded else None
         if self.save_dir is not None:
             self._agree(self._on_rank0(self._prepare_save_dir))
@@ -596,13 +586,6 @@ class CheckpointManager:
         if self.ctx.rank != 0:
             return None
         return _capture(action)
-
-    def _max_over_ranks(self, values: list[int]) -> list[int]:
-        if not self._distributed():
-            return values
-        tensor = torch.tensor(values, dtype=torch.int64)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._control_group)
-        return tensor.tolist()
 
     # --- setup --------------------------------------------------------------------------------------
 
@@ -708,8 +691,8 @@ class CheckpointManager:
         if not same_tokenizer(saved_tokenizer, self.tokenizer.name):
             problems.append(f"the tokenizer is {self.tokenizer.name}, the checkpoint was trained with {saved_tokenizer} "
                             f"(its copy: {directory / TOKENIZER_DIR})")
-        changed = [f"--{key.replace('_', '-')}" for key in ("data_path", "train_data_path", "split", "seed")
-                   if saved["sources"].get(key) != _plain(getattr(args, key, None))]
+        sources = _data_sources(args)
+        changed = [f"--{key.replace('_', '-')}" for key in DATA_SOURCES if saved["sources"].get(key) != sources[key]]
         fingerprint = saved["fingerprint"]
         if not problems and fingerprint["sha256"] is not None:
             now = data_fingerprint(train_dataset, fingerprint["start"], fingerprint["end"])
@@ -737,63 +720,48 @@ class CheckpointManager:
                         "counts iterations", saved["global_batch_size"], args.global_batch_size,
                         metadata["train_state"]["consumed_samples"])
 
+    def _model_and_optimizer_state(self, with_optimizer: bool, options: Any = None) -> dict[str, Any]:
+        """The stateful pieces that save writes and load fills: "model", and "optimizer" (once it has
+        moments), as torch.distributed.checkpoint's state dicts of this rank."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        if with_optimizer:
+            model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=options)
+            return {"model": model_state, "optimizer": optimizer_state}
+        return {"model": get_model_state_dict(self.model, options=options)}
+
     def _load_model_and_optimizer(self, directory: Path, metadata: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_optimizer_state_dict,
-            set_state_dict,
+            StateDictOptions, set_model_state_dict, set_optimizer_state_dict, set_state_dict,
         )
 
         with_optimizer = metadata["has_optimizer_state"]
+        sharded = metadata["checkpoint_type"] in SHARDED_TYPES
         # The command line decides the hyperparameters; the checkpoint provides moments and steps.
         hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        if metadata["checkpoint_type"] in SHARDED_TYPES:
-            import torch.distributed.checkpoint as dcp
-
-            if with_optimizer:
-                model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
-                payload = {"model": model_state, "optimizer": optimizer_state}
-            else:
-                payload = {"model": get_model_state_dict(self.model)}
-            location = directory / SHARDED_STATE
-            error = _sharded_files_problem(location)
-            self._agree(error and f"cannot read checkpoint {location}: {error}")
-            try:
-                dcp.load(payload, checkpoint_id=str(location))
-            except BaseException as exc:  # DCP reports read failures as CheckpointException (a BaseException)
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
-                error = f"cannot read checkpoint {location}: {_describe_failure(exc)}"
-            self._agree(error)
-            if with_optimizer:
-                set_state_dict(self.model, self.optimizer, model_state_dict=payload["model"],
-                               optim_state_dict=payload["optimizer"])
-            else:
-                set_model_state_dict(self.model, payload["model"])
-        else:
-            location = directory / FULL_STATE
-            full: dict[str, Any] = {"model": {}, "optimizer": {}}
-            error = None
+        if sharded:  # every rank reads its shards into its state dicts
+            into = self._model_and_optimizer_state(with_optimizer)
+            state = read_state(directory, metadata["checkpoint_type"], into, self.model_config, agree=self._agree)
+        else:  # rank 0 reads the file; set_*_state_dict below broadcast it and keep each rank's shard
+            state, error = {key: {} for key in ("model", "optimizer")[: 1 + with_optimizer]}, None
             if self.ctx.rank == 0:
                 try:
-                    full = torch.load(location, map_location="cpu", mmap=True, weights_only=True)
-                except Exception as exc:  # any reader failure is a damaged or missing file
-                    error = f"cannot read checkpoint {location}: {_describe_failure(exc)}"
-                else:
-                    missing = [k for k in ("model", "optimizer")[: 1 + with_optimizer]
-                               if not isinstance(full, dict) or not isinstance(full.get(k), dict)]
-                    if missing:
-                        error = f"checkpoint {location} has no {' or '.join(repr(k) for k in missing)} state"
-                        full = {"model": {}, "optimizer": {}}
-                    else:
-                        _retie(full["model"], self.model_config)
+                    state = read_state(directory, metadata["checkpoint_type"], state, self.model_config)
+                except TrainingCheckpointError as exc:
+                    error = str(exc)
             self._agree(error)
-            # Rank 0 holds the file; set_*_state_dict broadcast it and keep each rank's shard. (Two calls:
-            # set_state_dict treats the other ranks' empty model state as "optimizer only".)
+        if sharded and with_optimizer:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"])
+        elif sharded:
+            set_model_state_dict(self.model, state["model"])
+        else:
+            # Two calls: set_state_dict treats the other ranks' empty model state as "optimizer only".
             options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
             if with_optimizer:
-                set_optimizer_state_dict(self.model, self.optimizer, full.get("optimizer", {}), options=options)
-            set_model_state_dict(self.model, full["model"], options=options)
-            del full
+                set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+            set_model_state_dict(self.model, state["model"], options=options)
+        del state
         for group, values in zip(self.optimizer.param_groups, hyperparameters):
             group.update(values)
 
@@ -814,28 +782,20 @@ class CheckpointManager:
                     cleanup)
         error = _capture(lambda: _write_rng(temporary, self.ctx.rank))
         self._agree(error and f"cannot write {temporary / RNG_DIR}: {error}", cleanup)
-        try:
-            if self.args.checkpoint_type in SHARDED_TYPES:
-                pending.future = self._save_sharded(temporary, with_optimizer)
-            else:
-                pending.future = self._save_full(temporary, with_optimizer)
-        except BaseException as exc:  # CheckpointException is a BaseException
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
-            pending.error = _describe_failure(exc)
+        write = self._save_sharded if self.args.checkpoint_type in SHARDED_TYPES else self._save_full
+
+        def start_writing() -> None:
+            pending.future = write(temporary, with_optimizer)
+
+        pending.error = _failure_of(start_writing)
         self._pending = pending
         if not self._async:
             self.wait()
 
     def _save_sharded(self, temporary: Path, with_optimizer: bool) -> Future | None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-        if with_optimizer:
-            model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
-            payload = {"model": model_state, "optimizer": optimizer_state}
-        else:
-            payload = {"model": get_model_state_dict(self.model)}
+        payload = self._model_and_optimizer_state(with_optimizer)
         location = str(temporary / SHARDED_STATE)
         if self._async:
             # Staging copies the state to host memory before returning; training may then change it.
@@ -844,18 +804,13 @@ class CheckpointManager:
         return None
 
     def _save_full(self, temporary: Path, with_optimizer: bool) -> Future | None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        if with_optimizer:
-            model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=options)
-            payload = {"model": model_state, "optimizer": optimizer_state}
-        else:
-            payload = {"model": get_model_state_dict(self.model, options=options)}
+        payload = self._model_and_optimizer_state(with_optimizer, StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.ctx.rank != 0:
             return None
         if getattr(self.model_config, "tie_embeddings", False):
-            payload["model"].pop("lm_head.weight", None)  # the embedding; restored by _retie
+            payload["model"].pop("lm_head.weight", None)  # the embedding; restored by read_state
         path = temporary / FULL_STATE
         if self._writer is not None:
             # On one process the gathered tensors may be the live parameters: copy before training moves on.
@@ -864,6 +819,14 @@ class CheckpointManager:
         torch.save(payload, path)
         return None
 
+    def has_unpublished_save(self) -> bool:
+        return self._pending is not None
+
+    def background_write_running(self) -> bool:
+        """This rank still writes the last save in the background (--async-save)."""
+        pending = self._pending
+        return pending is not None and pending.future is not None and not pending.future.done()
+
     def wait(self) -> None:
         """Wait for the background save (if any) on every rank, then publish it."""
         pending, self._pending = self._pending, None
@@ -871,12 +834,7 @@ class CheckpointManager:
             return
         error = pending.error
         if pending.future is not None:
-            try:
-                pending.future.result()
-            except BaseException as exc:
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
-                error = _describe_failure(exc)
+            error = _failure_of(pending.future.result)
         previous = self._describe_latest()
         saving_failed = f"saving the checkpoint of iteration {pending.iteration} to {pending.temporary} failed"
 
@@ -923,20 +881,18 @@ class CheckpointManager:
         return f"{self.save_dir} holds its previous checkpoints unchanged (latest: {name})"
 
     def _metadata(self, state: TrainState, with_optimizer: bool) -> dict[str, Any]:
-        from kotomamba.arguments import resolved_config
-
         args = self.args
         consumed = state.consumed_samples
         dataset_size = len(self._train_dataset) if self._train_dataset is not None else consumed
         start = max(0, min(consumed, dataset_size) - FINGERPRINT_SAMPLES)
         end = min(dataset_size, consumed + FINGERPRINT_SAMPLES)
         fingerprint = data_fingerprint(self._train_dataset, start, end) if self._train_dataset is not None else None
-        tokenizer_files = _tokenizer_files(args.tokenizer_type, args.tokenizer_model)
+        files = tokenizer_files(args.tokenizer_type, args.tokenizer_model)
         tokenizer_model = args.tokenizer_model
         if tokenizer_model and not Path(tokenizer_model).is_dir():
             saved_model = f"{TOKENIZER_DIR}/{Path(tokenizer_model).name}"
         else:
-            saved_model = TOKENIZER_DIR if tokenizer_files else None
+            saved_model = TOKENIZER_DIR if files else None
         return {
             "format_version": FORMAT_VERSION,
             "checksums": CHECKSUMS,  # written after every other file, when the save is complete
@@ -956,14 +912,13 @@ class CheckpointManager:
                 "vocab_size": self.tokenizer.vocab_size,
                 "original_model": tokenizer_model,
                 "saved_model": saved_model,  # relative to the checkpoint directory
-                "files": [path.name for path in tokenizer_files],
+                "files": [path.name for path in files],
                 "null_vocab_size": args.vocab_size,
             },
             "data": {
                 "seq_length": args.seq_length,
                 "global_batch_size": args.global_batch_size,
-                "sources": {key: _plain(getattr(args, key, None))
-                            for key in ("data_path", "train_data_path", "split", "seed")},
+                "sources": _data_sources(args),
                 "fingerprint": {"start": start, "end": end, "sha256": fingerprint},
             },
             "config": resolved_config(args),
@@ -976,54 +931,12 @@ class CheckpointManager:
             shutil.rmtree(temporary)
         (temporary / TOKENIZER_DIR).mkdir(parents=True)
         (temporary / SHARDED_STATE if metadata["checkpoint_type"] in SHARDED_TYPES else temporary).mkdir(exist_ok=True)
-        for path in _tokenizer_files(self.args.tokenizer_type, self.args.tokenizer_model):
+        for path in tokenizer_files(self.args.tokenizer_type, self.args.tokenizer_model):
             shutil.copy2(path, temporary / TOKENIZER_DIR / path.name)
         _write_bytes_durably(temporary / MODEL_CONFIG, json.dumps(_config_dict(self.model_config), indent=2).encode())
         _write_bytes_durably(temporary / CONFIG_YAML,
                              yaml.safe_dump(metadata["config"], sort_keys=True, allow_unicode=True).encode())
         _write_bytes_durably(temporary / METADATA, json.dumps(metadata, indent=2).encode())
-
-    # --- the loop's step boundary --------------------------------------------------------------------
-
-    def after_iteration(self, state: TrainState,
-                        pause: Callable[[], AbstractContextManager[object]] = nullcontext) -> bool:
-        """Publish a finished background save, save at --save-interval, and decide (the same on every
-        rank) whether to stop now: SIGTERM/SIGUSR1 on any rank, --exit-duration-in-mins, --exit-interval.
-        Returns True when the loop should stop (after saving, when --save is set). Saving and waiting for
-        a save run inside `pause()` (the loop's meter stops its training clock); an iteration with
-        nothing to write does not enter it."""
-        args, iteration = self.args, state.iteration
-        pending = self._pending
-        busy = pending is not None and pending.future is not None and not pending.future.done()
-        over_time = (args.exit_duration_in_mins is not None
-                     and time.monotonic() - self._started >= 60 * args.exit_duration_in_mins)
-        signum, over_time, busy = self._max_over_ranks([_exit_request.signum or 0, int(over_time), int(busy)])
-        if pending is not None and not busy:
-            with pause():
-                self.wait()
-        reason = None
-        if signum:
-            reason = f"{signal.Signals(signum).name} received"
-        elif over_time:
-            reason = f"--exit-duration-in-mins {args.exit_duration_in_mins:g} reached"
-        elif args.exit_interval and iteration % args.exit_interval == 0:
-            reason = f"--exit-interval {args.exit_interval}"
-        if reason is not None and not signum and iteration >= args.train_iters:
-            reason = None  # the run is complete anyway: finish normally (final save, test evaluation)
-        if self.save_dir is not None and (reason or iteration % args.save_interval == 0):
-            with pause():
-                self.save(state)
-        if reason is None:
-            return False
-        self.exited = True
-        if self.save_dir is not None:
-            with pause():
-                self.wait()
-            logger.info("exiting at iteration %d (%s) after saving %s", iteration, reason,
-                        self.save_dir / iteration_dir_name(iteration))
-        else:
-            logger.warning("exiting at iteration %d (%s) without a checkpoint: no --save", iteration, reason)
-        return True
 
     def finish(self, state: TrainState) -> None:
         """End of the loop: save the final state (unless just saved) and wait for background writes."""
@@ -1032,10 +945,9 @@ class CheckpointManager:
         self.wait()
         if self._writer is not None:
             self._writer.shutdown()
-        for group in (self._async_group, self._control_group):
-            if group is not None:
-                dist.destroy_process_group(group)
-        self._async_group = self._control_group = None
+        if self._async_group is not None:
+            dist.destroy_process_group(self._async_group)
+            self._async_group = None
 
 
 def _write_rng(temporary: Path, rank: int) -> None:
@@ -1065,19 +977,16 @@ def _clone_tensors(value: Any) -> Any:
     return value
 
 
-def _retie(model_state: dict[str, torch.Tensor], model_config: Any) -> None:
-    if getattr(model_config, "tie_embeddings", False) and "lm_head.weight" not in model_state:
-        model_state["lm_head.weight"] = model_state["backbone.embedding.weight"]
-
-
 def _config_dict(model_config: Any) -> dict[str, Any]:
     """A mamba-ssm MambaConfig as its config.json dict (what save_pretrained writes), JSON-normalized."""
     values = dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else dict(vars(model_config))
     return json.loads(json.dumps(values))
 
 
-def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
+def _data_sources(args: Namespace) -> dict[str, Any]:
+    """The flags that choose the training data order, as plain JSON values."""
+    config = resolved_config(args)
+    return {key: config.get(key) for key in DATA_SOURCES}
 
 
 def _package_version(name: str) -> str | None:
@@ -1087,81 +996,3 @@ def _package_version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading a checkpoint's model outside training (inference, export)
-
-
-def load_model_from_checkpoint(path: str, device: torch.device) -> tuple[MambaLMHeadModel, dict[str, Any]]:
-    """The trained model of a checkpoint, unsharded, in fp32 on ``device``, plus what describes it.
-
-    ``path`` is a run's --save directory (the checkpoint ``latest`` names) or one ``iter_*``
-    directory, of any checkpoint type. No process group is needed. The dict holds
-    ``checkpoint_dir``, ``iteration``, ``tokenizer_type``, ``tokenizer_model`` (the saved copy: a
-    file, or a directory for Hugging Face tokenizers; None for NullTokenizer), ``tokenizer_dir``
-    (the saved tokenizer files), ``tokenizer_name``, ``original_tokenizer_model`` (the training
-    run's path), ``vocab_size`` (NullTokenizer's --vocab-size, else None), ``model_config`` and
-    ``config`` (the run's resolved configuration).
-    """
-    from kotomamba.model import _make_config, _materialize, build_model
-
-    directory = find_checkpoint(path)
-    if directory is None:
-        raise TrainingCheckpointError(f"{path} holds no kotomamba checkpoint")
-    metadata = read_metadata(directory)
-    problem = verify_checkpoint_files(directory, metadata)
-    if problem is not None:
-        raise TrainingCheckpointError(f"cannot read the model of checkpoint {directory}: {problem}")
-    config_path = directory / MODEL_CONFIG
-    try:
-        values = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TrainingCheckpointError(f"cannot read {config_path}: {error}") from None
-    # Allocated without the (slow, pointless) random initialization: every tensor is loaded below.
-    model = build_model(_make_config(values, str(config_path)), on_meta=True, dtype=torch.float32)
-    _materialize(model, device)
-    model.tie_weights()
-    model_state = model.state_dict()
-    try:
-        if metadata["checkpoint_type"] in SHARDED_TYPES:
-            import torch.distributed.checkpoint as dcp
-
-            problem = _sharded_files_problem(directory / SHARDED_STATE)
-            if problem is not None:
-                raise TrainingCheckpointError(f"cannot read the model of checkpoint {directory}: {problem}")
-            payload = {"model": model_state}
-            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-                warnings.simplefilter("ignore", UserWarning)
-                dcp.load(payload, checkpoint_id=str(directory / SHARDED_STATE), no_dist=True)
-            model_state = payload["model"]
-        else:
-            full = torch.load(directory / FULL_STATE, map_location="cpu", mmap=True, weights_only=True)
-            if not isinstance(full, dict) or not isinstance(full.get("model"), dict):
-                raise TrainingCheckpointError(f"checkpoint {directory / FULL_STATE} has no 'model' state")
-            model_state = full["model"]
-            _retie(model_state, model.config)
-    except TrainingCheckpointError:
-        raise
-    except BaseException as exc:  # CheckpointException is a BaseException
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        location = directory / (SHARDED_STATE if metadata["checkpoint_type"] in SHARDED_TYPES else FULL_STATE)
-        raise TrainingCheckpointError(f"cannot read the model of checkpoint {location}: {_describe_failure(exc)}") from None
-    model.load_state_dict(model_state)
-    model.tie_weights()
-    tokenizer = metadata["tokenizer"]
-    saved_model = tokenizer.get("saved_model")
-    info = {
-        "checkpoint_dir": str(directory),
-        "iteration": metadata["iteration"],
-        "tokenizer_type": tokenizer["type"],
-        "tokenizer_model": str(directory / saved_model) if saved_model else None,
-        "tokenizer_dir": str(directory / TOKENIZER_DIR),
-        "tokenizer_name": tokenizer["name"],
-        "original_tokenizer_model": tokenizer.get("original_model"),
-        "vocab_size": tokenizer.get("null_vocab_size"),
-        "model_config": values,
-        "config": metadata.get("config", {}),
-    }
-    return model.eval(), info

@@ -13,24 +13,11 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping
+
+from kotomamba.launcher import launcher_rank
 
 USAGE_ERROR = 2  # argparse's status for a bad command line
 INPUT_ERROR = 1  # the command line was fine; a file, value or the machine it names is not
-
-_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK")  # torchrun's, mpirun's
-
-
-def launcher_rank(environ: Mapping[str, str] | None = None) -> int:
-    """This process's rank under torchrun or mpirun, 0 otherwise (read leniently: it only decides who prints)."""
-    environ = os.environ if environ is None else environ
-    for name in _RANK_VARIABLES:
-        if name in environ:
-            try:
-                return int(environ[name])
-            except ValueError:
-                return 0
-    return 0
 
 
 def report_error(program: str, error: BaseException | str, exit_code: int) -> int:

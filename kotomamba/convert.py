@@ -203,11 +203,14 @@ def _give_files_the_usual_mode(directory: Path) -> None:
 
 def _load_source(checkpoint: str) -> tuple[MambaLMHeadModel, dict[str, int | None], list[Path], dict[str, Any]]:
     """(fp32 model on the CPU, its special token ids, tokenizer files to copy, provenance) of CHECKPOINT."""
-    from kotomamba.checkpoint import load_model_from_checkpoint
+    from kotomamba.model_loading import load_model_from_checkpoint
+    from kotomamba.checkpoint_layout import is_training_checkpoint
     from kotomamba.model import load_base_model
+    from megatron_lm.tokenizer import tokenizer_files
 
     directory = Path(checkpoint)
-    if not (directory / "config.json").is_file():  # training checkpoints hold model_config.json instead
+    # A directory that is neither a checkpoint nor a model is reported by the checkpoint reader.
+    if is_training_checkpoint(directory) or not (directory / "config.json").is_file():
         model, info = load_model_from_checkpoint(checkpoint, torch.device("cpu"))
         tokenizer = _saved_tokenizer(info)
         special_ids = {"bos_token_id": tokenizer.bos if tokenizer else None,
@@ -215,7 +218,7 @@ def _load_source(checkpoint: str) -> tuple[MambaLMHeadModel, dict[str, int | Non
                        "pad_token_id": tokenizer.pad if tokenizer else None}
         provenance = {"checkpoint": info["checkpoint_dir"], "iteration": info["iteration"],
                       "tokenizer_type": info["tokenizer_type"], "tokenizer_name": info["tokenizer_name"]}
-        return model, special_ids, _tokenizer_files(info), provenance
+        return model, special_ids, tokenizer_files(info["tokenizer_type"], info["tokenizer_model"]), provenance
     model = load_base_model(checkpoint, device="cpu", dtype=torch.float32)  # validates config.json
     config = json.loads((directory / "config.json").read_text())
     source_format = "hf" if "model_type" in config else "mamba-ssm"
@@ -251,11 +254,6 @@ def _saved_tokenizer(info: dict[str, Any]) -> Any:
     if info["tokenizer_model"] is None or not Path(info["tokenizer_model"]).exists():
         return None
     return build_tokenizer(info["tokenizer_type"], info["tokenizer_model"])
-
-
-def _tokenizer_files(info: dict[str, Any]) -> list[Path]:
-    directory = Path(info["tokenizer_dir"])
-    return sorted(path for path in directory.iterdir() if path.is_file()) if directory.is_dir() else []
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,12 +20,9 @@ import torch
 import torch.distributed as dist
 
 from kotomamba.errors import KotomambaError
+from kotomamba.launcher import LaunchError, launch_environment
 
 logger = logging.getLogger(__name__)
-
-
-class LaunchError(KotomambaError, RuntimeError):
-    """The launcher's environment is incomplete or inconsistent."""
 
 
 @dataclass(frozen=True)
@@ -45,36 +42,6 @@ class DistributedContext:
     @property
     def num_nodes(self) -> int:
         return max(1, self.world_size // self.local_world_size)
-
-
-def _int_env(name: str) -> int:
-    value = os.environ[name]
-    try:
-        return int(value)
-    except ValueError:
-        raise LaunchError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def _ranks_from_environment(use_mpi: bool) -> tuple[int, int, int, int, str]:
-    if use_mpi:
-        if "OMPI_COMM_WORLD_RANK" not in os.environ:
-            raise LaunchError(
-                "--use-mpi was given but OMPI_COMM_WORLD_RANK is not set: launch with OpenMPI's "
-                "`mpirun -np N … python pretrain.py --use-mpi`, or drop --use-mpi for torchrun/python"
-            )
-        rank = _int_env("OMPI_COMM_WORLD_RANK")
-        world = _int_env("OMPI_COMM_WORLD_SIZE")
-        local_rank = _int_env("OMPI_COMM_WORLD_LOCAL_RANK")
-        local_world = _int_env("OMPI_COMM_WORLD_LOCAL_SIZE")
-        return rank, world, local_rank, local_world, "mpirun"
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, world = _int_env("RANK"), _int_env("WORLD_SIZE")
-        local_rank = _int_env("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
-        local_world = _int_env("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in os.environ else world
-        return rank, world, local_rank, local_world, "torchrun"
-    if "OMPI_COMM_WORLD_SIZE" in os.environ and os.environ["OMPI_COMM_WORLD_SIZE"] != "1":
-        raise LaunchError("started by mpirun with several processes but without --use-mpi: add --use-mpi")
-    return 0, 1, 0, 1, "single"
 
 
 def _free_port() -> int:
@@ -134,9 +101,8 @@ def configure_cpu_threads(processes_per_node: int = 1) -> int:
 
 def init_distributed(use_mpi: bool = False, device_type: str | None = None, timeout_minutes: int = 30) -> DistributedContext:
     """Create the default process group (NCCL on GPU, gloo on CPU) and pick this rank's device."""
-    rank, world, local_rank, local_world, launcher = _ranks_from_environment(use_mpi)
-    if not 0 <= rank < world:
-        raise LaunchError(f"rank {rank} is outside world size {world}")
+    launch = launch_environment(use_mpi)
+    rank, world, local_rank, local_world = launch.rank, launch.world_size, launch.local_rank, launch.local_world_size
 
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -169,10 +135,10 @@ def init_distributed(use_mpi: bool = False, device_type: str | None = None, time
             backend, init_method="env://", rank=rank, world_size=world, timeout=timeout,
             **({"device_id": device} if backend == "nccl" else {}),
         )
-    ctx = DistributedContext(rank, world, local_rank, local_world, device, backend, launcher)
+    ctx = DistributedContext(rank, world, local_rank, local_world, device, backend, launch.launcher)
     logger.info(
         "distributed: launcher=%s world_size=%d nodes=%d backend=%s device=%s",
-        launcher, world, ctx.num_nodes, backend, device,
+        launch.launcher, world, ctx.num_nodes, backend, device,
     )
     return ctx
 
@@ -196,3 +162,10 @@ def all_ranks_agree(ok: bool, device: torch.device) -> bool:
     flag = torch.tensor([0 if ok else 1], device=device, dtype=torch.int32)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0
+
+
+def raise_on_every_rank(error: KotomambaError | None, elsewhere: KotomambaError, device: torch.device) -> None:
+    """When any rank has an ``error``, raise on every rank: its own error there, ``elsewhere`` on the
+    others, so that no rank is left waiting in the next collective."""
+    if not all_ranks_agree(error is None, device):
+        raise error if error is not None else elsewhere

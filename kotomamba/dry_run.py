@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 
 from kotomamba import arguments
 from kotomamba.arguments import ArgumentError, checkpointed_block_count
-from kotomamba.cli import launcher_rank
 from kotomamba.errors import KotomambaError
+from kotomamba.launcher import launcher_rank
+from kotomamba.presets import MODEL_PRESETS
 
 if TYPE_CHECKING:  # both import torch or mamba-ssm; the functions import them when called
     from mamba_ssm.models.config_mamba import MambaConfig
@@ -220,7 +221,7 @@ def _model_config(args: argparse.Namespace, vocab_size: int) -> tuple[MambaConfi
         return load_model_config(args.base_model, values["vocab_size"]), f"--base-model {args.base_model} (its weights)"
     if args.base_model:
         return load_model_config(args.base_model, vocab_size), f"--base-model {args.base_model} --from-scratch"
-    kind = "preset" if args.model in arguments.MODEL_PRESETS else "config"
+    kind = "preset" if args.model in MODEL_PRESETS else "config"
     return load_model_config(args.model, vocab_size), f"{kind} {args.model}"
 
 

@@ -179,7 +179,6 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("l4", {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3}),
     ("rtx 4090", {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6}),
 )
-PEAK_BF16_TFLOPS = {name: peaks["bf16"] for name, peaks in PEAK_TFLOPS if "bf16" in peaks}
 
 
 _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}

@@ -20,6 +20,7 @@ from torch import nn
 
 from kotomamba.flops import padded_vocab_size
 from kotomamba.kernels import ensure_kernel_backend
+from kotomamba.presets import MODEL_PRESETS
 from kotomamba.errors import KotomambaError
 
 if TYPE_CHECKING:
@@ -34,41 +35,6 @@ class ModelConfigError(KotomambaError, ValueError):
 class CheckpointError(KotomambaError, ValueError):
     """A base-model directory cannot be loaded."""
 
-
-_MAMBA1_LM = {
-    "d_intermediate": 0,
-    "ssm_cfg": {"layer": "Mamba1", "d_state": 16, "d_conv": 4, "expand": 2},
-    "attn_layer_idx": [],
-    "attn_cfg": {},
-    "rms_norm": True,
-    "residual_in_fp32": True,
-    "fused_add_norm": True,
-    "pad_vocab_size_multiple": 8,
-    "tie_embeddings": True,
-}
-# The state-spaces/mamba2-* config.json files use pad_vocab_size_multiple 16 (50277 -> 50288 rows).
-_MAMBA2_LM = {
-    **_MAMBA1_LM,
-    "ssm_cfg": {"layer": "Mamba2", "d_state": 128, "d_conv": 4, "expand": 2, "headdim": 64},
-    "pad_vocab_size_multiple": 16,
-}
-
-# d_model / n_layer from the public checkpoints' config.json files:
-#   https://huggingface.co/state-spaces/mamba-{130m,370m,790m,1.4b,2.8b}/blob/main/config.json
-#   https://huggingface.co/state-spaces/mamba2-{130m,370m,780m,1.3b,2.7b}/blob/main/config.json
-# The other values are those files' (and mamba-ssm's module defaults, spelled out here).
-MODEL_PRESETS: dict[str, dict] = {
-    "130m": {"d_model": 768, "n_layer": 24, **_MAMBA1_LM},
-    "370m": {"d_model": 1024, "n_layer": 48, **_MAMBA1_LM},
-    "790m": {"d_model": 1536, "n_layer": 48, **_MAMBA1_LM},
-    "1.4b": {"d_model": 2048, "n_layer": 48, **_MAMBA1_LM},
-    "2.8b": {"d_model": 2560, "n_layer": 64, **_MAMBA1_LM},
-    "mamba2-130m": {"d_model": 768, "n_layer": 24, **_MAMBA2_LM},
-    "mamba2-370m": {"d_model": 1024, "n_layer": 48, **_MAMBA2_LM},
-    "mamba2-780m": {"d_model": 1536, "n_layer": 48, **_MAMBA2_LM},
-    "mamba2-1.3b": {"d_model": 2048, "n_layer": 48, **_MAMBA2_LM},
-    "mamba2-2.7b": {"d_model": 2560, "n_layer": 64, **_MAMBA2_LM},
-}
 
 # Config keys holding keyword dicts; overrides are merged into them instead of replacing them.
 _DICT_KEYS = ("ssm_cfg", "attn_cfg")
@@ -121,7 +87,7 @@ def load_model_config(model: str, vocab_size: int, overrides: dict | None = None
             values[key] = {**values[key], **value}
         else:
             values[key] = value
-    return _make_config(values, source)
+    return make_model_config(values, source)
 
 
 def _config_json_path(path: str | Path) -> Path:
@@ -146,7 +112,8 @@ def _read_config_json(path: str | Path) -> tuple[dict, str]:
     return values, str(config_path)
 
 
-def _make_config(values: dict, source: str) -> MambaConfig:
+def make_model_config(values: dict, source: str) -> MambaConfig:
+    """A MambaConfig of config.json ``values``, checked; ``source`` names them in errors."""
     config_class = _mamba_config_class()
     known = {field.name for field in dataclasses.fields(config_class)}
     unknown = sorted(set(values) - known)
@@ -233,6 +200,15 @@ def materialize_and_init(model: MambaLMHeadModel, device: torch.device | str, se
     return model
 
 
+def build_empty_model(config: MambaConfig, device: torch.device | str, dtype: torch.dtype) -> MambaLMHeadModel:
+    """A MambaLMHeadModel as mamba-ssm builds it in ``dtype`` on ``device``, its tensors allocated but
+    not initialized (the random initialization is slow and pointless): for loading every tensor. A tied
+    lm_head is untied until ``model.tie_weights()``, which the caller runs once the tensors are loaded."""
+    model = build_model(config, on_meta=True, dtype=dtype)
+    _materialize(model, device)
+    return model
+
+
 def _materialize(model: nn.Module, device: torch.device | str) -> None:
     """to_empty(), keeping the Python attributes mamba-ssm puts on parameters (_no_reinit, _no_weight_decay).
 
@@ -280,7 +256,7 @@ def load_base_model(dir: str, vocab_size: int | None = None, device: torch.devic
     else:
         if "vocab_size" not in values:
             raise CheckpointError(f"{source} has no vocab_size")
-        config = _make_config(values, source)
+        config = make_model_config(values, source)
     multiple = config.pad_vocab_size_multiple
     embedding_rows = padded_vocab_size(config.vocab_size, multiple)
     if vocab_size is not None and vocab_size > embedding_rows:
@@ -298,9 +274,7 @@ def model_from_state_dict(config: MambaConfig, state_dict: dict[str, torch.Tenso
                           dtype: torch.dtype, source: str) -> MambaLMHeadModel:
     """A MambaLMHeadModel built as mamba-ssm builds it in ``dtype``, on ``device``, holding ``state_dict``
     (which must match it, except a tied lm_head.weight that may be absent). ``source`` names the weights."""
-    # Allocated without the (slow, pointless) random initialization: every tensor is loaded below.
-    model = build_model(config, on_meta=True, dtype=dtype)
-    _materialize(model, device)
+    model = build_empty_model(config, device, dtype)
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as error:  # shape mismatches
@@ -456,38 +430,3 @@ def mamba_ssm_model_from_hf(hf_config: dict, state_dict: dict[str, torch.Tensor]
 def count_parameters(model: nn.Module) -> int:
     """Number of distinct parameter elements (tied embeddings counted once); works on meta models."""
     return sum(parameter.numel() for parameter in model.parameters())
-
-
-_NO_DECAY_LEAF_NAMES = ("A_log", "D")
-
-
-def no_weight_decay_parameter_names(model: nn.Module) -> set[str]:
-    """Names of parameters to train without weight decay.
-
-    Biases (any name ending in "bias": .bias, dt_bias, Mamba-3's B_bias/C_bias), norm weights,
-    A_log, D, and everything mamba-ssm marks ``_no_weight_decay = True``. Names are used as well as
-    the attribute because FSDP flattening and to_empty() drop parameter attributes.
-    """
-    norm_types = _norm_module_types()
-    names = set()
-    for module_name, module in model.named_modules():
-        for leaf_name, parameter in module.named_parameters(recurse=False):
-            full_name = f"{module_name}.{leaf_name}" if module_name else leaf_name
-            if (
-                leaf_name.endswith("bias")
-                or leaf_name in _NO_DECAY_LEAF_NAMES
-                or isinstance(module, norm_types)
-                or getattr(parameter, "_no_weight_decay", False)
-            ):
-                names.add(full_name)
-    # A tied lm_head.weight is the embedding weight: keep only names model.named_parameters() yields.
-    return names & {name for name, _ in model.named_parameters()}
-
-
-def _norm_module_types() -> tuple[type, ...]:
-    ensure_kernel_backend()
-    from mamba_ssm.ops.triton.layer_norm import RMSNorm
-    from mamba_ssm.ops.triton.layernorm_gated import LayerNorm as GatedLayerNorm
-    from mamba_ssm.ops.triton.layernorm_gated import RMSNorm as GatedRMSNorm
-
-    return (nn.LayerNorm, RMSNorm, GatedRMSNorm, GatedLayerNorm)

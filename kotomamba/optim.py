@@ -1,4 +1,5 @@
-"""AdamW parameter groups, the Megatron learning-rate schedule and global gradient-norm clipping.
+"""AdamW parameter groups, applying the learning rate (kotomamba.lr_schedule) and global gradient-norm
+clipping.
 
 The training loop drives these pieces in this order for every iteration, where ``iteration`` is the
 number of optimizer steps already taken (0 for the first step, Megatron's ``iteration`` before its
@@ -16,14 +17,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from kotomamba.errors import KotomambaError
+from kotomamba.lr_schedule import OptimizerConfigError
 
 # Parameter names (last dotted component) that never get weight decay: mamba-ssm's SSM parameters.
 SSM_NO_DECAY_NAMES = frozenset({"A_log", "D", "dt_bias"})
@@ -31,12 +31,6 @@ SSM_NO_DECAY_NAMES = frozenset({"A_log", "D", "dt_bias"})
 # Wrapper prefixes that activation checkpointing, FSDP1 and torch.compile insert into parameter names.
 _WRAPPER_NAME_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
-LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
-WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
-
-
-class OptimizerConfigError(KotomambaError, ValueError):
-    """A learning-rate schedule or optimizer setting is invalid; the message names the flag."""
 
 
 def normalize_parameter_name(name: str) -> str:
@@ -60,16 +54,24 @@ def marked_no_weight_decay_names(model: nn.Module) -> set[str]:
     }
 
 
-def _is_no_decay(name: str, parameter: torch.Tensor, extra_names: set[str]) -> bool:
-    last_part = name.rsplit(".", 1)[-1]
-    return (
-        parameter.ndim <= 1  # norm weights, biases, D, dt_bias (global shape, also for DTensors)
-        or last_part.endswith("bias")  # also Mamba-3's multi-dimensional B_bias / C_bias
-        or last_part in SSM_NO_DECAY_NAMES  # Mamba-1's A_log is 2-D
-        or getattr(parameter, "_no_weight_decay", False)
-        or name in extra_names
-        or last_part in extra_names
-    )
+def no_weight_decay_parameter_names(model: nn.Module, no_decay_names: set[str] | None = None) -> set[str]:
+    """Normalized names of the trainable parameters that get no weight decay; the rule is described
+    at ``parameter_groups``, ``no_decay_names`` as there."""
+    extra_names = set(no_decay_names or ())
+    names = set()
+    for raw_name, parameter in model.named_parameters():
+        name = normalize_parameter_name(raw_name)
+        last_part = name.rsplit(".", 1)[-1]
+        if parameter.requires_grad and (
+            parameter.ndim <= 1  # norm weights, biases, D, dt_bias (global shape, also for DTensors)
+            or last_part.endswith("bias")  # also Mamba-3's multi-dimensional B_bias / C_bias
+            or last_part in SSM_NO_DECAY_NAMES  # Mamba-1's A_log is 2-D
+            or getattr(parameter, "_no_weight_decay", False)
+            or name in extra_names
+            or last_part in extra_names
+        ):
+            names.add(name)
+    return names
 
 
 def parameter_groups(
@@ -85,7 +87,7 @@ def parameter_groups(
     weight is listed once (``named_parameters`` deduplicates shared parameters). Frozen parameters
     are left out. Each group carries ``param_names`` (normalized) for logging and tests.
     """
-    extra_names = set(no_decay_names or ())
+    no_decay = no_weight_decay_parameter_names(model, no_decay_names)
     # (decays, sharded) -> (params, names). FSDP-sharded DTensors and plain tensors (parameters kept
     # out of FSDP) go in separate groups: the fused/foreach AdamW kernels cannot mix them in one call.
     buckets: dict[tuple[bool, bool], tuple[list, list]] = {}
@@ -93,7 +95,7 @@ def parameter_groups(
         if not parameter.requires_grad:
             continue
         name = normalize_parameter_name(raw_name)
-        key = (not _is_no_decay(name, parameter, extra_names), isinstance(parameter, DTensor))
+        key = (name not in no_decay, isinstance(parameter, DTensor))
         params, names = buckets.setdefault(key, ([], []))
         params.append(parameter)
         names.append(name)
@@ -134,108 +136,6 @@ def build_optimizer(
     if fused is None:
         fused = all(p.device.type == "cuda" for group in groups for p in group["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
-
-
-@dataclass
-class LRSchedule:
-    """Megatron-LM's ``OptimizerParamScheduler`` learning rate, counted in iterations.
-
-    ``lr_at(i)`` is the lr for the optimizer step taken when ``i`` steps are already done:
-    linear warmup ``warmup_init_lr + (max_lr - warmup_init_lr) * i / warmup_iters`` while
-    ``i <= warmup_iters`` (so the very first step uses ``warmup_init_lr``, 0 by default, exactly as
-    Megatron); then ``style``:
-
-    * ``constant``: ``max_lr`` forever (Megatron checks this before the ``decay_iters`` cut-off);
-    * ``linear`` / ``cosine``: ``min_lr + (max_lr - min_lr) * coeff`` with ratio
-      ``(i - warmup_iters) / (decay_iters - warmup_iters)`` and coeff ``1 - ratio`` /
-      ``0.5 * (cos(pi * ratio) + 1)``;
-    * ``inverse-square-root``: ``max(min_lr, max_lr * sqrt(max(warmup_iters, 1) / max(i, 1)))``;
-    * ``WSD``: ``max_lr`` until the last ``wsd_decay_iters`` before ``decay_iters``, then decays
-      with ``wsd_decay_style``: ``exponential`` (``2 * 0.5**ratio - 1``), ``linear``, ``cosine`` or
-      ``minus_sqrt`` (``1 - sqrt(ratio)``), ratio measured over the last ``wsd_decay_iters``;
-    * after ``decay_iters``: ``min_lr``.
-
-    Deliberate difference: Megatron counts steps in samples (iterations x global batch size) when
-    the schedule is given in iterations; the ratios are the same as long as the global batch size
-    is constant, which kotomamba requires (no batch-size ramp-up). ``wsd_decay_style`` defaults to
-    Megatron's ``--lr-wsd-decay-style`` default, ``exponential``.
-    """
-
-    max_lr: float
-    min_lr: float
-    warmup_iters: int
-    decay_iters: int
-    style: str = "cosine"
-    wsd_decay_iters: int | None = None
-    wsd_decay_style: str = "exponential"
-    warmup_init_lr: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.style.lower() == "wsd":
-            self.style = "WSD"
-        if self.style not in LR_DECAY_STYLES:
-            raise OptimizerConfigError(
-                f"--lr-decay-style {self.style!r} is not one of {', '.join(LR_DECAY_STYLES)}"
-            )
-        if not 0.0 <= self.min_lr <= self.max_lr:
-            raise OptimizerConfigError(
-                f"need 0 <= --min-lr ({self.min_lr}) <= --lr ({self.max_lr})"
-            )
-        if not 0.0 <= self.warmup_init_lr <= self.max_lr:
-            raise OptimizerConfigError(
-                f"need 0 <= --lr-warmup-init ({self.warmup_init_lr}) <= --lr ({self.max_lr})"
-            )
-        if self.decay_iters <= 0 or not 0 <= self.warmup_iters < self.decay_iters:
-            raise OptimizerConfigError(
-                f"need 0 <= --lr-warmup-iters ({self.warmup_iters}) < --lr-decay-iters "
-                f"({self.decay_iters})"
-            )
-        if self.style == "WSD":
-            if self.wsd_decay_iters is None or not 0 < self.wsd_decay_iters <= self.decay_iters:
-                raise OptimizerConfigError(
-                    f"--lr-decay-style WSD needs 0 < --lr-wsd-decay-iters ({self.wsd_decay_iters}) "
-                    f"<= --lr-decay-iters ({self.decay_iters})"
-                )
-            if self.wsd_decay_style not in WSD_DECAY_STYLES:
-                raise OptimizerConfigError(
-                    f"--lr-wsd-decay-style {self.wsd_decay_style!r} is not one of "
-                    f"{', '.join(WSD_DECAY_STYLES)}"
-                )
-
-    def lr_at(self, iteration: int) -> float:
-        """Learning rate for the step taken after ``iteration`` completed steps."""
-        if iteration < 0:
-            raise OptimizerConfigError(f"iteration must be >= 0, got {iteration}")
-        if self.warmup_iters > 0 and iteration <= self.warmup_iters:
-            return self.warmup_init_lr + (self.max_lr - self.warmup_init_lr) * iteration / self.warmup_iters
-        if self.style == "constant":
-            return self.max_lr
-        if iteration > self.decay_iters:
-            return self.min_lr
-        if self.style == "inverse-square-root":
-            lr = self.max_lr * math.sqrt(max(self.warmup_iters, 1) / max(iteration, 1))
-            return max(self.min_lr, lr)
-        decay_ratio = (iteration - self.warmup_iters) / (self.decay_iters - self.warmup_iters)
-        if self.style == "linear":
-            coeff = 1.0 - decay_ratio
-        elif self.style == "cosine":
-            coeff = 0.5 * (math.cos(math.pi * decay_ratio) + 1.0)
-        else:
-            coeff = self._wsd_coeff(iteration)
-        return self.min_lr + coeff * (self.max_lr - self.min_lr)
-
-    def _wsd_coeff(self, iteration: int) -> float:
-        anneal_start = self.decay_iters - self.wsd_decay_iters
-        if iteration <= anneal_start:
-            return 1.0
-        ratio = (iteration - anneal_start) / self.wsd_decay_iters
-        if self.wsd_decay_style == "exponential":
-            return 2.0 * 0.5**ratio - 1.0
-        if self.wsd_decay_style == "linear":
-            return 1.0 - ratio
-        if self.wsd_decay_style == "cosine":
-            return 0.5 * (math.cos(math.pi * ratio) + 1.0)
-        return 1.0 - math.sqrt(ratio)
 
 
 def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -30,7 +30,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from kotomamba.arguments import SHARDING_STRATEGIES
-from kotomamba.distributed import DistributedContext, LaunchError
+from kotomamba.distributed import DistributedContext
+from kotomamba.launcher import LaunchError
 from kotomamba.precision import FP32_PARAMETER_NAMES
 
 logger = logging.getLogger(__name__)

@@ -172,7 +172,7 @@ class RunLock:
 def save_directory_locked(save_dir: str | None, ctx: Any) -> Iterator[None]:
     """The run's lock on ``save_dir`` (None: no --save, no lock) for the body; rank 0 holds it, every rank
     stops when it cannot be had."""
-    from kotomamba.distributed import all_ranks_agree
+    from kotomamba.distributed import raise_on_every_rank
 
     if save_dir is None:
         yield
@@ -183,8 +183,8 @@ def save_directory_locked(save_dir: str | None, ctx: Any) -> Iterator[None]:
             lock.acquire()
         except RunLockError as caught:
             error = caught
-    if not all_ranks_agree(error is None, ctx.device):
-        raise error or RunLockError(f"rank 0 could not take the lock of --save {save_dir}; see its log")
+    raise_on_every_rank(error, RunLockError(f"rank 0 could not take the lock of --save {save_dir}; see its log"),
+                        ctx.device)
     try:
         yield
     finally:

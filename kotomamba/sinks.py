@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kotomamba.distributed import DistributedContext, all_ranks_agree
+from kotomamba.distributed import DistributedContext, raise_on_every_rank
 from kotomamba.errors import KotomambaError
 
 logger = logging.getLogger("kotomamba")
@@ -38,6 +38,10 @@ WANDB_RUN_ID_FILE = "wandb_run_id"
 
 class MetricsSinkError(KotomambaError, RuntimeError):
     """A metric sink cannot be used as the flags ask (missing package, failed W&B start); names the flag."""
+
+
+# Rank 0 opens the sinks; what the other ranks raise when it fails.
+_FAILED_ON_RANK_0 = "opening the metric sinks (W&B, TensorBoard) failed on rank 0; see its log"
 
 
 def read_or_create_wandb_run_id(save_dir: str | os.PathLike, new_id: str) -> str:
@@ -158,15 +162,6 @@ class RunFilesSink:
             self.draw()
 
 
-def _check_on_every_rank(error: MetricsSinkError | None, ctx: DistributedContext) -> None:
-    """Rank 0 opens the sinks; the others must stop too when it fails, not wait in the next collective."""
-    if all_ranks_agree(error is None, ctx.device):
-        return
-    if error is not None:
-        raise error
-    raise MetricsSinkError("opening the metric sinks (W&B, TensorBoard) failed on rank 0; see its log")
-
-
 class MetricLogger:
     """Metrics to the log and, on rank 0, to W&B and TensorBoard. A context manager: leaving it closes
     the sinks, marking the W&B run failed when an exception is on its way out.
@@ -199,7 +194,7 @@ class MetricLogger:
                         ) from None
             except MetricsSinkError as caught:
                 error = caught
-        _check_on_every_rank(error, ctx)
+        raise_on_every_rank(error, MetricsSinkError(_FAILED_ON_RANK_0), ctx.device)
 
     def start(self, iteration: int, config: Mapping[str, Any]) -> None:
         """Open the sinks on rank 0 for a run that starts after `iteration` completed iterations."""
@@ -219,7 +214,7 @@ class MetricLogger:
                         raise MetricsSinkError(f"--tensorboard-dir {self.args.tensorboard_dir}: {caught}") from caught
             except MetricsSinkError as caught:
                 error = caught
-        _check_on_every_rank(error, self.ctx)
+        raise_on_every_rank(error, MetricsSinkError(_FAILED_ON_RANK_0), self.ctx.device)
 
     def log(self, step: int, values: Mapping[str, float], line: str | None = None) -> None:
         """`line` to the log (shown on rank 0), `values` to the sinks at `step` (the iteration)."""

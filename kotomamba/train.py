@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kotomamba import arguments, metrics
-from kotomamba.distributed import DistributedContext, all_ranks_agree, init_distributed, shutdown_distributed
+from kotomamba.distributed import DistributedContext, init_distributed, raise_on_every_rank, shutdown_distributed
 from kotomamba.loss import LossFunction, training_loss
 from kotomamba.sinks import MetricLogger
 from kotomamba.state import StepResult, TrainState
@@ -36,12 +36,6 @@ class TrainingError(KotomambaError, RuntimeError):
 def setup_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
-
-
-def check_on_every_rank(ok: bool, message: str, ctx: DistributedContext) -> None:
-    """Raise on every rank when the check fails on any rank, so no rank is left waiting in a collective."""
-    if not all_ranks_agree(ok, ctx.device):
-        raise TrainingError(message if not ok else "a check failed on another rank; see its log")
 
 
 def build_model_and_tokenizer(args: Namespace, ctx: DistributedContext):
@@ -61,10 +55,11 @@ def build_model_and_tokenizer(args: Namespace, ctx: DistributedContext):
         else:
             model = build_model(config, device=ctx.device, seed=args.seed)
     embedding_rows = model.backbone.embedding.weight.shape[0]
-    check_on_every_rank(
-        tokenizer.vocab_size <= embedding_rows,
-        f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only {embedding_rows} rows",
-        ctx,
+    too_small = tokenizer.vocab_size > embedding_rows
+    raise_on_every_rank(
+        TrainingError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
+                      f"{embedding_rows} rows") if too_small else None,
+        TrainingError("a check failed on another rank; see its log"), ctx.device,
     )
     return model, model.config, tokenizer
 
@@ -171,7 +166,7 @@ def run_training(args: Namespace, ctx: DistributedContext, on_step: StepCallback
     # Opened first so that a missing package or a bad W&B flag stops the run before the model is built;
     # closed (the W&B run marked failed on an exception) whichever way training ends.
     # SIGTERM/SIGUSR1 (a scheduler's warning) become a save-and-exit at the next iteration boundary.
-    from kotomamba.checkpoint import exit_signals_handled
+    from kotomamba.run_control import exit_signals_handled
     from kotomamba.run_lock import save_directory_locked
 
     with save_directory_locked(args.save, ctx), exit_signals_handled(), MetricLogger(args, ctx) as metric_logger:
@@ -180,178 +175,255 @@ def run_training(args: Namespace, ctx: DistributedContext, on_step: StepCallback
 
 def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger,
            on_step: StepCallback | None) -> TrainState:
-    from kotomamba import data as data_lib
-    from kotomamba.checkpoint import CheckpointManager, evaluation_resume_position
-    from kotomamba.flops import flops_per_token, peak_flops
-    from kotomamba.kernels import configure_triton_cache, kernel_summary, select_kernel_backend
-    from kotomamba.optim import LRSchedule, apply_lr, build_optimizer, clip_grad_norm, marked_no_weight_decay_names
-    from kotomamba.optimizer_stats import OptimizerStats, summary_line
-    from kotomamba.parallel import parallelize
-    from kotomamba.precision import autocast_context, build_loss_scaler, resolve_precision
+    """Set up, then per iteration: train (or skip) a global batch, report it, validate when due, and let
+    the step boundary save and decide whether to stop."""
+    from kotomamba.kernels import configure_triton_cache, select_kernel_backend
 
     configure_triton_cache(ctx.rank)
-    select_kernel_backend(ctx.device, selective_scan=args.selective_scan)
+    select_kernel_backend(ctx.device, selective_scan=args.selective_scan)  # before mamba-ssm is imported
     accumulation = arguments.apply_data_parallel_size(args, ctx.world_size)
     logger.info("resolved config:\n%s", json.dumps(arguments.resolved_config(args), indent=2, default=str))
+    trainer = Trainer(args, ctx, accumulation, metric_logger)
+    state = trainer.state
+    trainer.start()
+    while state.iteration < args.train_iters:
+        result = trainer.run_iteration(state)
+        if on_step is not None:
+            on_step(state, result)
+        trainer.report(state, result)
+        trainer.validate_if_due(state)
+        # Saves at --save-interval; True when the run must stop now (SIGTERM/SIGUSR1, --exit-*), after saving.
+        if trainer.run_control.after_iteration(state, pause=trainer.meter.paused):  # saving is not training time
+            break
+    trainer.finish(state)
+    return state
 
-    # --- model, sharding, optimizer -------------------------------------------------------------
-    policy = resolve_precision(args.precision, args.param_dtype, args.reduce_dtype, device_type=ctx.device.type)
-    model, model_config, tokenizer = build_model_and_tokenizer(args, ctx)
-    no_decay_names = marked_no_weight_decay_names(model)  # fully_shard drops the markers
-    sharded = parallelize(
-        model, ctx, strategy=args.sharding_strategy, param_dtype=policy.param_dtype,
-        reduce_dtype=policy.reduce_dtype,
-        checkpointed_blocks=arguments.checkpointed_block_count(args, model_config.n_layer),
-        cpu_offload=args.fsdp_cpu_offload,
-    )
-    model = sharded.module
-    compute_loss = training_loss(model, args.cross_entropy_chunk_tokens)
-    optimizer = build_optimizer(
-        model, lr=args.lr, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_eps, no_decay_names=no_decay_names,
-    )
-    schedule = LRSchedule(
-        max_lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters, decay_iters=args.lr_decay_iters,
-        style=args.lr_decay_style, wsd_decay_iters=args.lr_wsd_decay_iters,
-        wsd_decay_style=args.lr_wsd_decay_style, warmup_init_lr=args.lr_warmup_init,
-    )
-    scaler = build_loss_scaler(
-        policy, initial_scale=args.initial_loss_scale, min_scale=args.min_loss_scale,
-        growth_interval=args.loss_scale_window, hysteresis=args.hysteresis,
-    )
 
-    def autocast():
-        return autocast_context(policy, ctx.device.type)
+class TokenIdCheck:
+    """Refuses batches whose token ids the model's embedding does not have (see check_token_ids)."""
 
-    # --- data -----------------------------------------------------------------------------------
-    # The checkpoint (--load) is restored before the loaders are built: they start at its data position.
-    checkpointer = CheckpointManager(args, ctx, model, optimizer, scaler, tokenizer, model_config)
-    train_ds, valid_ds, test_ds = build_datasets(args, checkpointer.train_samples_needed())
-    state = checkpointer.load(TrainState(), train_ds)
-    loader_options = dict(micro_batch_size=args.micro_batch_size, dp_rank=ctx.rank, dp_size=ctx.world_size,
-                          num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda")
-    embedding_rows = model.backbone.embedding.num_embeddings
-    data_flags = " ".join(f"--{name.replace('_', '-')} {' '.join(getattr(args, name))}" for name in
-                          ("data_path", "train_data_path", "valid_data_path", "test_data_path") if getattr(args, name))
+    def __init__(self, args: Namespace, embedding_rows: int, tokenizer_name: str) -> None:
+        self.embedding_rows = embedding_rows
+        self.tokenizer_name = tokenizer_name
+        self.data_flags = " ".join(f"--{name.replace('_', '-')} {' '.join(getattr(args, name))}" for name in
+                                   ("data_path", "train_data_path", "valid_data_path", "test_data_path")
+                                   if getattr(args, name))
 
-    def check(batch: dict, split: str) -> dict:
-        return check_token_ids(batch, embedding_rows, split, tokenizer.name, data_flags)
+    def __call__(self, batch: dict, split: str) -> dict:
+        return check_token_ids(batch, self.embedding_rows, split, self.tokenizer_name, self.data_flags)
 
-    def checked(batches: Iterator[dict], split: str) -> Iterator[dict]:
-        return (check(batch, split) for batch in batches)
+    def stream(self, batches: Iterator[dict], split: str) -> Iterator[dict]:
+        return (self(batch, split) for batch in batches)
 
-    # Unchecked: --skip-batch may step over any batch; train_step checks the ones it trains on.
-    train_batches = iter(data_lib.build_loader(train_ds, state.consumed_samples, **loader_options))
-    evaluating = args.eval_iters > 0
-    valid_batches = None
-    if evaluating and valid_ds is not None:
-        valid_start = evaluation_resume_position(len(valid_ds), state.consumed_valid_samples,
-                                                 args.micro_batch_size * ctx.world_size)
-        valid_batches = checked(cycle(data_lib.build_loader(valid_ds, 0, **loader_options),
-                                      data_lib.build_loader(valid_ds, valid_start, **loader_options) if valid_start
-                                      else None), "validation")
 
-    # --- what one iteration costs -----------------------------------------------------------------
-    tokens_per_iteration = args.global_batch_size * args.seq_length
-    model_flops_per_token = flops_per_token(model_config, args.seq_length)
-    device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
-    peak = peak_flops(device_name, str(policy.compute_dtype).removeprefix("torch."), args.peak_tflops)
-    logger.info(
-        "kernels %s | precision %s (params %s, reduce %s, compute %s) | world size %d | micro batch %d × "
-        "accumulation %d × data parallel %d = global batch %d | seq length %d | %s tokens/iteration | "
-        "%.3g FLOPs/token | peak %s",
-        kernel_summary(), policy.name, policy.param_dtype, policy.reduce_dtype, policy.compute_dtype, ctx.world_size,
-        args.micro_batch_size, accumulation, ctx.world_size, args.global_batch_size, args.seq_length,
-        f"{tokens_per_iteration:,}", model_flops_per_token,
-        f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown (no MFU; set --peak-tflops)",
-    )
+class Trainer:
+    """One run's model, optimizer, data streams, checkpointing and meters, built in the order the run
+    needs them (the checkpoint is restored before the loaders are built: they start at its data
+    position); each step of the loop in `_train` is one method."""
 
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer_stats = OptimizerStats(model, optimizer, ctx.device)
+    def __init__(self, args: Namespace, ctx: DistributedContext, accumulation: int,
+                 metric_logger: MetricLogger) -> None:
+        from kotomamba.checkpoint import CheckpointManager
+        from kotomamba.run_control import RunControl
 
-    def train_step(collect_optimizer_stats: bool = False) -> StepResult:
+        self.args, self.ctx, self.accumulation, self.metric_logger = args, ctx, accumulation, metric_logger
+        self._build_model_and_optimizer()
+        self.checkpointer = CheckpointManager(args, ctx, self.model, self.optimizer, self.scaler, self.tokenizer,
+                                              self.model_config)
+        self.run_control = RunControl(self.checkpointer, args.train_iters, args.save_interval, args.exit_interval,
+                                      args.exit_duration_in_mins)
+        self.train_ds, self.valid_ds, self.test_ds = build_datasets(args, self.checkpointer.train_samples_needed())
+        self.state = self.checkpointer.load(TrainState(), self.train_ds)
+        self._build_data_streams()
+        self._describe_iteration_cost()
+
+    # --- setup ----------------------------------------------------------------------------------
+
+    def _build_model_and_optimizer(self) -> None:
+        from kotomamba.lr_schedule import LRSchedule
+        from kotomamba.optim import build_optimizer, marked_no_weight_decay_names
+        from kotomamba.parallel import parallelize
+        from kotomamba.precision import build_loss_scaler, resolve_precision
+
+        args, ctx = self.args, self.ctx
+        self.policy = resolve_precision(args.precision, args.param_dtype, args.reduce_dtype,
+                                        device_type=ctx.device.type)
+        model, self.model_config, self.tokenizer = build_model_and_tokenizer(args, ctx)
+        no_decay_names = marked_no_weight_decay_names(model)  # fully_shard drops the markers
+        self.sharded = parallelize(
+            model, ctx, strategy=args.sharding_strategy, param_dtype=self.policy.param_dtype,
+            reduce_dtype=self.policy.reduce_dtype,
+            checkpointed_blocks=arguments.checkpointed_block_count(args, self.model_config.n_layer),
+            cpu_offload=args.fsdp_cpu_offload,
+        )
+        self.model = self.sharded.module
+        self.compute_loss = training_loss(self.model, args.cross_entropy_chunk_tokens)
+        self.optimizer = build_optimizer(
+            self.model, lr=args.lr, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_eps, no_decay_names=no_decay_names,
+        )
+        self.schedule = LRSchedule(
+            max_lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters, decay_iters=args.lr_decay_iters,
+            style=args.lr_decay_style, wsd_decay_iters=args.lr_wsd_decay_iters,
+            wsd_decay_style=args.lr_wsd_decay_style, warmup_init_lr=args.lr_warmup_init,
+        )
+        self.scaler = build_loss_scaler(
+            self.policy, initial_scale=args.initial_loss_scale, min_scale=args.min_loss_scale,
+            growth_interval=args.loss_scale_window, hysteresis=args.hysteresis,
+        )
+
+    def _build_data_streams(self) -> None:
+        from kotomamba import data as data_lib
+        from kotomamba.checkpoint import evaluation_resume_position
+
+        args, ctx = self.args, self.ctx
+        self.loader_options = dict(micro_batch_size=args.micro_batch_size, dp_rank=ctx.rank, dp_size=ctx.world_size,
+                                   num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda")
+        self.check = TokenIdCheck(args, self.model.backbone.embedding.num_embeddings, self.tokenizer.name)
+        # Unchecked: --skip-batch may step over any batch; train_step checks the ones it trains on.
+        self.train_batches = iter(data_lib.build_loader(self.train_ds, self.state.consumed_samples,
+                                                        **self.loader_options))
+        self.evaluating = args.eval_iters > 0
+        self.valid_batches = None
+        if self.evaluating and self.valid_ds is not None:
+            valid_start = evaluation_resume_position(len(self.valid_ds), self.state.consumed_valid_samples,
+                                                     args.micro_batch_size * ctx.world_size)
+            resumed = (data_lib.build_loader(self.valid_ds, valid_start, **self.loader_options) if valid_start
+                       else None)
+            self.valid_batches = self.check.stream(
+                cycle(data_lib.build_loader(self.valid_ds, 0, **self.loader_options), resumed), "validation")
+
+    def _describe_iteration_cost(self) -> None:
+        """What one iteration costs (tokens, FLOPs, the device's peak), logged once."""
+        from kotomamba.flops import flops_per_token, peak_flops
+        from kotomamba.kernels import kernel_summary
+
+        args, ctx, policy = self.args, self.ctx, self.policy
+        self.tokens_per_iteration = args.global_batch_size * args.seq_length
+        self.flops_per_token = flops_per_token(self.model_config, args.seq_length)
+        device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+        self.peak = peak_flops(device_name, str(policy.compute_dtype).removeprefix("torch."), args.peak_tflops)
+        logger.info(
+            "kernels %s | precision %s (params %s, reduce %s, compute %s) | world size %d | micro batch %d × "
+            "accumulation %d × data parallel %d = global batch %d | seq length %d | %s tokens/iteration | "
+            "%.3g FLOPs/token | peak %s",
+            kernel_summary(), policy.name, policy.param_dtype, policy.reduce_dtype, policy.compute_dtype,
+            ctx.world_size, args.micro_batch_size, self.accumulation, ctx.world_size, args.global_batch_size,
+            args.seq_length, f"{self.tokens_per_iteration:,}", self.flops_per_token,
+            f"{self.peak / 1e12:.0f} TFLOP/s" if self.peak else "unknown (no MFU; set --peak-tflops)",
+        )
+
+    def start(self) -> None:
+        """Just before the first iteration: the sinks open, the clocks start."""
+        from kotomamba.optimizer_stats import OptimizerStats
+
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer_stats = OptimizerStats(self.model, self.optimizer, self.ctx.device)
+        self.metric_logger.start(self.state.iteration, arguments.resolved_config(self.args))
+        self.valid_names = metrics.blend_component_names(self.valid_ds)
+        self.test_names = metrics.blend_component_names(self.test_ds)
+        self.meter = metrics.IntervalMeter(device=self.ctx.device)
+        self.run_started = time.perf_counter()
+        self.remaining_time = metrics.RemainingTime(self.state.iteration, self.run_started)
+        self.model.train()
+
+    def autocast(self):
+        from kotomamba.precision import autocast_context
+
+        return autocast_context(self.policy, self.ctx.device.type)
+
+    # --- one iteration --------------------------------------------------------------------------
+
+    def run_iteration(self, state: TrainState) -> StepResult | None:
+        """Train on (or, for --skip-batch, step over) the next global batch and count it in `state`;
+        None for a skipped batch."""
+        from kotomamba.optim import apply_lr
+
+        args, iteration = self.args, state.iteration + 1
+        self.lr = self.schedule.lr_at(state.iteration)
+        apply_lr(self.optimizer, self.lr)
+        if in_skip_ranges(iteration, args.skip_batch):
+            self.skip_global_batch()
+            logger.info("iteration %d: global batch skipped (--skip-batch)", iteration)
+            self.meter.record_skipped_batch()
+            result = None
+        else:
+            stats_due = args.optimizer_stats_interval > 0 and iteration % args.optimizer_stats_interval == 0
+            result = self.train_step(collect_optimizer_stats=stats_due)
+            self._count_skipped_step(state, result, iteration)
+            self.meter.record(result, self.tokens_per_iteration)
+        state.iteration = iteration
+        state.consumed_samples += args.global_batch_size
+        state.consumed_tokens += self.tokens_per_iteration
+        return result
+
+    def train_step(self, collect_optimizer_stats: bool = False) -> StepResult:
         """One global batch: accumulate micro-batches (gradient reduction on the last one only), then
         unscale, check, clip and step."""
+        from kotomamba.optim import clip_grad_norm
+
+        ctx, accumulation, scaler = self.ctx, self.accumulation, self.scaler
         loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float32)
         for micro_step in range(accumulation):
-            with meter.waiting_for_data():
-                batch = check(next(train_batches), "training")
+            with self.meter.waiting_for_data():
+                batch = self.check(next(self.train_batches), "training")
             tokens = batch["tokens"].to(ctx.device, non_blocking=True)
             labels = batch["labels"].to(ctx.device, non_blocking=True)
-            sharded.set_gradient_sync(micro_step == accumulation - 1)
-            with autocast():
-                loss = compute_loss(tokens, labels)
+            self.sharded.set_gradient_sync(micro_step == accumulation - 1)
+            with self.autocast():
+                loss = self.compute_loss(tokens, labels)
             scaler.scale_loss(loss / accumulation).backward()
             loss_sum += loss.detach()
-        sharded.sync_replicated_gradients()
+        self.sharded.sync_replicated_gradients()
         dist.all_reduce(loss_sum)
         mean_loss = loss_sum.item() / (accumulation * ctx.world_size)
-        scaler.unscale_(parameters)
-        grad_norm = clip_grad_norm(parameters, args.grad_clip_norm).item()
+        scaler.unscale_(self.parameters)
+        grad_norm = clip_grad_norm(self.parameters, self.args.grad_clip_norm).item()
         # The norm is reduced over every shard and rank: one inf/nan gradient anywhere (an fp16 overflow)
         # makes it non-finite everywhere, so every rank skips the same steps.
         skipped = not math.isfinite(grad_norm) or not math.isfinite(mean_loss)
         if not skipped:
-            optimizer.step()
+            self.optimizer.step()
         loss_scale = scaler.scale
         scaler.update(skipped)
         # After the step (moments include it), before zero_grad (the gradients are still there).
-        stats = optimizer_stats.compute() if collect_optimizer_stats else None
-        optimizer.zero_grad(set_to_none=True)
+        stats = self.optimizer_stats.compute() if collect_optimizer_stats else None
+        self.optimizer.zero_grad(set_to_none=True)
         return StepResult(mean_loss, grad_norm, skipped, loss_scale, stats)
 
-    def skip_global_batch() -> None:
+    def skip_global_batch(self) -> None:
         """--skip-batch: draw this iteration's samples without training on them."""
-        for _ in range(accumulation):
-            next(train_batches)
+        for _ in range(self.accumulation):
+            next(self.train_batches)
 
-    # --- the loop -----------------------------------------------------------------------------
-    start_iteration = state.iteration
-    metric_logger.start(start_iteration, arguments.resolved_config(args))
-    valid_names, test_names = metrics.blend_component_names(valid_ds), metrics.blend_component_names(test_ds)
-    meter = metrics.IntervalMeter(device=ctx.device)
-    run_started = time.perf_counter()
-    remaining_time = metrics.RemainingTime(start_iteration, run_started)
-    model.train()
-    while state.iteration < args.train_iters:
-        iteration = state.iteration + 1
-        lr = schedule.lr_at(state.iteration)
-        apply_lr(optimizer, lr)
-        if in_skip_ranges(iteration, args.skip_batch):
-            skip_global_batch()
-            logger.info("iteration %d: global batch skipped (--skip-batch)", iteration)
-            meter.record_skipped_batch()
-            result = None
+    def _count_skipped_step(self, state: TrainState, result: StepResult, iteration: int) -> None:
+        if result.skipped and math.isfinite(result.loss) and self.scaler.is_calibrating(result.loss_scale):
+            # fp16 gradients overflowed and the loss scale came down: the scaler at work, not a failing run.
+            state.skipped_iterations += 1
+            logger.info("iteration %d: gradients overflowed at loss scale %g: step skipped, loss scale now %g",
+                        iteration, result.loss_scale, self.scaler.scale)
+        elif result.skipped:
+            state.skipped_iterations += 1
+            state.consecutive_skips += 1
+            logger.warning("iteration %d: non-finite loss or gradients (loss %s, grad norm %s, loss scale %g): "
+                           "step skipped", iteration, result.loss, result.grad_norm, result.loss_scale)
         else:
-            stats_due = args.optimizer_stats_interval > 0 and iteration % args.optimizer_stats_interval == 0
-            result = train_step(collect_optimizer_stats=stats_due)
-            if result.skipped and math.isfinite(result.loss) and scaler.is_calibrating(result.loss_scale):
-                # fp16 gradients overflowed and the loss scale came down: the scaler at work, not a failing run.
-                state.skipped_iterations += 1
-                logger.info("iteration %d: gradients overflowed at loss scale %g: step skipped, loss scale now %g",
-                            iteration, result.loss_scale, scaler.scale)
-            elif result.skipped:
-                state.skipped_iterations += 1
-                state.consecutive_skips += 1
-                logger.warning("iteration %d: non-finite loss or gradients (loss %s, grad norm %s, loss scale %g): "
-                               "step skipped", iteration, result.loss, result.grad_norm, result.loss_scale)
-            else:
-                state.consecutive_skips = 0
-            meter.record(result, tokens_per_iteration)
-        state.iteration = iteration
-        state.consumed_samples += args.global_batch_size
-        state.consumed_tokens += tokens_per_iteration
-        if on_step is not None:
-            on_step(state, result)
+            state.consecutive_skips = 0
 
+    def report(self, state: TrainState, result: StepResult | None) -> None:
+        """Optimizer statistics when due, the log line at --log-interval; stops the run (TrainingError)
+        after --max-consecutive-skips non-finite steps."""
+        args, iteration = self.args, state.iteration
         if result is not None and result.optimizer_stats is not None:
-            metric_logger.log(iteration, result.optimizer_stats, summary_line(iteration, result.optimizer_stats))
+            from kotomamba.optimizer_stats import summary_line
+
+            self.metric_logger.log(iteration, result.optimizer_stats, summary_line(iteration, result.optimizer_stats))
         stopping = args.max_consecutive_skips > 0 and state.consecutive_skips >= args.max_consecutive_skips
-        if meter.last_result is not None and (iteration % args.log_interval == 0 or iteration == args.train_iters
-                                              or stopping):
-            log_training(state, args, meter, lr, ctx, metric_logger, model_flops_per_token, peak, run_started,
-                         remaining_time)
-            meter.reset()
+        if self.meter.last_result is not None and (iteration % args.log_interval == 0
+                                                   or iteration == args.train_iters or stopping):
+            log_training(state, args, self.meter, self.lr, self.ctx, self.metric_logger, self.flops_per_token,
+                         self.peak, self.run_started, self.remaining_time)
+            self.meter.reset()
         if stopping:
             # Nothing is saved on this path: the last checkpoint, from before the skips, stays the one to resume.
             raise TrainingError(
@@ -359,25 +431,33 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
                 f"(--max-consecutive-skips {args.max_consecutive_skips}); stopping at iteration {iteration}"
             )
 
-        if valid_batches is not None and iteration % args.eval_interval == 0:
-            with meter.paused():  # evaluation time is not training time
-                evaluation = evaluate(model, compute_loss, valid_batches, args.eval_iters * accumulation, ctx, autocast)
-            state.consumed_valid_samples += args.eval_iters * args.global_batch_size
-            values = metrics.evaluation_metrics("valid", evaluation, valid_names)
-            metric_logger.log(iteration, values, metrics.format_evaluation_line("valid", iteration, values))
+    def validate_if_due(self, state: TrainState) -> None:
+        args = self.args
+        if self.valid_batches is None or state.iteration % args.eval_interval != 0:
+            return
+        with self.meter.paused():  # evaluation time is not training time
+            evaluation = evaluate(self.model, self.compute_loss, self.valid_batches, args.eval_iters * self.accumulation,
+                                  self.ctx, self.autocast)
+        state.consumed_valid_samples += args.eval_iters * args.global_batch_size
+        values = metrics.evaluation_metrics("valid", evaluation, self.valid_names)
+        self.metric_logger.log(state.iteration, values, metrics.format_evaluation_line("valid", state.iteration, values))
 
-        # Saves at --save-interval; True when the run must stop now (SIGTERM/SIGUSR1, --exit-*), after saving.
-        stop = checkpointer.after_iteration(state, pause=meter.paused)  # saving is not training time either
-        if stop:
-            break
+    # --- the end ----------------------------------------------------------------------------------
 
-    checkpointer.finish(state)  # the final checkpoint, and any background write completed
-    if evaluating and test_ds is not None and not checkpointer.exited:
-        test_batches = checked(cycle(data_lib.build_loader(test_ds, 0, **loader_options)), "test")
-        evaluation = evaluate(model, compute_loss, test_batches, args.eval_iters * accumulation, ctx, autocast)
-        values = metrics.evaluation_metrics("test", evaluation, test_names)
-        metric_logger.log(state.iteration, values, metrics.format_evaluation_line("test", state.iteration, values))
-    return state
+    def finish(self, state: TrainState) -> None:
+        """The final checkpoint (any background write completed), then the test evaluation unless the run
+        stopped early."""
+        from kotomamba import data as data_lib
+
+        self.checkpointer.finish(state)
+        self.run_control.close()
+        if not self.evaluating or self.test_ds is None or self.run_control.exited:
+            return
+        test_batches = self.check.stream(cycle(data_lib.build_loader(self.test_ds, 0, **self.loader_options)), "test")
+        evaluation = evaluate(self.model, self.compute_loss, test_batches, self.args.eval_iters * self.accumulation,
+                              self.ctx, self.autocast)
+        values = metrics.evaluation_metrics("test", evaluation, self.test_names)
+        self.metric_logger.log(state.iteration, values, metrics.format_evaluation_line("test", state.iteration, values))
 
 
 def log_training(state: TrainState, args: Namespace, meter: metrics.IntervalMeter, lr: float, ctx: DistributedContext,

@@ -77,7 +77,8 @@ def plain_training(argv: list[str], stats_at: tuple[int, ...] = ()) -> dict:
     """Per iteration: lr, loss, grad norm (before clipping); optimizer stats at `stats_at` (after the
     step, before zero_grad); validation at every --eval-interval and test at the end, by component."""
     from kotomamba.model import build_model, load_model_config
-    from kotomamba.optim import LRSchedule, apply_lr, build_optimizer, marked_no_weight_decay_names
+    from kotomamba.lr_schedule import LRSchedule
+    from kotomamba.optim import apply_lr, build_optimizer, marked_no_weight_decay_names
     from kotomamba.train import build_datasets
     from megatron_lm.tokenizer import build_tokenizer
 

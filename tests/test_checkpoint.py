@@ -21,7 +21,7 @@ import yaml
 
 from kotomamba import checkpoint as checkpoint_module
 from kotomamba.arguments import apply_data_parallel_size, parse_args, resolved_config
-from kotomamba.checkpoint import load_model_from_checkpoint
+from kotomamba.model_loading import load_model_from_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launching import launcher_environment, run_worker, torchrun_command  # noqa: E402

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kotomamba.checkpoint import load_model_from_checkpoint
+from kotomamba.model_loading import load_model_from_checkpoint
 from kotomamba.convert import ExportError, export, hf_config, main
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -9,7 +9,6 @@ import json
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -357,9 +356,9 @@ def test_training_checkpoint_is_loaded_through_the_checkpoint_module(inference, 
         return models["mamba1"], {"tokenizer_dir": str(tokenizer_dir), "tokenizer_type": "SentencePieceTokenizer",
                                   "tokenizer_model": "/gone/tiny.model"}
 
-    fake = types.ModuleType("kotomamba.checkpoint")
-    fake.load_model_from_checkpoint = load_model_from_checkpoint
-    monkeypatch.setitem(sys.modules, "kotomamba.checkpoint", fake)
+    from kotomamba import model_loading
+
+    monkeypatch.setattr(model_loading, "load_model_from_checkpoint", load_model_from_checkpoint)
     for path in (run, run / "iter_0000002"):
         loaded = inference.load_model_and_tokenizer(str(path), torch.device("cpu"), torch.bfloat16)
         assert loaded.tokenizer.name.startswith("SentencePieceTokenizer:tiny.model")
@@ -371,32 +370,15 @@ def test_training_checkpoint_is_loaded_through_the_checkpoint_module(inference, 
         assert model.lm_head.weight is model.backbone.embedding.weight
     assert [path for path, _ in calls] == [str(run), str(run / "iter_0000002")]
 
-    class TrainingCheckpointError(RuntimeError):
-        pass
-
     def unreadable(path: str, device: torch.device):
-        raise TrainingCheckpointError(f"cannot read the model of checkpoint {path}: truncated file")
+        raise model_loading.TrainingCheckpointError(f"cannot read the model of checkpoint {path}: truncated file")
 
-    fake.TrainingCheckpointError, fake.load_model_from_checkpoint = TrainingCheckpointError, unreadable
+    monkeypatch.setattr(model_loading, "load_model_from_checkpoint", unreadable)
     code, _, err = run_cli(inference, ["--load", str(run), "--prompt", "x"], capsys)
     assert code == 2 and err == f"inference.py: error: cannot read the model of checkpoint {run}: truncated file\n"
 
-    monkeypatch.setitem(sys.modules, "kotomamba.checkpoint", types.ModuleType("kotomamba.checkpoint"))
-    code, _, err = run_cli(inference, ["--load", str(run), "--prompt", "x"], capsys)
-    assert code == 2 and "is a kotomamba training checkpoint" in err and "load_model_from_checkpoint" in err
-
-
-def _checkpoint_loader_available() -> bool:
-    try:
-        from kotomamba import checkpoint
-    except ImportError:
-        return False
-    return hasattr(checkpoint, "load_model_from_checkpoint")
-
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _checkpoint_loader_available(),
-                    reason="kotomamba.checkpoint.load_model_from_checkpoint does not exist yet")
 def test_cli_generates_from_a_real_training_run(inference, sentencepiece_model, sentencepiece_model_without_pad,
                                                 capsys, tmp_path):
     from megatron_lm.indexed_dataset import IndexedDatasetBuilder, data_file_path, index_file_path

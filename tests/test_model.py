@@ -15,8 +15,8 @@ from kotomamba.model import (
     load_base_model,
     load_model_config,
     materialize_and_init,
-    no_weight_decay_parameter_names,
 )
+from kotomamba.optim import no_weight_decay_parameter_names
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="these tests exercise the CPU reference backend")
 

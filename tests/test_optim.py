@@ -10,9 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from kotomamba.lr_schedule import LRSchedule, OptimizerConfigError
 from kotomamba.optim import (
-    LRSchedule,
-    OptimizerConfigError,
     apply_lr,
     build_optimizer,
     clip_grad_norm,

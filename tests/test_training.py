@@ -73,7 +73,7 @@ def test_gradient_accumulation_equals_one_large_micro_batch(base_argv, baseline,
     # after the steps (saved and compared) must match too.
     assert_close(runs["micro1"]["grad_norm"], baseline["grad_norm"], rtol=1e-4)
     assert_close(runs["micro4"]["grad_norm"], baseline["grad_norm"], rtol=1e-4)
-    from kotomamba.checkpoint import load_model_from_checkpoint
+    from kotomamba.model_loading import load_model_from_checkpoint
 
     weights = {}
     for micro_batch in ("1", "2", "4"):

@@ -10,6 +10,7 @@ from megatron_lm.tokenizer.tokenizer import (
     TokenizerError,
     build_tokenizer,
     same_tokenizer,
+    tokenizer_files,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "TokenizerError",
     "build_tokenizer",
     "same_tokenizer",
+    "tokenizer_files",
 ]

@@ -245,10 +245,9 @@ class HuggingFaceTokenizer(Tokenizer):
                 raise TokenizerError(
                     f"cannot load a Hugging Face tokenizer from directory {path} (--tokenizer-model): {exc}"
                 ) from None
-            hashed = sorted(p for p in location.iterdir() if p.is_file() and _HF_TOKENIZER_FILES.match(p.name))
         else:
             self._tokenizer = self._load_tokenizer_json(transformers, path)
-            hashed = [location]
+        hashed = tokenizer_files("HuggingFaceTokenizer", path)
         self.vocab_size = len(self._tokenizer)
         eod = self._tokenizer.eos_token_id
         if eod is None:
@@ -311,6 +310,17 @@ class NullTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return " ".join(str(int(i)) for i in ids)
+
+
+def tokenizer_files(tokenizer_type: str, tokenizer_model: str | None) -> list[Path]:
+    """The files that make up a tokenizer as this module reads them: a SentencePiece model or lone
+    tokenizer.json itself, a Hugging Face directory's tokenizer files; none for NullTokenizer."""
+    if tokenizer_type == "NullTokenizer" or not tokenizer_model:
+        return []
+    location = Path(tokenizer_model)
+    if location.is_dir():
+        return sorted(p for p in location.iterdir() if p.is_file() and _HF_TOKENIZER_FILES.match(p.name))
+    return [location]
 
 
 def build_tokenizer(

@@ -1,0 +1,32 @@
+"""How a kotomamba training checkpoint is recognized on disk (the layout: kotomamba.checkpoint).
+
+Torch-free, so that the command line (--base-model), inference and export ask the same question the
+same way before anything heavy loads.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+LATEST = "latest"
+METADATA = "checkpoint.json"
+ITERATION_DIR = re.compile(r"iter_(\d+)")
+
+
+def iteration_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a run's --save directory (a ``latest`` file or ``iter_*`` subdirectories) or
+    one checkpoint of it, rather than a model directory."""
+    path = Path(path)
+    if (path / METADATA).is_file() or (path / LATEST).is_file():
+        return True
+    if not path.is_dir():
+        return False
+    if any(child.is_dir() and ITERATION_DIR.fullmatch(child.name) for child in path.iterdir()):
+        return True
+    # Converted models are often kept in iter_* directories too: those have a config.json.
+    return bool(ITERATION_DIR.fullmatch(path.name)) and (
+        (path.parent / LATEST).is_file() or not (path / "config.json").exists())
