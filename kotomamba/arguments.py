@@ -458,8 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument(
         "--selective-scan", type=_choice(SELECTIVE_SCAN_CHOICES), default="auto",
         metavar="{" + ",".join(SELECTIVE_SCAN_CHOICES) + "}",
-        help="Mamba-1's selective scan: kotomamba's Triton kernel (deterministic backward; today about 5x "
-             "slower than mamba-ssm's on an H100, see docs/benchmarks.md), mamba-ssm's CUDA kernel, or auto "
+        help="Mamba-1's selective scan: kotomamba's Triton kernel (deterministic backward; today about 2-4x "
+             "slower than mamba-ssm's on an H200, see docs/benchmarks.md), mamba-ssm's CUDA kernel, or auto "
              "(default): ours only on GPUs where it was measured faster (none yet), else mamba-ssm's. The "
              "training log's setup line says which one runs.",
     )

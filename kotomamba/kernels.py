@@ -118,8 +118,8 @@ REFERENCE_ROUTING: tuple[tuple[str, str, str], ...] = (
 )
 
 # Compute capabilities on which benchmarks/scan_kernels.py measured kotomamba's scan faster than
-# mamba-ssm's (docs/benchmarks.md); "auto" picks it there only. None yet: on an H100 (sm_90) it ran at
-# 0.18-0.25x mamba-ssm's speed, so "auto" is mamba-ssm's kernel everywhere.
+# mamba-ssm's (docs/benchmarks.md); "auto" picks it there only. None yet: on an H100 and an H200 (sm_90)
+# it ran at 0.27-0.54x mamba-ssm's speed, so "auto" is mamba-ssm's kernel everywhere.
 SCAN_MEASURED_FASTER: tuple[tuple[int, int], ...] = ()
 
 # Where mamba-ssm looks up the selective scan, and what kotomamba's Triton scan puts there. The
