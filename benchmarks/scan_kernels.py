@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run our forward and backward once at the sweep's shape and exit (for a profiler: "
                              "ncu -k regex:_selective_scan python benchmarks/scan_kernels.py --once)")
     parser.add_argument("--config", default=None, metavar="JSON",
-                        help='ScanConfig fields to use instead of the defaults, e.g. \'{"chunk": 32}\'')
+                        help='ScanConfig fields to use instead of the defaults, e.g. \'{"segment": 128}\'')
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU with mamba-ssm's kernels")
@@ -228,13 +228,12 @@ def main(argv: list[str] | None = None) -> int:
 def sweep_configs():
     from kotomamba.ops.selective_scan import ScanConfig
 
-    # the default first, then chunk length, channels per program, warps and unrolling around it
+    # the default first, then channels per program, warps and the backward's segment around it
     yield ScanConfig()
-    for chunk, fwd_d, fwd_w, bwd_d, bwd_w, unroll in ((64, 16, 4, 16, 4, 1), (64, 16, 4, 16, 4, 4), (32, 16, 4, 16, 4, 1),
-                                                      (32, 16, 4, 16, 4, 2), (32, 16, 4, 8, 2, 2), (32, 16, 4, 32, 8, 2),
-                                                      (16, 16, 4, 16, 4, 2), (16, 16, 4, 32, 4, 2), (64, 8, 2, 8, 2, 4)):
-        yield ScanConfig(chunk=chunk, forward_block_d=fwd_d, forward_warps=fwd_w, backward_block_d=bwd_d,
-                         backward_warps=bwd_w, forward_unroll=unroll, backward_unroll=unroll)
+    for fwd_d, fwd_w, bwd_d, bwd_w, segment in ((16, 2, 16, 2, 64), (32, 4, 32, 4, 64), (8, 1, 8, 1, 64),
+                                                (16, 1, 32, 2, 64), (8, 1, 16, 2, 128), (8, 1, 16, 2, 32)):
+        yield ScanConfig(forward_block_d=fwd_d, forward_warps=fwd_w, backward_block_d=bwd_d, backward_warps=bwd_w,
+                         segment=segment)
 
 
 if __name__ == "__main__":

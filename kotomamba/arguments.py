@@ -73,7 +73,7 @@ DEFAULT_MODEL = "130m"
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
 CHECKPOINT_TYPES = ("SHARDED_STATE_DICT", "LOCAL_STATE_DICT", "FULL_STATE_DICT")
 DTYPES = ("fp32", "bf16", "fp16")
-SELECTIVE_SCAN_CHOICES = ("auto", "kotomamba", "mamba-ssm")
+SELECTIVE_SCAN_CHOICES = ("auto", "kotomamba", "kotomamba-deterministic", "mamba-ssm")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEFAULT_SPLIT = "969,30,1"
 _BLEND_FORMAT = "one prefix, several prefixes, or WEIGHT PREFIX pairs (w1 p1 w2 p2 ...)"
@@ -458,10 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument(
         "--selective-scan", type=_choice(SELECTIVE_SCAN_CHOICES), default="auto",
         metavar="{" + ",".join(SELECTIVE_SCAN_CHOICES) + "}",
-        help="Mamba-1's selective scan: kotomamba's Triton kernel (deterministic backward; today about 2-4x "
-             "slower than mamba-ssm's on an H200, see docs/benchmarks.md), mamba-ssm's CUDA kernel, or auto "
-             "(default): ours only on GPUs where it was measured faster (none yet), else mamba-ssm's. The "
-             "training log's setup line says which one runs.",
+        help="Mamba-1's selective scan: kotomamba's Triton kernel (about 0.9-1.05x mamba-ssm's speed on an H100 "
+             "at batch >= 4, far slower at batch 1 and long sequences; see docs/benchmarks.md), the same with a "
+             "bitwise deterministic backward (kotomamba-deterministic: no atomic adds, a few %% slower and more "
+             "memory), mamba-ssm's CUDA kernel, or auto (default): ours only on GPUs where it was measured "
+             "faster (none yet), else mamba-ssm's. The training log's setup line says which one runs.",
     )
 
     fsdp = parser.add_argument_group("FSDP")

@@ -118,8 +118,8 @@ REFERENCE_ROUTING: tuple[tuple[str, str, str], ...] = (
 )
 
 # Compute capabilities on which benchmarks/scan_kernels.py measured kotomamba's scan faster than
-# mamba-ssm's (docs/benchmarks.md); "auto" picks it there only. None yet: on an H100 and an H200 (sm_90)
-# it ran at 0.27-0.54x mamba-ssm's speed, so "auto" is mamba-ssm's kernel everywhere.
+# mamba-ssm's on every benchmarked shape (docs/benchmarks.md); "auto" picks it there only. None yet: on
+# an H100 (sm_90) it is 1.05x at micro batch 16 but 0.15-0.97x at smaller batches and long sequences.
 SCAN_MEASURED_FASTER: tuple[tuple[int, int], ...] = ()
 
 # Where mamba-ssm looks up the selective scan, and what kotomamba's Triton scan puts there. The
@@ -192,8 +192,8 @@ def select_kernel_backend(device: torch.device | str | None = None, allow_refere
         return _active_backend
     if wanted == "reference":
         _install_reference_routing()
-    if scan == "kotomamba":
-        _install_scan_routing()
+    if scan.startswith("kotomamba"):
+        _install_scan_routing(deterministic=scan == "kotomamba-deterministic")
     _active_backend, _active_scan = wanted, scan
     logger.info("kernel backend: %s", kernel_summary())
     return wanted
@@ -206,9 +206,9 @@ def _resolve_selective_scan(choice: str, device: torch.device, backend: str) -> 
     theirs = "mamba-ssm" if backend == "cuda" else "reference"
     if choice == "mamba-ssm":
         return theirs
-    if choice == "kotomamba":
+    if choice.startswith("kotomamba"):
         if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-            return "kotomamba"
+            return choice
         raise KernelRoutingError(
             "--selective-scan kotomamba runs Triton kernels, which need a GPU (on a CPU only under Triton's "
             "interpreter, TRITON_INTERPRET=1, which is for tests: far too slow to train)"
@@ -224,7 +224,8 @@ def kernel_backend() -> str:
 
 
 def selective_scan_kernel() -> str:
-    """Mamba-1's installed selective scan: "kotomamba", "mamba-ssm", "reference", or "unselected"."""
+    """Mamba-1's installed selective scan: "kotomamba", "kotomamba-deterministic", "mamba-ssm", "reference", or
+    "unselected"."""
     return _active_scan or "unselected"
 
 
@@ -232,7 +233,9 @@ def kernel_summary() -> str:
     """The installed backend and selective scan, as the training log's setup line shows them."""
     if _active_backend is None:
         return "unselected"
-    scan = {"kotomamba": "kotomamba's Triton kernel", "mamba-ssm": "mamba-ssm's CUDA kernel",
+    scan = {"kotomamba": "kotomamba's Triton kernel",
+            "kotomamba-deterministic": "kotomamba's Triton kernel, deterministic backward",
+            "mamba-ssm": "mamba-ssm's CUDA kernel",
             "reference": "mamba-ssm's reference function"}[_active_scan]
     return f"{_backend_description(_active_backend)}; selective scan: {scan}"
 
@@ -317,9 +320,13 @@ def _install_reference_routing() -> None:
         setattr(module, attribute, function)
 
 
-def _install_scan_routing() -> None:
+def _install_scan_routing(deterministic: bool) -> None:
+    import dataclasses
+
     from kotomamba.ops import selective_scan
 
+    if deterministic:
+        selective_scan.DEFAULT_CONFIG = dataclasses.replace(selective_scan.DEFAULT_CONFIG, deterministic=True)
     interface = importlib.import_module(SCAN_EXTENSION_MODULE)
     extension = sys.modules.get("selective_scan_cuda")
     interface.selective_scan_cuda = selective_scan.SelectiveScanExtension(None if _is_stand_in(extension) else extension)

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or tor
                                 reason="runs the Triton kernels in Triton's CPU interpreter")
 
 REPO = Path(__file__).resolve().parents[1]
-# Small tiles, so that short sequences cross several chunks and the backward splits channels.
-SMALL = dict(chunk=16, forward_block_d=4, forward_warps=1, backward_block_d=2, backward_split=2, backward_warps=1)
+# Small tiles, so that short sequences cross several segments and channels span several programs.
+SMALL = dict(forward_block_d=4, forward_warps=1, backward_block_d=4, backward_warps=1, segment=8)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,36 @@ def test_half_precision_inputs(dtype, scan, small_tiles):
         assert relative_error(ours[2][grad_name], grad) < 1e-2, grad_name
 
 
-def test_backward_is_bitwise_deterministic(scan, small_tiles):
+def test_deterministic_partial_sums_match_the_reference(scan, monkeypatch):
+    """ScanConfig(deterministic=True): dB/dC through per-program partial sums instead of atomic adds."""
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+
+    monkeypatch.setattr(scan, "DEFAULT_CONFIG", scan.ScanConfig(**dict(SMALL, deterministic=True)))
+    case = Case(dim=8, groups=2)
+    inputs = make_inputs(case)
+    upstream = torch.randn(case.batch, case.dim, case.seqlen, generator=torch.Generator().manual_seed(4))
+    ours = outputs_and_grads(scan.selective_scan_fn, inputs, case, upstream)
+    reference = outputs_and_grads(selective_scan_ref, detached_copy(inputs), case, upstream)
+    for grad_name, grad in reference[2].items():
+        assert relative_error(ours[2][grad_name], grad) < 1e-5, grad_name
+
+
+def test_one_tile_segments_read_the_first_pass_states(scan, monkeypatch):
+    """segment=4: the backward skips its per-segment pass and restarts every tile from the first pass's state."""
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+
+    monkeypatch.setattr(scan, "DEFAULT_CONFIG", scan.ScanConfig(**dict(SMALL, segment=4)))
+    case = Case(seqlen=23)
+    inputs = make_inputs(case)
+    upstream = torch.randn(case.batch, case.dim, case.seqlen, generator=torch.Generator().manual_seed(5))
+    ours = outputs_and_grads(scan.selective_scan_fn, inputs, case, upstream)
+    reference = outputs_and_grads(selective_scan_ref, detached_copy(inputs), case, upstream)
+    for grad_name, grad in reference[2].items():
+        assert relative_error(ours[2][grad_name], grad) < 1e-5, grad_name
+
+
+def test_backward_is_bitwise_deterministic(scan, monkeypatch):
+    monkeypatch.setattr(scan, "DEFAULT_CONFIG", scan.ScanConfig(**dict(SMALL, deterministic=True)))
     case = Case(dim=8, groups=2)
     inputs = make_inputs(case)
     upstream = torch.randn(case.batch, case.dim, case.seqlen)
@@ -272,3 +301,17 @@ def test_kotomamba_scan_on_cpu_without_the_interpreter_is_refused():
                                env=dict(env, PYTHONPATH=str(REPO)))
     assert completed.returncode != 0
     assert "--selective-scan kotomamba runs Triton kernels, which need a GPU" in completed.stderr
+
+
+def test_deterministic_choice_routes_to_the_partial_sum_backward():
+    code = ("from kotomamba.kernels import select_kernel_backend, kernel_summary\n"
+            "select_kernel_backend('cpu', selective_scan='kotomamba-deterministic')\n"
+            "import mamba_ssm.modules.mamba_simple as mamba_simple\n"
+            "from kotomamba.ops import selective_scan\n"
+            "print(mamba_simple.selective_scan_fn.__module__, selective_scan.DEFAULT_CONFIG.deterministic)\n"
+            "print(kernel_summary())\n")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                               env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "kotomamba.ops.selective_scan True" in completed.stdout
+    assert "selective scan: kotomamba's Triton kernel, deterministic backward" in completed.stdout

@@ -1,4 +1,4 @@
-"""Mamba-1's selective scan in Triton: forward and a deterministic backward.
+"""Mamba-1's selective scan in Triton: forward and backward (deterministic on request).
 
 Computes exactly what ``mamba_ssm.ops.selective_scan_interface.selective_scan_ref`` computes for a
 real ``A`` and input-dependent ``B``/``C`` (Mamba-1's case), per channel ``d`` and state ``n``::
@@ -9,29 +9,31 @@ real ``A`` and input-dependent ``B``/``C`` (Mamba-1's case), per channel ``d`` a
     out_t  = y_t * silu(z_t)                            (z optional)
 
 How the work is laid out, and why:
-- A program owns ``BLOCK_D`` channels of one (batch, group) and walks the sequence in chunks of ``T``
-  steps. Every tile is two-dimensional, [channels, steps], in one layout (each thread holds a run of
-  consecutive steps of one channel, as the 16-byte loads give it); a loop over the ``d_state`` states
-  runs one ``tl.associative_scan`` along the steps per state, mostly inside each thread. B and C rows
-  are loaded once per chunk for all of the program's channels (mamba-ssm's CUDA kernel reloads them
-  for every channel).
-- The forward writes the state at the end of every chunk (fp32, gathered in the columns of a tile and
-  stored once per chunk); the next chunk, and the backward, read each state back from memory instead
-  of moving it between threads. The backward restarts each chunk from its stored state instead of
-  re-running the whole forward, and runs the adjoint recurrence::
+- A channel's 16 states are held by 4 threads, 4 states each, in registers; each thread walks the
+  sequence one step at a time. A step is then a few instructions per state (one exponential, the
+  state's multiply-add, the output's) and a 2-shuffle sum over the channel's 4 threads, with no scan
+  between threads: a parallel scan along time spends most of its instructions on combining. Every
+  tensor is [channels, 16] in one layout: 4 consecutive columns per thread, 4 threads per channel,
+  8 channels per warp. As states, the columns are the 16 states; as a "step tile", each group of 4
+  columns holds the channel's next 4 steps (one 8-byte load per thread), so picking a step's value
+  is picking a register. B and C go to the kernels as one fp32 (batch x group, steps, 32) table: a
+  step's B and C are two 16-byte loads per thread, at one address for all channels of a warp.
+- The forward keeps nothing for the backward but the final state (mamba-ssm keeps the same).
+- The backward recomputes states instead of storing them: a first pass saves the state at the
+  start of every ``segment`` steps; then, segment by segment from the last, it saves the state at
+  the start of every 4 steps, and tile by tile from the last it recomputes the tile's 4 states and
+  runs the adjoint recurrence backwards through them::
 
       G_t = C_t * dy_t + exp(dt_{t+1} A) * G_{t+1}          (dL/dh_t)
 
-  as a reverse scan through the next step's decay (dt is loaded again one step ahead), with the
-  adjoint of the chunk after entering at the chunk's last step. ``exp(dt_t A) h_{t-1}`` is recovered
-  as ``h_t - dt_t B_t u_t``.
-- dB and dC sum over every channel of a group. A backward program handles ``SPLIT`` blocks of
-  channels one after another and adds their contributions to its own partial-sum rows; the partial
-  sums of the programs are added by one ``torch.sum``. No atomics anywhere: the backward is bitwise
-  deterministic (mamba-ssm's accumulates dB/dC/dA with atomic adds and is not).
+- dB and dC sum over every channel of a group: each step's 32 values are added over the program's
+  channels by shuffles, then either added into one fp32 sum with atomic adds (the default: fast and
+  small, but float addition in no fixed order) or, with ``ScanConfig(deterministic=True)``, written
+  to the program's own partial-sum rows that one ``torch.sum`` adds in a fixed order: a bitwise
+  repeatable backward (mamba-ssm's accumulates dB/dC/dA with atomic adds and is not). A program is one
+  warp by default: across warps, every step's sum would wait at a barrier.
 - When ``z`` is given, the pre-gate output is not stored (mamba-ssm's interface keeps it only for
-  its own backward); the backward recomputes it. By count, not measured: the chunk states take
-  d_state x 4 bytes per T steps of a channel where that output took 2 bytes per step.
+  its own backward); the backward recomputes it.
 """
 from __future__ import annotations
 
@@ -46,6 +48,13 @@ import triton.language as tl
 from kotomamba.errors import KotomambaError
 
 LOG2_E = tl.constexpr(1.4426950408889634)  # a constexpr: kernels may read no other global
+LN_2 = tl.constexpr(0.6931471805599453)
+TILE = tl.constexpr(4)  # steps per tile, and states per quarter
+ROW = tl.constexpr(32)  # one step's row of the B/C table: B's 16 states, then C's
+STATES = tl.constexpr(16)  # states a channel's threads hold (d_state up to this)
+MAX_STATES = STATES.value
+TILE_STEPS = TILE.value
+ROW_WIDTH = ROW.value
 
 
 class SelectiveScanInputError(KotomambaError, ValueError):
@@ -58,220 +67,256 @@ class SelectiveScanInputError(KotomambaError, ValueError):
 
 @triton.jit
 def _softplus(x):
-    # torch.nn.functional.softplus (threshold 20) without losing e^x where 1 + e^x rounds to 1
-    e = tl.exp(-tl.abs(x))
-    log1p_e = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
+    # torch.nn.functional.softplus (threshold 20); the series keeps e = e^-|x| where 1 + e rounds
+    e = tl.exp2(-tl.abs(x) * LOG2_E)
+    log1p_e = tl.where(e < 1e-2, e * (1.0 - e * (0.5 - e * (0.3333333333 - 0.25 * e))), tl.log2(1.0 + e) * LN_2)
     return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + log1p_e)
 
 
 @triton.jit
-def _affine_combine(a_first, b_first, a_next, b_next):
-    # h -> a h + b, applied first then next: h -> a_next (a_first h + b_first) + b_next. A reverse scan
-    # hands the later segment first, so the same function composes the adjoint's maps backwards.
-    return a_first * a_next, a_next * b_first + b_next
+def _bit_or(a, b):
+    return a | b
 
 
 @triton.jit
-def _time_step(delta_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    # (dt, the raw delta + bias that softplus saw): dt is 0 where masked, so those steps keep the state
-    raw = tl.load(delta_ptrs, mask=mask, other=0.0).to(tl.float32)
+def _at(tile, j: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Step j of a [channels, 16] step tile, in all 16 columns. A step tile holds a channel's 4 steps in
+    each group of 4 columns, the 4 columns one thread holds, so this only picks a register (an OR of
+    the bits with zeros folds away, where a float sum with zeros would not)."""
+    groups = tl.reshape(tile, (BLOCK_D, 4, TILE)).to(tl.int32, bitcast=True)
+    picked = tl.reduce(tl.where(tl.arange(0, TILE)[None, None, :] == j, groups, 0), 2, _bit_or)
+    picked = picked.to(tl.float32, bitcast=True)
+    return tl.reshape(tl.broadcast_to(picked[:, :, None], (BLOCK_D, 4, TILE)), (BLOCK_D, STATES))
+
+
+@triton.jit
+def _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """u, dt and the raw delta (+ bias) that softplus saw, as step tiles; dt is 0 where masked, which keeps the state."""
+    u = tl.load(u_rows + t[None, :], mask=mask, other=0.0).to(tl.float32)
+    raw = tl.load(delta_rows + t[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        raw += bias[:, None]
+        raw += bias
     dt = _softplus(raw) if SOFTPLUS else raw
-    return tl.where(mask, dt, 0.0), raw
+    return u, tl.where(mask, dt, 0.0), raw
+
+
+@triton.jit
+def _advance_tile(h, a2, dt, dtu, rows, BLOCK_D: tl.constexpr):
+    # the state after a tile's 4 steps
+    h = tl.exp2(_at(dt, 0, BLOCK_D) * a2) * h + _at(dtu, 0, BLOCK_D) * tl.load(rows)
+    h = tl.exp2(_at(dt, 1, BLOCK_D) * a2) * h + _at(dtu, 1, BLOCK_D) * tl.load(rows + ROW)
+    h = tl.exp2(_at(dt, 2, BLOCK_D) * a2) * h + _at(dtu, 2, BLOCK_D) * tl.load(rows + 2 * ROW)
+    return tl.exp2(_at(dt, 3, BLOCK_D) * a2) * h + _at(dtu, 3, BLOCK_D) * tl.load(rows + 3 * ROW)
+
+
+@triton.jit
+def _program_rows(pid_d, pid_bg, n_groups, dim_per_group, BLOCK_D: tl.constexpr):
+    b = pid_bg // n_groups
+    g = pid_bg % n_groups
+    local_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    return b, local_d, local_d < dim_per_group, g * dim_per_group + local_d
 
 
 @triton.jit
 def _selective_scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, out_z_ptr, states_ptr,
-    dim_per_group, n_groups, seqlen, dstate, n_chunks,
+    u_ptr, delta_ptr, A_ptr, BC_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, out_z_ptr, last_state_ptr,
+    dim_per_group, n_groups, seqlen, dstate, padded_len,
     stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_A_d, stride_A_n,
-    stride_B_b, stride_B_g, stride_B_n, stride_C_b, stride_C_g, stride_C_n,
     stride_z_b, stride_z_d, stride_out_b, stride_out_d, stride_out_z_b, stride_out_z_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    STORE_OUT: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, UNROLL: tl.constexpr,
+    STORE_OUT: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
     pid_bg = tl.program_id(1)
-    b = pid_bg // n_groups
-    g = pid_bg % n_groups
+    b, local_d, mask_d, d = _program_rows(tl.program_id(0), pid_bg, n_groups, dim_per_group, BLOCK_D)
     dim = dim_per_group * n_groups
-    local_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = local_d < dim_per_group
-    d = g * dim_per_group + local_d
-    columns = tl.arange(0, T)
-    is_last = (columns == T - 1)[None, :]
-    # state n of channel d after chunk c: states[b, d, c, n]. The states leaving a chunk are gathered in
-    # the columns of a tile and stored at its end; the next chunk reads each back from memory.
-    state_base = states_ptr + (b * dim + d) * n_chunks * dstate
-    state_tile = states_ptr + (b * dim + d[:, None]) * n_chunks * dstate + columns[None, :]
-    mask_state = mask_d[:, None] & (columns[None, :] < dstate)
+    n = tl.arange(0, STATES)
+    step = n % TILE  # the step a column of a step tile holds
+    once = (n < TILE)[None, :]  # one copy of each step, for stores
+    a2 = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :] * stride_A_n, mask=mask_d[:, None] & (n < dstate)[None, :],
+                 other=0.0) * LOG2_E
+    bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0)[:, None] if HAS_BIAS else None
     if HAS_D:
-        D = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
-    A_rows = A_ptr + d * stride_A_d
-    B_row = B_ptr + b * stride_B_b + g * stride_B_g
-    C_row = C_ptr + b * stride_C_b + g * stride_C_g
-
-    for chunk in range(0, n_chunks):
-        t = chunk * T + columns
-        mask_t = t < seqlen
-        mask_dt = mask_d[:, None] & mask_t[None, :]
-        mask_start = mask_d & (d * 0 + chunk > 0)
-        u = tl.load(u_ptr + b * stride_u_b + d[:, None] * stride_u_d + t[None, :], mask=mask_dt,
-                    other=0.0).to(tl.float32)
-        dt, _ = _time_step(delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d + t[None, :], mask_dt, bias,
-                           HAS_BIAS, SOFTPLUS)
+        D = tl.load(D_ptr + d, mask=mask_d, other=0.0)[:, None]
+    u_rows = u_ptr + b * stride_u_b + d[:, None] * stride_u_d
+    delta_rows = delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d
+    bc_rows = BC_ptr + pid_bg * padded_len * ROW + n[None, :] + 0 * local_d[:, None]
+    h = tl.zeros((BLOCK_D, STATES), dtype=tl.float32)
+    for t0 in range(0, seqlen, TILE):
+        t = t0 + step
+        mask = mask_d[:, None] & (t < seqlen)[None, :]
+        u, dt, _ = _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS, SOFTPLUS)
         dtu = dt * u
-        y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
-        states_out = tl.zeros((BLOCK_D, T), dtype=tl.float32)
-        for n in tl.range(0, dstate, loop_unroll_factor=UNROLL):
-            A2 = tl.load(A_rows + n * stride_A_n, mask=mask_d, other=0.0) * LOG2_E
-            Bn = tl.load(B_row + n * stride_B_n + t, mask=mask_t, other=0.0).to(tl.float32)
-            Cn = tl.load(C_row + n * stride_C_n + t, mask=mask_t, other=0.0).to(tl.float32)
-            start = tl.load(state_base + (chunk - 1) * dstate + n, mask=mask_start, other=0.0)
-            decay = tl.exp2(dt * A2[:, None])
-            decay_prefix, inflow_prefix = tl.associative_scan((decay, dtu * Bn[None, :]), 1, _affine_combine)
-            hs = decay_prefix * start[:, None] + inflow_prefix
-            y += hs * Cn[None, :]
-            # steps past the end keep the state, so the last column holds it also in a short last chunk
-            last = tl.sum(tl.where(is_last, hs, 0.0), axis=1)
-            states_out = tl.where(columns[None, :] == n, last[:, None], states_out)
-        tl.store(state_tile + chunk * dstate, states_out, mask=mask_state)
-        tl.debug_barrier()  # this chunk's states are read by other threads in the next one
+        rows = bc_rows + t0 * ROW
+        y = tl.zeros((BLOCK_D, STATES), dtype=tl.float32)
+        for j in tl.static_range(TILE):
+            h = tl.exp2(_at(dt, j, BLOCK_D) * a2) * h + _at(dtu, j, BLOCK_D) * tl.load(rows + j * ROW)
+            y = tl.where(step[None, :] == j, tl.sum(h * tl.load(rows + (j * ROW + STATES)), axis=1)[:, None], y)
         if HAS_D:
-            y += u * D[:, None]
+            y += u * D
         if STORE_OUT:
-            tl.store(out_ptr + b * stride_out_b + d[:, None] * stride_out_d + t[None, :], y, mask=mask_dt)
+            tl.store(out_ptr + b * stride_out_b + d[:, None] * stride_out_d + t[None, :], y, mask=mask & once)
         if HAS_Z:
-            z = tl.load(z_ptr + b * stride_z_b + d[:, None] * stride_z_d + t[None, :], mask=mask_dt,
+            z = tl.load(z_ptr + b * stride_z_b + d[:, None] * stride_z_d + t[None, :], mask=mask & once,
                         other=0.0).to(tl.float32)
             tl.store(out_z_ptr + b * stride_out_z_b + d[:, None] * stride_out_z_d + t[None, :], y * z * tl.sigmoid(z),
-                     mask=mask_dt)
+                     mask=mask & once)
+    tl.store(last_state_ptr + (b * dim + d[:, None]) * dstate + n[None, :], h,
+             mask=mask_d[:, None] & (n < dstate)[None, :])
+
+
+@triton.jit
+def _adjoint_step(G, decay_next, dA, h, a2, dt, dtu, u, dyg, rows, part_row, n, BLOCK_D: tl.constexpr,
+                  DETERMINISTIC: tl.constexpr):
+    """One step backwards. G enters as dL/dh of the next step and leaves as this step's; h is this step's
+    state. Writes the step's dB/dC summed over the program's channels to part_row[0:32]; returns
+    (G, this step's decay, dA, dL/d dt, sum_n G B, y - D u); u, dt, dtu and dyg are this step's in every column."""
+    B = tl.load(rows)
+    C = tl.load(rows + STATES)
+    G = decay_next * G + C * dyg
+    decayed = h - dtu * B  # exp(dt A) h_{t-1}, recovered from h_t
+    Gd = G * decayed
+    dA += dt * Gd
+    sum_GB = tl.sum(G * B, axis=1)[:, None]
+    ddt = LN_2 * tl.sum(a2 * Gd, axis=1)[:, None] + u * sum_GB
+    sums = tl.sum(tl.join(G * dtu, h * dyg), axis=0)
+    if DETERMINISTIC:
+        tl.store(part_row + tl.join(n, n + STATES), sums)
+    else:
+        tl.atomic_add(part_row + tl.join(n, n + STATES), sums, sem="relaxed")
+    return G, tl.exp2(dt * a2), dA, ddt, sum_GB, tl.sum(h * C, axis=1)[:, None]
 
 
 @triton.jit
 def _selective_scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dout_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, out_z_ptr,
-    dB_part_ptr, dC_part_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, carry_ptr,
-    dim_per_group, n_groups, seqlen, dstate, n_chunks, n_programs_d,
+    u_ptr, delta_ptr, A_ptr, BC_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, out_z_ptr, dBC_part_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, states_ptr,
+    dim_per_group, n_groups, seqlen, dstate, padded_len, n_segments,
     stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_A_d, stride_A_n,
-    stride_B_b, stride_B_g, stride_B_n, stride_C_b, stride_C_g, stride_C_n,
     stride_z_b, stride_z_d, stride_dout_b, stride_dout_d, stride_du_b, stride_du_d,
     stride_ddelta_b, stride_ddelta_d, stride_dz_b, stride_dz_d, stride_out_z_b, stride_out_z_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    STORE_OUT_Z: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, SPLIT: tl.constexpr,
-    UNROLL: tl.constexpr,
+    STORE_OUT_Z: tl.constexpr, BLOCK_D: tl.constexpr, SEGMENT: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_bg = tl.program_id(1)
-    b = pid_bg // n_groups
-    g = pid_bg % n_groups
+    program = pid_bg * tl.num_programs(0) + pid_d
+    b, local_d, mask_d, d = _program_rows(pid_d, pid_bg, n_groups, dim_per_group, BLOCK_D)
     dim = dim_per_group * n_groups
-    columns = tl.arange(0, T)
-    is_first = (columns == 0)[None, :]
-    is_last = (columns == T - 1)[None, :]
-    B_row = B_ptr + b * stride_B_b + g * stride_B_g
-    C_row = C_ptr + b * stride_C_b + g * stride_C_g
-    # Partial dB/dC of this program: [batch, group, program, n, seqlen], fp32, summed over its sub-blocks
-    part_base = (pid_bg * n_programs_d + pid_d) * dstate * seqlen
-    # dL/dh entering a chunk from the next one: carry[parity, b, d, n], written and read in alternate halves
-    carry_half = tl.num_programs(1) * dim_per_group * dstate
+    n = tl.arange(0, STATES)
+    step = n % TILE
+    once = (n < TILE)[None, :]
+    mask_n = mask_d[:, None] & (n < dstate)[None, :]
+    a2 = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :] * stride_A_n, mask=mask_n, other=0.0) * LOG2_E
+    bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0)[:, None] if HAS_BIAS else None
+    if HAS_D:
+        D = tl.load(D_ptr + d, mask=mask_d, other=0.0)[:, None]
+    u_rows = u_ptr + b * stride_u_b + d[:, None] * stride_u_d
+    delta_rows = delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d
+    bc_rows = BC_ptr + pid_bg * padded_len * ROW + n[None, :] + 0 * local_d[:, None]
+    # dB/dC: this program's own partial-sum rows, or (not DETERMINISTIC) the one sum all programs add into
+    part_rows = dBC_part_ptr + (program if DETERMINISTIC else pid_bg) * padded_len * ROW
+    # Saved states, [program, slot, channel, 16] fp32: slot s < n_segments holds the state before segment s,
+    # slot n_segments + k the state before tile k of the segment being worked on.
+    tiles_per_segment: tl.constexpr = SEGMENT // TILE
+    slot_size: tl.constexpr = BLOCK_D * STATES
+    slots = (states_ptr + program * (n_segments + tiles_per_segment) * slot_size
+             + tl.arange(0, BLOCK_D)[:, None] * STATES + n[None, :])
+    tile_slots = slots + n_segments * slot_size
+    zero = tl.zeros((BLOCK_D, STATES), dtype=tl.float32)
 
-    for chunk_back in range(0, n_chunks):
-        chunk = n_chunks - 1 - chunk_back
-        t = chunk * T + columns
-        mask_t = t < seqlen
-        mask_next = t + 1 < seqlen
-        carry_in = carry_ptr + (chunk_back % 2) * carry_half
-        carry_out = carry_ptr + ((chunk_back + 1) % 2) * carry_half
-        for split in range(0, SPLIT):
-            local_d = (pid_d * SPLIT + split) * BLOCK_D + tl.arange(0, BLOCK_D)
-            mask_d = local_d < dim_per_group
-            d = g * dim_per_group + local_d
-            mask_dt = mask_d[:, None] & mask_t[None, :]
-            mask_start = mask_d & (d * 0 + chunk > 0)
-            mask_part = mask_t & (t * 0 + split > 0)
-            bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
-            delta_rows = delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d
-            u_tile = u_ptr + b * stride_u_b + d[:, None] * stride_u_d + t[None, :]
-            dout_tile = dout_ptr + b * stride_dout_b + d[:, None] * stride_dout_d + t[None, :]
-            z_tile = z_ptr + b * stride_z_b + d[:, None] * stride_z_d + t[None, :] if HAS_Z else None
-            dt, _ = _time_step(delta_rows + t[None, :], mask_dt, bias, HAS_BIAS, SOFTPLUS)
-            # the next step's dt: the adjoint flows back through its decay exp(dt_{t+1} A)
-            dt_next, _ = _time_step(delta_rows + t[None, :] + 1, mask_d[:, None] & mask_next[None, :], bias,
-                                    HAS_BIAS, SOFTPLUS)
-            dtu = dt * tl.load(u_tile, mask=mask_dt, other=0.0).to(tl.float32)
-            dy = tl.load(dout_tile, mask=mask_dt, other=0.0).to(tl.float32)
+    h = zero
+    for segment in range(0, n_segments):
+        tl.store(slots + segment * slot_size, h)
+        for t0 in range(segment * SEGMENT, (segment + 1) * SEGMENT, TILE):
+            t = t0 + step
+            mask = mask_d[:, None] & (t < seqlen)[None, :]
+            u, dt, _ = _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS, SOFTPLUS)
+            h = _advance_tile(h, a2, dt, dt * u, bc_rows + t0 * ROW, BLOCK_D)
+
+    G = zero  # dL/dh of the step after
+    decay = zero  # the decay of the step after
+    dA = zero
+    dD = zero  # summed over the columns that hold each step once
+    dbias = zero
+    for segment_back in range(0, n_segments):
+        segment = n_segments - 1 - segment_back
+        if SEGMENT > TILE:
+            h = tl.load(slots + segment * slot_size)
+            for tile in range(0, tiles_per_segment):
+                tl.store(tile_slots + tile * slot_size, h)
+                t0 = segment * SEGMENT + tile * TILE
+                t = t0 + step
+                u, dt, _ = _step_inputs(u_rows, delta_rows, t, mask_d[:, None] & (t < seqlen)[None, :], bias,
+                                        HAS_BIAS, SOFTPLUS)
+                h = _advance_tile(h, a2, dt, dt * u, bc_rows + t0 * ROW, BLOCK_D)
+        for tile_back in range(0, tiles_per_segment):
+            tile = tiles_per_segment - 1 - tile_back
+            t0 = segment * SEGMENT + tile * TILE
+            t = t0 + step
+            mask = mask_d[:, None] & (t < seqlen)[None, :]
+            u, dt, raw = _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS, SOFTPLUS)
+            dtu = dt * u
+            dout = tl.load(dout_ptr + b * stride_dout_b + d[:, None] * stride_dout_d + t[None, :], mask=mask,
+                           other=0.0).to(tl.float32)
             if HAS_Z:
-                z = tl.load(z_tile, mask=mask_dt, other=0.0).to(tl.float32)
-                dy = dy * z * tl.sigmoid(z)
-            state_base = states_ptr + ((b * dim + d) * n_chunks + chunk - 1) * dstate
-            channel_state = (b * dim + d) * dstate
-            sum_GB = tl.zeros((BLOCK_D, T), dtype=tl.float32)
-            ddt = tl.zeros((BLOCK_D, T), dtype=tl.float32)
-            y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
-            for n in tl.range(0, dstate, loop_unroll_factor=UNROLL):
-                A = tl.load(A_ptr + d * stride_A_d + n * stride_A_n, mask=mask_d, other=0.0)
-                Bn = tl.load(B_row + n * stride_B_n + t, mask=mask_t, other=0.0).to(tl.float32)
-                Cn = tl.load(C_row + n * stride_C_n + t, mask=mask_t, other=0.0).to(tl.float32)
-                # the forward inside the chunk, from the state the forward stored before it
-                start = tl.load(state_base + n, mask=mask_start, other=0.0)
-                decay = tl.exp2(dt * (A * LOG2_E)[:, None])
-                inflow = dtu * Bn[None, :]
-                decay_prefix, inflow_prefix = tl.associative_scan((decay, inflow), 1, _affine_combine)
-                hs = decay_prefix * start[:, None] + inflow_prefix
-                # the adjoint G_t = C_t dy_t + exp(dt_{t+1} A) G_{t+1}, as a reverse scan
-                carry = tl.load(carry_in + channel_state + n, mask=mask_d, other=0.0)
-                decay_next = tl.exp2(dt_next * (A * LOG2_E)[:, None])
-                # the carry enters at the chunk's last step, so only the scan's sums are needed
-                adjoint_in = dy * Cn[None, :] + tl.where(is_last, decay_next * carry[:, None], 0.0)
-                _, G = tl.associative_scan((decay_next, adjoint_in), 1, _affine_combine, reverse=True)
-                tl.store(carry_out + channel_state + n, tl.sum(tl.where(is_first, G, 0.0), axis=1), mask=mask_d)
-                if HAS_Z:
-                    y += hs * Cn[None, :]
-                part_row = part_base + n * seqlen + t
-                dC_row = dC_part_ptr + part_row
-                tl.store(dC_row, tl.load(dC_row, mask=mask_part, other=0.0) + tl.sum(hs * dy, axis=0), mask=mask_t)
-                dB_row = dB_part_ptr + part_row
-                tl.store(dB_row, tl.load(dB_row, mask=mask_part, other=0.0) + tl.sum(G * dtu, axis=0), mask=mask_t)
-                sum_GB += G * Bn[None, :]
-                decayed_prev = hs - inflow  # exp(dt_t A) h_{t-1}
-                AG_prev = G * decayed_prev
-                ddt += A[:, None] * AG_prev
-                dA_n = dA_part_ptr + channel_state + n
-                tl.store(dA_n, tl.load(dA_n, mask=mask_d, other=0.0) + tl.sum(AG_prev * dt, axis=1), mask=mask_d)
-            # u, dout, z and delta are loaded again rather than held in registers through the state loop
-            u = tl.load(u_tile, mask=mask_dt, other=0.0).to(tl.float32)
-            du = dt * sum_GB
-            if HAS_D:
-                D = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-                du += dy * D[:, None]
-                dD_rows = dD_part_ptr + b * dim + d
-                tl.store(dD_rows, tl.load(dD_rows, mask=mask_d, other=0.0) + tl.sum(dy * u, axis=1), mask=mask_d)
-            tl.store(du_ptr + b * stride_du_b + d[:, None] * stride_du_d + t[None, :], du, mask=mask_dt)
-            ddt += u * sum_GB
-            if SOFTPLUS:
-                _, dt_raw = _time_step(delta_rows + t[None, :], mask_dt, bias, HAS_BIAS, False)
-                ddt = ddt * tl.sigmoid(dt_raw)
-            ddt = tl.where(mask_dt, ddt, 0.0)
-            tl.store(ddelta_ptr + b * stride_ddelta_b + d[:, None] * stride_ddelta_d + t[None, :], ddt, mask=mask_dt)
-            if HAS_BIAS:
-                dbias_rows = dbias_part_ptr + b * dim + d
-                tl.store(dbias_rows, tl.load(dbias_rows, mask=mask_d, other=0.0) + tl.sum(ddt, axis=1), mask=mask_d)
-            if HAS_Z:
-                if HAS_D:
-                    y += u * D[:, None]
-                dout = tl.load(dout_tile, mask=mask_dt, other=0.0).to(tl.float32)
-                z = tl.load(z_tile, mask=mask_dt, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + b * stride_z_b + d[:, None] * stride_z_d + t[None, :], mask=mask,
+                            other=0.0).to(tl.float32)
                 z_sigmoid = tl.sigmoid(z)
+                dyg = dout * z * z_sigmoid  # dL/dy through the gate
+            else:
+                dyg = dout
+            rows = bc_rows + t0 * ROW
+            part_row = part_rows + t0 * ROW
+            # the tile's 4 states, recomputed from the one saved before it
+            if SEGMENT > TILE:
+                s0 = tl.load(tile_slots + tile * slot_size)
+            else:  # a segment is one tile: the first pass saved its state
+                s0 = tl.load(slots + segment * slot_size)
+            s1 = tl.exp2(_at(dt, 0, BLOCK_D) * a2) * s0 + _at(dtu, 0, BLOCK_D) * tl.load(rows)
+            s2 = tl.exp2(_at(dt, 1, BLOCK_D) * a2) * s1 + _at(dtu, 1, BLOCK_D) * tl.load(rows + ROW)
+            s3 = tl.exp2(_at(dt, 2, BLOCK_D) * a2) * s2 + _at(dtu, 2, BLOCK_D) * tl.load(rows + 2 * ROW)
+            s4 = tl.exp2(_at(dt, 3, BLOCK_D) * a2) * s3 + _at(dtu, 3, BLOCK_D) * tl.load(rows + 3 * ROW)
+            G, decay, dA, ddt_3, gb_3, y_3 = _adjoint_step(
+                G, decay, dA, s4, a2, _at(dt, 3, BLOCK_D), _at(dtu, 3, BLOCK_D), _at(u, 3, BLOCK_D),
+                _at(dyg, 3, BLOCK_D), rows + 3 * ROW, part_row + 3 * ROW, n, BLOCK_D, DETERMINISTIC)
+            G, decay, dA, ddt_2, gb_2, y_2 = _adjoint_step(
+                G, decay, dA, s3, a2, _at(dt, 2, BLOCK_D), _at(dtu, 2, BLOCK_D), _at(u, 2, BLOCK_D),
+                _at(dyg, 2, BLOCK_D), rows + 2 * ROW, part_row + 2 * ROW, n, BLOCK_D, DETERMINISTIC)
+            G, decay, dA, ddt_1, gb_1, y_1 = _adjoint_step(
+                G, decay, dA, s2, a2, _at(dt, 1, BLOCK_D), _at(dtu, 1, BLOCK_D), _at(u, 1, BLOCK_D),
+                _at(dyg, 1, BLOCK_D), rows + ROW, part_row + ROW, n, BLOCK_D, DETERMINISTIC)
+            G, decay, dA, ddt_0, gb_0, y_0 = _adjoint_step(
+                G, decay, dA, s1, a2, _at(dt, 0, BLOCK_D), _at(dtu, 0, BLOCK_D), _at(u, 0, BLOCK_D),
+                _at(dyg, 0, BLOCK_D), rows, part_row, n, BLOCK_D, DETERMINISTIC)
+            is_0, is_1, is_2 = step[None, :] == 0, step[None, :] == 1, step[None, :] == 2
+            ddt = tl.where(is_0, ddt_0, tl.where(is_1, ddt_1, tl.where(is_2, ddt_2, ddt_3)))
+            du = dt * tl.where(is_0, gb_0, tl.where(is_1, gb_1, tl.where(is_2, gb_2, gb_3)))
+            if HAS_D:
+                du += dyg * D
+                dD += tl.where(once, dyg * u, 0.0)
+            tl.store(du_ptr + b * stride_du_b + d[:, None] * stride_du_d + t[None, :], du, mask=mask & once)
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(raw)
+            ddt = tl.where(mask, ddt, 0.0)
+            tl.store(ddelta_ptr + b * stride_ddelta_b + d[:, None] * stride_ddelta_d + t[None, :], ddt,
+                     mask=mask & once)
+            if HAS_BIAS:
+                dbias += tl.where(once, ddt, 0.0)
+            if HAS_Z:
+                y = tl.where(is_0, y_0, tl.where(is_1, y_1, tl.where(is_2, y_2, y_3)))
+                if HAS_D:
+                    y += u * D
                 dz = dout * y * z_sigmoid * (1.0 + z * (1.0 - z_sigmoid))
-                tl.store(dz_ptr + b * stride_dz_b + d[:, None] * stride_dz_d + t[None, :], dz, mask=mask_dt)
+                tl.store(dz_ptr + b * stride_dz_b + d[:, None] * stride_dz_d + t[None, :], dz, mask=mask & once)
                 if STORE_OUT_Z:
                     tl.store(out_z_ptr + b * stride_out_z_b + d[:, None] * stride_out_z_d + t[None, :],
-                             y * z * z_sigmoid, mask=mask_dt)
-            tl.debug_barrier()  # the next sub-block adds to the dB/dC rows, the next chunk reads the carries
+                             y * z * z_sigmoid, mask=mask & once)
+    # per batch row; torch.sum adds the batch rows
+    tl.store(dA_part_ptr + (b * dim + d[:, None]) * dstate + n[None, :], dA, mask=mask_n)
+    if HAS_D:
+        tl.store(dD_part_ptr + b * dim + d, tl.sum(dD, axis=1), mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_part_ptr + b * dim + d, tl.sum(dbias, axis=1), mask=mask_d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,35 +325,29 @@ def _selective_scan_bwd_kernel(
 
 @dataclasses.dataclass(frozen=True)
 class ScanConfig:
-    """Tile sizes of one launch pair. The forward stores a state every ``chunk`` steps and the backward
-    restarts from those states, so both must use the same ``chunk``."""
+    """Tile sizes of the forward and backward launches. A warp holds 8 channels (4 threads each, 4
+    states per thread); more channels per program than 8 x warps give a thread several channels."""
 
-    # Defaults: the fastest of a sweep on an H200 at 2.8b, batch 8, seq 2048 (docs/benchmarks.md)
-    chunk: int = 32  # T: steps per scan tile (power of two; at least d_state)
-    forward_block_d: int = 16  # channels per forward program
-    forward_warps: int = 4
-    forward_unroll: int = 1  # states per turn of the state loop (lets loads and scans of several overlap)
-    backward_block_d: int = 16  # channels per backward sub-block
-    backward_split: int | None = None  # sub-blocks per backward program; None: as many as still fill the GPU
-    backward_warps: int = 4
-    backward_unroll: int = 1
+    # Defaults: the fastest of a sweep on one H100 at 2.8b, batch 8, seq 2048, among those whose backward
+    # needs at most ~0.35 GB beyond mamba-ssm's (docs/benchmarks.md)
+    forward_block_d: int = 8  # channels per forward program (8 per warp: one channel per 4 threads)
+    forward_warps: int = 1
+    forward_max_registers: int | None = None  # a cap on registers per thread (more warps fit; may spill)
+    backward_block_d: int = 8  # channels per backward program; warps of one program meet at every step
+    backward_warps: int = 1
+    backward_max_registers: int | None = 128
+    segment: int = 16  # steps between the states the backward's first pass saves (a multiple of 4)
+    # dB/dC: False adds each program's per-step sums into one fp32 sum with atomic adds (float addition
+    # in no fixed order); True writes per-program partial sums that one torch.sum adds in a fixed order:
+    # bitwise repeatable, slower, and one fp32 (seqlen, 32) row per program (d_inner / 8 rows per batch row)
+    deterministic: bool = False
+
+    def __post_init__(self):
+        if self.segment <= 0 or self.segment % TILE_STEPS:
+            raise ValueError(f"ScanConfig.segment must be a positive multiple of {TILE_STEPS}, got {self.segment}")
 
 
 DEFAULT_CONFIG = ScanConfig()
-
-
-def _backward_split(config: ScanConfig, blocks: int, device: torch.device) -> int:
-    if config.backward_split is not None:
-        return config.backward_split
-    if device.type != "cuda":
-        return 2
-    # Enough programs for ~4 per multiprocessor; beyond that, fewer partial sums of dB/dC to add up.
-    programs_wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(16, blocks // programs_wanted))
-
-
-# ----------------------------------------------------------------------------------------------
-# Checks and launches
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
@@ -325,8 +364,8 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
     if A.is_complex() or A.dtype != torch.float32 or A.dim() != 2 or A.shape[0] != dim:
         fail(f"A must be real float32 (dim={dim}, d_state), got {A.dtype} {tuple(A.shape)}")
     dstate = A.shape[1]
-    if dstate > 256:
-        fail(f"d_state={dstate} is larger than 256")
+    if dstate > MAX_STATES:
+        fail(f"d_state={dstate} is larger than {MAX_STATES}, the most states this kernel keeps per channel")
     for name, tensor in (("B", B), ("C", C)):
         if tensor.dim() != 4:
             fail(f"{name} must be input-dependent, (batch, groups, d_state, seqlen), got shape {tuple(tensor.shape)}")
@@ -356,50 +395,57 @@ def _strides(tensor: torch.Tensor | None, dims: int) -> tuple[int, ...]:
     return tuple(tensor.stride()[:dims]) if tensor is not None else (0,) * dims
 
 
-def _block_n(dstate: int) -> int:
-    return max(2, triton.next_power_of_2(dstate))
+def _bc_table(B: torch.Tensor, C: torch.Tensor, padded_len: int) -> torch.Tensor:
+    """(batch x groups, padded_len, 32) fp32: each step's B states in columns 0-15 and C's in 16-31, zero past
+    d_state and seqlen, so that the kernels read a step's B and C unmasked, in 16-byte pieces."""
+    batch, groups, dstate, seqlen = B.shape
+    table = torch.zeros(batch * groups, padded_len, ROW_WIDTH, device=B.device, dtype=torch.float32)
+    table[:, :seqlen, :dstate] = B.reshape(batch * groups, dstate, seqlen).transpose(1, 2)
+    table[:, :seqlen, MAX_STATES:MAX_STATES + dstate] = C.reshape(batch * groups, dstate, seqlen).transpose(1, 2)
+    return table
 
 
-def _chunk(config: ScanConfig, dstate: int) -> int:
-    # the kernels carry the states in the columns of a [channels, chunk] tile
-    return max(config.chunk, _block_n(dstate))
+def _register_cap(max_registers: int | None, tensor: torch.Tensor) -> dict:
+    return {"maxnreg": max_registers} if max_registers and tensor.is_cuda else {}
+
+
+def _device_context(tensor: torch.Tensor):
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, store_out=True,
                  config: ScanConfig | None = None):
-    """Runs the forward kernel. Returns (out or None, chunk_states, out_z or None).
+    """Runs the forward kernel. Returns (out or None, last_state, out_z or None).
 
-    ``chunk_states`` is (batch, dim, n_chunks, d_state) float32: the state after each chunk of
-    ``config.chunk`` steps; its last entry is the final state. ``out`` (before the z gate) is
-    computed only when ``store_out``; ``out_z`` only when ``z`` is given.
+    ``last_state`` is (batch, dim, d_state) float32. ``out`` (before the z gate) is computed only when
+    ``store_out``; ``out_z`` only when ``z`` is given.
     """
     config = config or DEFAULT_CONFIG
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    u, delta, B, C, z = (_last_dim_contiguous(t) for t in (u, delta, B, C, z))
+    u, delta, z = (_last_dim_contiguous(t) for t in (u, delta, z))
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     n_groups = B.shape[1]
     dim_per_group = dim // n_groups
-    chunk = _chunk(config, dstate)
-    n_chunks = max(1, triton.cdiv(seqlen, chunk))
+    padded_len = triton.cdiv(max(seqlen, 1), TILE_STEPS) * TILE_STEPS
+    bc = _bc_table(B, C, padded_len)
     out = torch.empty_like(u, memory_format=torch.contiguous_format) if store_out else None
     out_z = torch.empty_like(u, memory_format=torch.contiguous_format) if z is not None else None
-    states = torch.empty(batch, dim, n_chunks, dstate, device=u.device, dtype=torch.float32)
+    last_state = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
     grid = (triton.cdiv(dim_per_group, config.forward_block_d), batch * n_groups)
-    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+    with _device_context(u):
         _selective_scan_fwd_kernel[grid](
-            u, delta, A, B, C, D, z, delta_bias, out, out_z, states,
-            dim_per_group, n_groups, seqlen, dstate, n_chunks,
-            *_strides(u, 2), *_strides(delta, 2), *A.stride(), *_strides(B, 3), *_strides(C, 3),
-            *_strides(z, 2), *_strides(out, 2), *_strides(out_z, 2),
+            u, delta, A, bc, D, z, delta_bias, out, out_z, last_state,
+            dim_per_group, n_groups, seqlen, dstate, padded_len,
+            *_strides(u, 2), *_strides(delta, 2), *A.stride(), *_strides(z, 2), *_strides(out, 2), *_strides(out_z, 2),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-            STORE_OUT=store_out, BLOCK_D=config.forward_block_d, T=chunk, UNROLL=config.forward_unroll,
-            num_warps=config.forward_warps,
+            STORE_OUT=store_out, BLOCK_D=config.forward_block_d, num_warps=config.forward_warps,
+            **_register_cap(config.forward_max_registers, u),
         )
-    return out, states, out_z
+    return out, last_state, out_z
 
 
-def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, states, delta_softplus=False, dz=None,
+def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus=False, dz=None,
                   recompute_out_z=False, config: ScanConfig | None = None):
     """Runs the backward kernel and adds up its partial sums.
 
@@ -408,23 +454,20 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, states, delta_softp
     preallocated tensor to write into (any strides with the last one 1), as mamba-ssm's block passes.
     """
     config = config or DEFAULT_CONFIG
-    u, delta, B, C, z, dout = (_last_dim_contiguous(t) for t in (u, delta, B, C, z, dout))
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    u, delta, z, dout = (_last_dim_contiguous(t) for t in (u, delta, z, dout))
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     n_groups = B.shape[1]
     dim_per_group = dim // n_groups
-    n_chunks = states.shape[2]
-    chunk = _chunk(config, dstate)
-    if states.shape != (batch, dim, n_chunks, dstate) or n_chunks != max(1, triton.cdiv(seqlen, chunk)):
-        raise SelectiveScanInputError(
-            f"selective_scan backward: chunk states of shape {tuple(states.shape)} do not come from a forward "
-            f"of this input with chunk={chunk}")
     if tuple(dout.shape) != (batch, dim, seqlen):
         raise SelectiveScanInputError(f"selective_scan backward: dout has shape {tuple(dout.shape)}, "
                                       f"expected {(batch, dim, seqlen)}")
-    blocks = batch * n_groups * triton.cdiv(dim_per_group, config.backward_block_d)
-    split = _backward_split(config, blocks, u.device)
-    n_programs_d = triton.cdiv(dim_per_group, config.backward_block_d * split)
+    n_segments = triton.cdiv(max(seqlen, 1), config.segment)
+    padded_len = n_segments * config.segment
+    bc = _bc_table(B, C, padded_len)
+    n_programs_d = triton.cdiv(dim_per_group, config.backward_block_d)
+    programs = n_programs_d * batch * n_groups
     float_options = dict(device=u.device, dtype=torch.float32)
     du = torch.empty_like(u, memory_format=torch.contiguous_format)
     ddelta = torch.empty_like(delta, memory_format=torch.contiguous_format)
@@ -437,28 +480,30 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, states, delta_softp
     else:
         dz = None
     out_z = torch.empty_like(u, memory_format=torch.contiguous_format) if z is not None and recompute_out_z else None
-    dB_part = torch.empty(batch, n_groups, n_programs_d, dstate, seqlen, **float_options)
-    dC_part = torch.empty_like(dB_part)
-    dA_part = torch.zeros(batch, dim, dstate, **float_options)
-    carry = torch.zeros(2, batch, dim, dstate, **float_options)
-    dD_part = torch.zeros(batch, dim, **float_options) if D is not None else None
-    dbias_part = torch.zeros(batch, dim, **float_options) if delta_bias is not None else None
+    if config.deterministic:
+        dBC_part = torch.empty(batch * n_groups, n_programs_d, padded_len, ROW_WIDTH, **float_options)
+    else:
+        dBC_part = torch.zeros(batch * n_groups, 1, padded_len, ROW_WIDTH, **float_options)
+    dA_part = torch.empty(batch, dim, dstate, **float_options)
+    dD_part = torch.empty(batch, dim, **float_options) if D is not None else None
+    dbias_part = torch.empty(batch, dim, **float_options) if delta_bias is not None else None
+    slots = n_segments + config.segment // TILE_STEPS
+    states = torch.empty(programs, slots, config.backward_block_d, MAX_STATES, **float_options)
     grid = (n_programs_d, batch * n_groups)
-    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+    with _device_context(u):
         _selective_scan_bwd_kernel[grid](
-            u, delta, A, B, C, D, z, delta_bias, states, dout, du, ddelta, dz, out_z,
-            dB_part, dC_part, dA_part, dD_part, dbias_part, carry,
-            dim_per_group, n_groups, seqlen, dstate, n_chunks, n_programs_d,
-            *_strides(u, 2), *_strides(delta, 2), *A.stride(), *_strides(B, 3), *_strides(C, 3),
-            *_strides(z, 2), *_strides(dout, 2), *_strides(du, 2), *_strides(ddelta, 2), *_strides(dz, 2),
-            *_strides(out_z, 2),
+            u, delta, A, bc, D, z, delta_bias, dout, du, ddelta, dz, out_z, dBC_part, dA_part, dD_part, dbias_part,
+            states, dim_per_group, n_groups, seqlen, dstate, padded_len, n_segments,
+            *_strides(u, 2), *_strides(delta, 2), *A.stride(), *_strides(z, 2), *_strides(dout, 2), *_strides(du, 2),
+            *_strides(ddelta, 2), *_strides(dz, 2), *_strides(out_z, 2),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-            STORE_OUT_Z=out_z is not None, BLOCK_D=config.backward_block_d, T=chunk, SPLIT=split,
-            UNROLL=config.backward_unroll,
-            num_warps=config.backward_warps,
+            STORE_OUT_Z=out_z is not None, BLOCK_D=config.backward_block_d, SEGMENT=config.segment,
+            DETERMINISTIC=config.deterministic,
+            num_warps=config.backward_warps, **_register_cap(config.backward_max_registers, u),
         )
-    dB = dB_part.sum(dim=2).to(B.dtype)
-    dC = dC_part.sum(dim=2).to(C.dtype)
+    dBC = dBC_part.sum(dim=1)[:, :seqlen].view(batch, n_groups, seqlen, ROW_WIDTH).transpose(2, 3)
+    dB = dBC[:, :, :dstate].to(B.dtype, memory_format=torch.contiguous_format)
+    dC = dBC[:, :, MAX_STATES:MAX_STATES + dstate].to(C.dtype, memory_format=torch.contiguous_format)
     dA = dA_part.sum(dim=0)
     dD = dD_part.sum(dim=0) if D is not None else None
     ddelta_bias = dbias_part.sum(dim=0) if delta_bias is not None else None
@@ -476,22 +521,21 @@ class SelectiveScanFn(torch.autograd.Function):
         squeeze_B, squeeze_C = B.dim() == 3, C.dim() == 3
         B = B.unsqueeze(1) if squeeze_B else B
         C = C.unsqueeze(1) if squeeze_C else C
-        out, states, out_z = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, store_out=z is None)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        out, last_state, out_z = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, store_out=z is None)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.delta_softplus = delta_softplus
         ctx.squeeze = (squeeze_B, squeeze_C)
         result = out if z is None else out_z
         if not return_last_state:
             return result
-        last_state = states[:, :, -1]
         ctx.mark_non_differentiable(last_state)
         return result, last_state
 
     @staticmethod
     def backward(ctx, dout, *unused):
-        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, _ = scan_backward(
-            u, delta, A, B, C, D, z, delta_bias, dout, states, ctx.delta_softplus)
+            u, delta, A, B, C, D, z, delta_bias, dout, ctx.delta_softplus)
         squeeze_B, squeeze_C = ctx.squeeze
         return (du, ddelta, dA, dB.squeeze(1) if squeeze_B else dB, dC.squeeze(1) if squeeze_C else dC,
                 dD, dz, ddelta_bias, None, None)
@@ -525,9 +569,9 @@ class SelectiveScanExtension(types.ModuleType):
 
     Calls this kernel does not cover (complex A, constant B/C) go to the real extension unchanged.
     With ``z``, ``fwd`` returns an empty tensor for the pre-gate output: mamba-ssm's callers only hand
-    it back to ``bwd``, which recomputes it. The intermediate ``x`` is this kernel's chunk states, not
-    the CUDA kernel's layout: callers must not slice it (kotomamba routes ``selective_scan_fn`` to
-    :func:`selective_scan_fn`, whose final state comes from the states directly).
+    it back to ``bwd``, which recomputes it. The intermediate ``x`` holds only the final state, in the
+    CUDA kernel's layout (batch, dim, 1, 2 d_state) with the state in the odd entries (where mamba-ssm's
+    ``SelectiveScanFn`` reads it); the backward recomputes everything else.
     """
 
     def __init__(self, extension: types.ModuleType | None):
@@ -543,17 +587,20 @@ class SelectiveScanExtension(types.ModuleType):
     def fwd(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         if not handles(A, B, C):
             return self._fallback("fwd")(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-        out, states, out_z = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, store_out=z is None)
+        out, last_state, out_z = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                              store_out=z is None)
+        # mamba-ssm's x layout, (batch, dim, chunks, 2 d_state) with the state in the odd entries; one chunk
+        x = torch.stack((torch.zeros_like(last_state), last_state), dim=-1).flatten(-2).unsqueeze(2)
         if z is None:
-            return [out, states]
-        return [u.new_empty(0), states, out_z]
+            return [out, x]
+        return [u.new_empty(0), x, out_z]
 
     def bwd(self, u, delta, A, B, C, D, z, delta_bias, dout, x, out, dz, delta_softplus, recompute_out_z):
         if not handles(A, B, C):
             return self._fallback("bwd")(u, delta, A, B, C, D, z, delta_bias, dout, x, out, dz, delta_softplus,
                                          recompute_out_z)
         du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = scan_backward(
-            u, delta, A, B, C, D, z, delta_bias, dout, x, delta_softplus, dz=dz, recompute_out_z=recompute_out_z)
+            u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, dz=dz, recompute_out_z=recompute_out_z)
         result = [du, ddelta, dA, dB, dC, dD, ddelta_bias]
         if z is not None:
             result.append(dz)

@@ -114,8 +114,9 @@ def test_errors_against_float64_no_larger_than_mamba_ssms(kernels, model, d_inne
         assert errors["ours"][quantity] <= 1.5 * theirs_error + 2e-6, (quantity, errors["ours"][quantity], theirs_error)
 
 
-def test_backward_is_bitwise_deterministic_at_a_real_shape(kernels):
+def test_backward_is_bitwise_deterministic_at_a_real_shape(kernels, monkeypatch):
     ours_module, _ = kernels
+    monkeypatch.setattr(ours_module, "DEFAULT_CONFIG", ours_module.ScanConfig(deterministic=True))
     inputs = layer_inputs(5120, 2048, torch.bfloat16, batch=4)
     upstream = torch.randn(4, 5120, 2048, device="cuda")
 
@@ -138,17 +139,20 @@ def test_training_on_our_scan_follows_mamba_ssms_and_repeats_bitwise(tmp_path, s
             "--split", "100,0,0", "--seq-length", "1024", "--micro-batch-size", "2", "--global-batch-size", "2",
             "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "20", "--eval-iters", "0", "--num-workers", "1",
             "--seed", "7", "--log-interval", "50", "--bf16", "--train-iters", "200"]
-    ours = run_worker(torchrun_command(1), {"first": argv + ["--selective-scan", "kotomamba"],
-                                            "second": argv + ["--selective-scan", "kotomamba"]},
+    ours = run_worker(torchrun_command(1), {"first": argv + ["--selective-scan", "kotomamba-deterministic"],
+                                            "second": argv + ["--selective-scan", "kotomamba-deterministic"]},
                       tmp_path, timeout=900, name="ours")
-    theirs = run_worker(torchrun_command(1), {"mamba": argv + ["--selective-scan", "mamba-ssm"]},
-                        tmp_path, timeout=900, name="theirs")["mamba"]
+    # mamba-ssm's backward adds with atomics, so two of its runs differ by bf16 noise: the scale to compare with
+    theirs = run_worker(torchrun_command(1), {"mamba": argv + ["--selective-scan", "mamba-ssm"],
+                                              "mamba_again": argv + ["--selective-scan", "mamba-ssm"]},
+                        tmp_path, timeout=900, name="theirs")
     first, second = ours["first"]["loss"], ours["second"]["loss"]
-    final = {"ours": sum(first[-20:]) / 20, "mamba": sum(theirs["loss"][-20:]) / 20}
-    differences = [abs(a - b) for a, b in zip(first, theirs["loss"])]
-    print(json.dumps({"final_mean_loss": final, "max_loss_difference": max(differences),
+    mamba, mamba_again = theirs["mamba"]["loss"], theirs["mamba_again"]["loss"]
+    final = {"ours": sum(first[-20:]) / 20, "mamba": sum(mamba[-20:]) / 20, "mamba_again": sum(mamba_again[-20:]) / 20}
+    noise = abs(final["mamba"] - final["mamba_again"])
+    print(json.dumps({"final_mean_loss": final, "max_loss_difference": max(abs(a - b) for a, b in zip(first, mamba)),
                       "identical_runs_equal": first == second}))
-    assert len(first) == len(theirs["loss"]) == 200
-    assert abs(first[0] - theirs["loss"][0]) < 1e-3 * theirs["loss"][0]  # same weights, same batch
-    assert abs(final["ours"] - final["mamba"]) < 0.02 * final["mamba"]
+    assert len(first) == len(mamba) == 200
+    assert abs(first[0] - mamba[0]) < 1e-3 * mamba[0]  # same weights, same batch
+    assert abs(final["ours"] - final["mamba"]) < max(0.02 * final["mamba"], 3 * noise), (final, noise)
     assert first == second, [i for i, (a, b) in enumerate(zip(first, second)) if a != b][:5]
