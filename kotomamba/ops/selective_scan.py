@@ -49,7 +49,7 @@ from kotomamba.errors import KotomambaError
 
 LOG2_E = tl.constexpr(1.4426950408889634)  # a constexpr: kernels may read no other global
 LN_2 = tl.constexpr(0.6931471805599453)
-TILE = tl.constexpr(4)  # steps per tile, and states per quarter
+TILE = tl.constexpr(4)  # steps per tile, and states per thread
 ROW = tl.constexpr(32)  # one step's row of the B/C table: B's 16 states, then C's
 STATES = tl.constexpr(16)  # states a channel's threads hold (d_state up to this)
 MAX_STATES = STATES.value
