@@ -458,11 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.add_argument(
         "--selective-scan", type=_choice(SELECTIVE_SCAN_CHOICES), default="auto",
         metavar="{" + ",".join(SELECTIVE_SCAN_CHOICES) + "}",
-        help="Mamba-1's selective scan: kotomamba's Triton kernel (about 0.9-1.05x mamba-ssm's speed on an H100 "
-             "at batch >= 4, far slower at batch 1 and long sequences; see docs/benchmarks.md), the same with a "
-             "bitwise deterministic backward (kotomamba-deterministic: no atomic adds, a few %% slower and more "
-             "memory), mamba-ssm's CUDA kernel, or auto (default): ours only on GPUs where it was measured "
-             "faster (none yet), else mamba-ssm's. The training log's setup line says which one runs.",
+        help="Mamba-1's selective scan: kotomamba's Triton kernel (on an H100 1.1x mamba-ssm's speed at "
+             "micro batch 16, 0.5-1.05x at 4-8, far slower at batch 1-2 and long sequences; see "
+             "docs/benchmarks.md), the same with a bitwise deterministic backward (kotomamba-deterministic: "
+             "no atomic adds, about 10%% slower, more memory), mamba-ssm's CUDA kernel, or auto (default): ours "
+             "only on GPUs where it was measured faster on every shape (none yet), else mamba-ssm's. The "
+             "training log's setup line says which one runs.",
     )
 
     fsdp = parser.add_argument_group("FSDP")

@@ -119,7 +119,7 @@ REFERENCE_ROUTING: tuple[tuple[str, str, str], ...] = (
 
 # Compute capabilities on which benchmarks/scan_kernels.py measured kotomamba's scan faster than
 # mamba-ssm's on every benchmarked shape (docs/benchmarks.md); "auto" picks it there only. None yet: on
-# an H100 (sm_90) it is 1.05x at micro batch 16 but 0.15-0.97x at smaller batches and long sequences.
+# an H100 (sm_90) it is 1.11-1.13x at micro batch 16 but 0.16-1.05x at smaller batches and long sequences.
 SCAN_MEASURED_FASTER: tuple[tuple[int, int], ...] = ()
 
 # Where mamba-ssm looks up the selective scan, and what kotomamba's Triton scan puts there. The

@@ -66,10 +66,32 @@ class SelectiveScanInputError(KotomambaError, ValueError):
 
 
 @triton.jit
-def _softplus(x):
+def _log2(x, FAST_MATH: tl.constexpr):
+    # On a GPU the special-function unit's log2 (error ~2^-22), where tl.log2 is a ~20-instruction
+    # polynomial; Triton's interpreter runs no PTX, so on a CPU it is tl.log2.
+    if FAST_MATH:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _sigmoid(x, FAST_MATH: tl.constexpr):
+    denominator = 1.0 + tl.exp2(-x * LOG2_E)
+    if FAST_MATH:  # the special-function unit's reciprocal (1 ulp) instead of a division
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [denominator], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / denominator
+
+
+@triton.jit
+def _softplus(x, FAST_MATH: tl.constexpr):
     # torch.nn.functional.softplus (threshold 20); the series keeps e = e^-|x| where 1 + e rounds
     e = tl.exp2(-tl.abs(x) * LOG2_E)
-    log1p_e = tl.where(e < 1e-2, e * (1.0 - e * (0.5 - e * (0.3333333333 - 0.25 * e))), tl.log2(1.0 + e) * LN_2)
+    log1p_e = tl.where(e < 1e-2, e * (1.0 - e * (0.5 - e * (0.3333333333 - 0.25 * e))),
+                       _log2(1.0 + e, FAST_MATH) * LN_2)
     return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + log1p_e)
 
 
@@ -90,13 +112,14 @@ def _at(tile, j: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                 FAST_MATH: tl.constexpr):
     """u, dt and the raw delta (+ bias) that softplus saw, as step tiles; dt is 0 where masked, which keeps the state."""
     u = tl.load(u_rows + t[None, :], mask=mask, other=0.0).to(tl.float32)
     raw = tl.load(delta_rows + t[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         raw += bias
-    dt = _softplus(raw) if SOFTPLUS else raw
+    dt = _softplus(raw, FAST_MATH) if SOFTPLUS else raw
     return u, tl.where(mask, dt, 0.0), raw
 
 
@@ -124,7 +147,7 @@ def _selective_scan_fwd_kernel(
     stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_A_d, stride_A_n,
     stride_z_b, stride_z_d, stride_out_b, stride_out_d, stride_out_z_b, stride_out_z_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    STORE_OUT: tl.constexpr, BLOCK_D: tl.constexpr,
+    STORE_OUT: tl.constexpr, BLOCK_D: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
     pid_bg = tl.program_id(1)
     b, local_d, mask_d, d = _program_rows(tl.program_id(0), pid_bg, n_groups, dim_per_group, BLOCK_D)
@@ -144,7 +167,7 @@ def _selective_scan_fwd_kernel(
     for t0 in range(0, seqlen, TILE):
         t = t0 + step
         mask = mask_d[:, None] & (t < seqlen)[None, :]
-        u, dt, _ = _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS, SOFTPLUS)
+        u, dt, _ = _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS, SOFTPLUS, FAST_MATH)
         dtu = dt * u
         rows = bc_rows + t0 * ROW
         y = tl.zeros((BLOCK_D, STATES), dtype=tl.float32)
@@ -158,7 +181,7 @@ def _selective_scan_fwd_kernel(
         if HAS_Z:
             z = tl.load(z_ptr + b * stride_z_b + d[:, None] * stride_z_d + t[None, :], mask=mask & once,
                         other=0.0).to(tl.float32)
-            tl.store(out_z_ptr + b * stride_out_z_b + d[:, None] * stride_out_z_d + t[None, :], y * z * tl.sigmoid(z),
+            tl.store(out_z_ptr + b * stride_out_z_b + d[:, None] * stride_out_z_d + t[None, :], y * z * _sigmoid(z, FAST_MATH),
                      mask=mask & once)
     tl.store(last_state_ptr + (b * dim + d[:, None]) * dstate + n[None, :], h,
              mask=mask_d[:, None] & (n < dstate)[None, :])
@@ -196,6 +219,7 @@ def _selective_scan_bwd_kernel(
     stride_ddelta_b, stride_ddelta_d, stride_dz_b, stride_dz_d, stride_out_z_b, stride_out_z_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     STORE_OUT_Z: tl.constexpr, BLOCK_D: tl.constexpr, SEGMENT: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    FAST_MATH: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -230,7 +254,7 @@ def _selective_scan_bwd_kernel(
         for t0 in range(segment * SEGMENT, (segment + 1) * SEGMENT, TILE):
             t = t0 + step
             mask = mask_d[:, None] & (t < seqlen)[None, :]
-            u, dt, _ = _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS, SOFTPLUS)
+            u, dt, _ = _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS, SOFTPLUS, FAST_MATH)
             h = _advance_tile(h, a2, dt, dt * u, bc_rows + t0 * ROW, BLOCK_D)
 
     G = zero  # dL/dh of the step after
@@ -247,21 +271,21 @@ def _selective_scan_bwd_kernel(
                 t0 = segment * SEGMENT + tile * TILE
                 t = t0 + step
                 u, dt, _ = _step_inputs(u_rows, delta_rows, t, mask_d[:, None] & (t < seqlen)[None, :], bias,
-                                        HAS_BIAS, SOFTPLUS)
+                                        HAS_BIAS, SOFTPLUS, FAST_MATH)
                 h = _advance_tile(h, a2, dt, dt * u, bc_rows + t0 * ROW, BLOCK_D)
         for tile_back in range(0, tiles_per_segment):
             tile = tiles_per_segment - 1 - tile_back
             t0 = segment * SEGMENT + tile * TILE
             t = t0 + step
             mask = mask_d[:, None] & (t < seqlen)[None, :]
-            u, dt, raw = _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS, SOFTPLUS)
+            u, dt, raw = _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS, SOFTPLUS, FAST_MATH)
             dtu = dt * u
             dout = tl.load(dout_ptr + b * stride_dout_b + d[:, None] * stride_dout_d + t[None, :], mask=mask,
                            other=0.0).to(tl.float32)
             if HAS_Z:
                 z = tl.load(z_ptr + b * stride_z_b + d[:, None] * stride_z_d + t[None, :], mask=mask,
                             other=0.0).to(tl.float32)
-                z_sigmoid = tl.sigmoid(z)
+                z_sigmoid = _sigmoid(z, FAST_MATH)
                 dyg = dout * z * z_sigmoid  # dL/dy through the gate
             else:
                 dyg = dout
@@ -296,7 +320,7 @@ def _selective_scan_bwd_kernel(
                 dD += tl.where(once, dyg * u, 0.0)
             tl.store(du_ptr + b * stride_du_b + d[:, None] * stride_du_d + t[None, :], du, mask=mask & once)
             if SOFTPLUS:
-                ddt = ddt * tl.sigmoid(raw)
+                ddt = ddt * _sigmoid(raw, FAST_MATH)
             ddt = tl.where(mask, ddt, 0.0)
             tl.store(ddelta_ptr + b * stride_ddelta_b + d[:, None] * stride_ddelta_d + t[None, :], ddt,
                      mask=mask & once)
@@ -439,7 +463,7 @@ def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
             dim_per_group, n_groups, seqlen, dstate, padded_len,
             *_strides(u, 2), *_strides(delta, 2), *A.stride(), *_strides(z, 2), *_strides(out, 2), *_strides(out_z, 2),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-            STORE_OUT=store_out, BLOCK_D=config.forward_block_d, num_warps=config.forward_warps,
+            STORE_OUT=store_out, BLOCK_D=config.forward_block_d, FAST_MATH=u.is_cuda, num_warps=config.forward_warps,
             **_register_cap(config.forward_max_registers, u),
         )
     return out, last_state, out_z
@@ -498,7 +522,7 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus=Fals
             *_strides(ddelta, 2), *_strides(dz, 2), *_strides(out_z, 2),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
             STORE_OUT_Z=out_z is not None, BLOCK_D=config.backward_block_d, SEGMENT=config.segment,
-            DETERMINISTIC=config.deterministic,
+            DETERMINISTIC=config.deterministic, FAST_MATH=u.is_cuda,
             num_warps=config.backward_warps, **_register_cap(config.backward_max_registers, u),
         )
     dBC = dBC_part.sum(dim=1)[:, :seqlen].view(batch, n_groups, seqlen, ROW_WIDTH).transpose(2, 3)
