@@ -237,13 +237,15 @@ def _architecture(config: MambaConfig) -> str:
     return ", ".join(parts)
 
 
-def _layer_activation_bytes(config: MambaConfig, layer_idx: int, compute: int, residual: int, seq_length: int) -> tuple[int, int]:
+def _layer_activation_bytes(config: MambaConfig, layer_idx: int, compute: int, residual: int, seq_length: int,
+                            own_scan: bool = False) -> tuple[int, int]:
     """(bytes per token, bytes per sequence) one layer keeps for backward without checkpointing.
 
     Counted from what mamba-ssm's training path saves: the fused add+norm keeps the residual sum
     (fp32 with residual_in_fp32); the mixer's input projection keeps the normed input. Mamba-1
     (mamba_inner_fn): in_proj output xz, x_proj output, B and C, the scan output and the scan's fp32
-    chunk states (conv and delta are recomputed). Mamba-2 (mamba_split_conv1d_scan_combined):
+    chunk states (conv and delta are recomputed); on kotomamba's scan (``own_scan``) neither the scan
+    output (its backward recomputes it) nor more than the final state. Mamba-2 (mamba_split_conv1d_scan_combined):
     in_proj output and the pre-norm output. Attention: q, k, v and its output (flash attention, no
     L x L matrix). GatedMLP: its add+norm, fc1's output and the activation.
     """
@@ -268,8 +270,10 @@ def _layer_activation_bytes(config: MambaConfig, layer_idx: int, compute: int, r
         d_state = ssm.get("d_state", 16)
         dt_rank = ssm.get("dt_rank", "auto")
         dt_rank = math.ceil(d / 16) if dt_rank == "auto" else dt_rank
-        mixer = compute * (2 * d_inner + dt_rank + 2 * d_state + 2 * d_state + d_inner)
-        per_sequence = 4 * d_inner * 2 * d_state * math.ceil(seq_length / SCAN_CHUNK_TOKENS)
+        scan_output = 0 if own_scan else d_inner
+        mixer = compute * (2 * d_inner + dt_rank + 2 * d_state + 2 * d_state + scan_output)
+        chunks = 1 if own_scan else math.ceil(seq_length / SCAN_CHUNK_TOKENS)
+        per_sequence = 4 * d_inner * 2 * d_state * chunks
     mlp = 0
     if config.d_intermediate:
         hidden = math.ceil(config.d_intermediate / 128) * 128  # GatedMLP rounds like mamba-ssm
@@ -278,10 +282,16 @@ def _layer_activation_bytes(config: MambaConfig, layer_idx: int, compute: int, r
 
 
 def activation_bytes(config: MambaConfig, micro_batch_size: int, seq_length: int, compute: int,
-                     checkpointed_blocks: int, embedding_rows: int, loss_chunk_tokens: int = 0) -> tuple[int, str]:
-    """Activation memory of one micro-batch on one GPU, and the assumptions behind it."""
+                     checkpointed_blocks: int, embedding_rows: int, loss_chunk_tokens: int = 0,
+                     selective_scan: str = "auto") -> tuple[int, str]:
+    """Activation memory of one micro-batch on one GPU, and the assumptions behind it.
+
+    ``selective_scan`` is the --selective-scan choice; "auto" counts as mamba-ssm's kernel, which it
+    is on every GPU today (kotomamba.kernels.SCAN_MEASURED_FASTER is empty)."""
     residual = 4 if config.residual_in_fp32 else compute
-    layers = [_layer_activation_bytes(config, i, compute, residual, seq_length) for i in range(config.n_layer)]
+    own_scan = selective_scan.startswith("kotomamba")
+    layers = [_layer_activation_bytes(config, i, compute, residual, seq_length, own_scan)
+              for i in range(config.n_layer)]
     tokens = micro_batch_size * seq_length
     # Final norm and lm_head input, then the logits: compute-dtype logits, their fp32 copy for the
     # loss (log-softmax) and the fp32 gradient that backward starts from.
@@ -343,7 +353,7 @@ def summarize_model(args: argparse.Namespace, precision: PrecisionPolicy, warnin
     compute = precision.compute_dtype.itemsize
     activations, activation_note = activation_bytes(
         config, args.micro_batch_size, args.seq_length, compute, checkpointed_block_count(args, config.n_layer),
-        embedding_rows, args.cross_entropy_chunk_tokens,
+        embedding_rows, args.cross_entropy_chunk_tokens, args.selective_scan,
     )
     if continual:
         vocab_note = f"{args.base_model}/config.json; " + (

@@ -359,3 +359,14 @@ def test_pretrain_dry_run_cli_needs_no_gpu_process_group_or_training_code(tmp_pa
                      "4 = global batch 256 / (micro batch 8 x data parallel 8)", "FLOPs per token",
                      "129,135,360", "missing_text_document.bin/.idx not found"):
         assert expected in done.stdout, expected
+
+
+def test_our_scan_keeps_no_scan_output_and_one_state_per_sequence():
+    # --selective-scan kotomamba: the scan output (bf16, d_inner per token) is recomputed in backward, and
+    # only the final state is kept; 370m: 48 Mamba-1 layers, d_inner 2048, d_state 16
+    argv = ("--model", "370m", *NULL, "--micro-batch-size", "2", "--seq-length", "4096", "--bf16")
+    theirs = plan(dry(*argv, "--selective-scan", "mamba-ssm"), {}).memory.activations
+    auto = plan(dry(*argv), {}).memory.activations
+    ours = plan(dry(*argv, "--selective-scan", "kotomamba"), {}).memory.activations
+    per_layer = 2 * 4096 * 2 * 2048 + 2 * 4 * 2048 * 2 * 16 * (2 - 1)  # output, and a second chunk's states
+    assert auto == theirs and theirs - ours == 48 * per_layer
