@@ -161,28 +161,22 @@ def test_half_precision_inputs(dtype, scan, small_tiles):
         assert relative_error(ours[2][grad_name], grad) < 1e-2, grad_name
 
 
-def test_deterministic_partial_sums_match_the_reference(scan, monkeypatch):
-    """ScanConfig(deterministic=True): dB/dC through per-program partial sums instead of atomic adds."""
+BACKWARD_VARIANTS = {
+    # dB/dC through per-program partial sums instead of atomic adds
+    "deterministic partial sums": (dict(deterministic=True), Case(dim=8, groups=2), 4),
+    # the backward skips its per-segment pass and restarts every tile from the first pass's state
+    "one-tile segments": (dict(segment=4), Case(seqlen=23), 5),
+}
+
+
+@pytest.mark.parametrize("name", BACKWARD_VARIANTS)
+def test_backward_variants_match_the_reference(name, scan, monkeypatch):
     from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
 
-    monkeypatch.setattr(scan, "DEFAULT_CONFIG", scan.ScanConfig(**dict(SMALL, deterministic=True)))
-    case = Case(dim=8, groups=2)
+    config, case, seed = BACKWARD_VARIANTS[name]
+    monkeypatch.setattr(scan, "DEFAULT_CONFIG", scan.ScanConfig(**dict(SMALL, **config)))
     inputs = make_inputs(case)
-    upstream = torch.randn(case.batch, case.dim, case.seqlen, generator=torch.Generator().manual_seed(4))
-    ours = outputs_and_grads(scan.selective_scan_fn, inputs, case, upstream)
-    reference = outputs_and_grads(selective_scan_ref, detached_copy(inputs), case, upstream)
-    for grad_name, grad in reference[2].items():
-        assert relative_error(ours[2][grad_name], grad) < 1e-5, grad_name
-
-
-def test_one_tile_segments_read_the_first_pass_states(scan, monkeypatch):
-    """segment=4: the backward skips its per-segment pass and restarts every tile from the first pass's state."""
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
-
-    monkeypatch.setattr(scan, "DEFAULT_CONFIG", scan.ScanConfig(**dict(SMALL, segment=4)))
-    case = Case(seqlen=23)
-    inputs = make_inputs(case)
-    upstream = torch.randn(case.batch, case.dim, case.seqlen, generator=torch.Generator().manual_seed(5))
+    upstream = torch.randn(case.batch, case.dim, case.seqlen, generator=torch.Generator().manual_seed(seed))
     ours = outputs_and_grads(scan.selective_scan_fn, inputs, case, upstream)
     reference = outputs_and_grads(selective_scan_ref, detached_copy(inputs), case, upstream)
     for grad_name, grad in reference[2].items():

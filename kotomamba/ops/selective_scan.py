@@ -141,6 +141,18 @@ def _program_rows(pid_d, pid_bg, n_groups, dim_per_group, BLOCK_D: tl.constexpr)
 
 
 @triton.jit
+def _channel_parameters(A_ptr, D_ptr, bias_ptr, d, mask_d, mask_n, n, stride_A_d, stride_A_n,
+                        HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A x log2(e) as [channels, 16] (exp(dt A) is then one exp2; states past d_state are 0 and stay 0),
+    D and delta_bias as [channels, 1] (zeros where not given)."""
+    a2 = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :] * stride_A_n, mask=mask_n, other=0.0) * LOG2_E
+    none = tl.zeros((BLOCK_D, 1), dtype=tl.float32)
+    D = tl.load(D_ptr + d, mask=mask_d, other=0.0)[:, None] if HAS_D else none
+    bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0)[:, None] if HAS_BIAS else none
+    return a2, D, bias
+
+
+@triton.jit
 def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, BC_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, out_z_ptr, last_state_ptr,
     dim_per_group, n_groups, seqlen, dstate, padded_len,
@@ -155,11 +167,9 @@ def _selective_scan_fwd_kernel(
     n = tl.arange(0, STATES)
     step = n % TILE  # the step a column of a step tile holds
     once = (n < TILE)[None, :]  # one copy of each step, for stores
-    a2 = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :] * stride_A_n, mask=mask_d[:, None] & (n < dstate)[None, :],
-                 other=0.0) * LOG2_E
-    bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0)[:, None] if HAS_BIAS else None
-    if HAS_D:
-        D = tl.load(D_ptr + d, mask=mask_d, other=0.0)[:, None]
+    mask_n = mask_d[:, None] & (n < dstate)[None, :]
+    a2, D, bias = _channel_parameters(A_ptr, D_ptr, bias_ptr, d, mask_d, mask_n, n, stride_A_d, stride_A_n, HAS_D,
+                                      HAS_BIAS, BLOCK_D)
     u_rows = u_ptr + b * stride_u_b + d[:, None] * stride_u_d
     delta_rows = delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d
     bc_rows = BC_ptr + pid_bg * padded_len * ROW + n[None, :] + 0 * local_d[:, None]
@@ -183,8 +193,7 @@ def _selective_scan_fwd_kernel(
                         other=0.0).to(tl.float32)
             tl.store(out_z_ptr + b * stride_out_z_b + d[:, None] * stride_out_z_d + t[None, :], y * z * _sigmoid(z, FAST_MATH),
                      mask=mask & once)
-    tl.store(last_state_ptr + (b * dim + d[:, None]) * dstate + n[None, :], h,
-             mask=mask_d[:, None] & (n < dstate)[None, :])
+    tl.store(last_state_ptr + (b * dim + d[:, None]) * dstate + n[None, :], h, mask=mask_n)
 
 
 @triton.jit
@@ -230,10 +239,8 @@ def _selective_scan_bwd_kernel(
     step = n % TILE
     once = (n < TILE)[None, :]
     mask_n = mask_d[:, None] & (n < dstate)[None, :]
-    a2 = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :] * stride_A_n, mask=mask_n, other=0.0) * LOG2_E
-    bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0)[:, None] if HAS_BIAS else None
-    if HAS_D:
-        D = tl.load(D_ptr + d, mask=mask_d, other=0.0)[:, None]
+    a2, D, bias = _channel_parameters(A_ptr, D_ptr, bias_ptr, d, mask_d, mask_n, n, stride_A_d, stride_A_n, HAS_D,
+                                      HAS_BIAS, BLOCK_D)
     u_rows = u_ptr + b * stride_u_b + d[:, None] * stride_u_d
     delta_rows = delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d
     bc_rows = BC_ptr + pid_bg * padded_len * ROW + n[None, :] + 0 * local_d[:, None]
