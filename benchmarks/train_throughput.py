@@ -243,7 +243,7 @@ def run_kotomamba(case: Case, steps: int, warmup: int, data_prefix: str, config_
                   profiler: StepProfiler) -> dict:
     import torch
 
-    from kotomamba.arguments import parse_args
+    from kotomamba.config import parse_run_config
     from kotomamba.distributed import init_distributed, shutdown_distributed
     from kotomamba.train import run_training
 
@@ -264,7 +264,7 @@ def run_kotomamba(case: Case, steps: int, warmup: int, data_prefix: str, config_
 
     completed = False
     try:
-        run_training(parse_args(argv), ctx, on_step)
+        run_training(parse_run_config(argv, ctx.world_size), ctx, on_step)
         peak = torch.cuda.max_memory_allocated() / 2**30 if ctx.device.type == "cuda" else 0.0
         completed = True
     finally:

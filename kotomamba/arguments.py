@@ -1,12 +1,11 @@
 """Command-line interface of ``pretrain.py``: Megatron-LM flag names, kotomamba's old names as aliases.
 
 The help string of each flag is its documentation (``python pretrain.py --help``). ``parse_args``
-parses, merges ``--config FILE.yaml`` (command line wins), validates and derives the iteration
-schedule; every problem raises :class:`ArgumentError` whose message names the flag and value.
-The world size is unknown while parsing, so the training run (``kotomamba.train``) and the dry run
-call :func:`apply_data_parallel_size` once it is known: it fills in a missing ``--global-batch-size``
-(Megatron: micro batch × data-parallel size), checks that the global batch splits evenly over the
-ranks and derives a ``--train-samples`` schedule. Nothing here imports torch.
+parses, merges ``--config FILE.yaml`` (command line wins) and validates each flag; every problem
+raises :class:`ArgumentError` whose message names the flag and value. What depends on the world
+size or on other flags (global batch, accumulation steps, the iteration schedule) is computed once,
+by :func:`kotomamba.config.build_run_config`, which turns the flags into the run's frozen
+configuration. Nothing here imports torch.
 
 Option names may be written with ``_`` instead of ``-`` (``--wandb_name``, ``--low_cpu_fsdp``), as
 kotomamba's scripts mixed both spellings; YAML keys likewise.
@@ -678,52 +677,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def checkpointed_block_count(args: argparse.Namespace, n_layer: int) -> int:
-    """How many of the model's `n_layer` blocks (the first ones) recompute their activations in backward."""
-    if not args.fsdp_activation_checkpointing:
-        return 0
-    count = args.activation_checkpointing_layers
-    if count is None:
-        return n_layer
-    if count > n_layer:
-        raise ArgumentError(f"--activation-checkpointing-layers {count}: the model has only {n_layer} Mamba blocks")
-    return count
-
-
-def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, data_parallel_size: int) -> int:
-    """Micro-batches each rank accumulates per optimizer step; ArgumentError if they do not divide."""
-    for name, value in (("--global-batch-size", global_batch_size), ("--micro-batch-size", micro_batch_size),
-                        ("data-parallel size", data_parallel_size)):
-        if value < 1:
-            raise ArgumentError(f"{name} must be at least 1, got {value}")
-    per_step = micro_batch_size * data_parallel_size
-    if global_batch_size % per_step:
-        lower = global_batch_size // per_step * per_step
-        nearest = f"{lower} or {lower + per_step}" if lower else f"{per_step}"
-        raise ArgumentError(
-            f"--global-batch-size {global_batch_size} is not a multiple of --micro-batch-size {micro_batch_size} "
-            f"× data-parallel size {data_parallel_size} = {per_step} ({global_batch_size} = "
-            f"{global_batch_size // per_step} × {per_step} + {global_batch_size % per_step}); use e.g. {nearest}"
-        )
-    return global_batch_size // per_step
-
-
-def apply_data_parallel_size(args: argparse.Namespace, data_parallel_size: int) -> int:
-    """Fill in what needs the world size; returns the gradient-accumulation steps.
-
-    Sets ``args.global_batch_size`` when it was not given (micro batch × accumulation steps × data
-    parallel size), ``args.data_parallel_size`` and ``args.gradient_accumulation_steps``, and
-    derives the iteration schedule if ``--train-samples`` waited for the global batch size.
-    """
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * (args.gradient_accumulation_steps or 1) * data_parallel_size
-    steps = gradient_accumulation_steps(args.global_batch_size, args.micro_batch_size, data_parallel_size)
-    args.data_parallel_size = data_parallel_size
-    args.gradient_accumulation_steps = steps
-    _derive_schedule(args)
-    return steps
-
-
 def parse_blend(values: Sequence[str], flag: str) -> tuple[list[str], list[float] | None]:
     """Split a --*-data-path list into prefixes and weights (None when unweighted)."""
     values = list(values)
@@ -772,21 +725,6 @@ def parse_split(split: str) -> list[float]:
     return [number / sum(numbers) for number in numbers]
 
 
-def resolved_config(args: argparse.Namespace) -> dict[str, Any]:
-    """Every resolved value as plain YAML/JSON types, keys sorted (saved with checkpoints, printed at start)."""
-    return {key: _plain(value) for key, value in sorted(vars(args).items())}
-
-
-def _plain(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    if isinstance(value, dict):
-        return {str(key): _plain(item) for key, item in value.items()}
-    return str(value)
-
-
 def _is_number(text: Any) -> bool:
     try:
         float(text)
@@ -829,7 +767,7 @@ def _defaults_from_config(parser: argparse.ArgumentParser, path: str) -> dict[st
     defaults: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).strip().lstrip("-")
-        if name == "precision":  # the dest of --bf16/--fp16/--fp32, as resolved_config writes it
+        if name == "precision":  # the dest of --bf16/--fp16/--fp32
             _check(value in PRECISIONS, f"--config {path}: key 'precision' must be one of {', '.join(PRECISIONS)}, "
                                         f"got {value!r}")
             defaults["precision"] = value
@@ -903,7 +841,6 @@ def _validate_and_derive(args: argparse.Namespace) -> None:
     args.skip_batch = _skip_ranges(args.skip_batch)
     if args.activation_checkpointing_layers:
         args.fsdp_activation_checkpointing = True
-    _derive_schedule(args)
 
 
 def _validate_numbers(args: argparse.Namespace) -> None:
@@ -1065,12 +1002,7 @@ def _validate_schedule_flags(args: argparse.Namespace) -> None:
         f"--global-batch-size {args.global_batch_size} and --gradient-accumulation-steps "
         f"{args.gradient_accumulation_steps} both set the global batch; give one",
     )
-    if args.global_batch_size is not None:
-        _check(
-            args.global_batch_size % args.micro_batch_size == 0,
-            f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
-            f"{args.micro_batch_size}",
-        )
+    # Whether the global batch splits into micro batches over the ranks: kotomamba.config, once the world size is known.
     _check(
         args.train_iters is None or args.train_samples is None,
         f"--train-iters {args.train_iters} and --train-samples {args.train_samples} are exclusive; give one",
@@ -1097,47 +1029,6 @@ def _validate_schedule_flags(args: argparse.Namespace) -> None:
         for flag in ("--lr-warmup-iters", "--lr-warmup-samples"):
             value = getattr(args, flag[2:].replace("-", "_"))
             _check(value is None, f"--lr-warmup-fraction {args.lr_warmup_fraction} and {flag} {value} are exclusive")
-
-
-def _derive_schedule(args: argparse.Namespace) -> None:
-    """Iteration counts from samples, decay and warmup defaults; idempotent."""
-    if args.train_iters is None and args.train_samples is None:
-        return  # dry run without a training length
-    if args.train_samples is not None and args.global_batch_size is None:
-        return  # apply_data_parallel_size derives it once the world size fixes the global batch
-    global_batch = args.global_batch_size
-    if args.train_samples is not None:
-        _check(
-            args.train_samples >= global_batch,
-            f"--train-samples {args.train_samples} is less than one global batch ({global_batch})",
-        )
-        args.train_iters = args.train_samples // global_batch
-        samples = args.lr_decay_samples if args.lr_decay_samples is not None else args.train_samples
-        args.lr_decay_iters = max(1, samples // global_batch)
-        if args.lr_warmup_samples is not None:
-            args.lr_warmup_iters = args.lr_warmup_samples // global_batch
-        if args.lr_wsd_decay_samples is not None:
-            args.lr_wsd_decay_iters = max(1, args.lr_wsd_decay_samples // global_batch)
-    elif args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.lr_warmup_fraction is not None:
-        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
-    elif args.lr_warmup_iters is None:
-        args.lr_warmup_iters = 0
-    _check(
-        args.lr_warmup_iters <= args.lr_decay_iters,
-        f"warmup ({args.lr_warmup_iters} iterations) is longer than the decay ({args.lr_decay_iters} iterations, "
-        f"--lr-decay-iters)",
-    )
-    if args.lr_decay_style == "WSD":
-        _check(args.lr_wsd_decay_iters is not None,
-               "--lr-decay-style WSD needs --lr-wsd-decay-iters (or --lr-wsd-decay-samples with --train-samples)")
-        stable_end = args.lr_decay_iters - args.lr_wsd_decay_iters
-        _check(
-            stable_end >= args.lr_warmup_iters,
-            f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters} starts the anneal at iteration {stable_end}, "
-            f"before the warmup ends ({args.lr_warmup_iters})",
-        )
 
 
 def _validate_checkpointing(args: argparse.Namespace) -> None:

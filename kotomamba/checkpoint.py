@@ -16,7 +16,7 @@ On-disk layout of a ``--save`` directory::
         checkpoint.json      progress counters, loss scaler, checkpoint type, world size, versions,
                              tokenizer identity, data fingerprint (readable JSON)
         checksums.json       size and CRC32 of every other file, written last; checked before a load
-        config.yaml          the run's resolved configuration (kotomamba.arguments.resolved_config)
+        config.yaml          the run's resolved configuration (kotomamba.config.config_dict)
         model_config.json    the mamba-ssm config.json of the model
         tokenizer/           a copy of the tokenizer files (SentencePiece .model, or Hugging Face files)
         rng/rank_00000.pt    each rank's RNG states: python, numpy, torch CPU, CUDA
@@ -63,7 +63,6 @@ import shutil
 import time
 import warnings
 import zlib
-from argparse import Namespace
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -73,7 +72,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kotomamba.arguments import resolved_config
+from kotomamba.config import RunConfig, config_dict
 from kotomamba.checkpoint_layout import ITERATION_DIR, LATEST, METADATA, iteration_dir_name
 from kotomamba.version import __version__
 from megatron_lm.tokenizer import same_tokenizer, tokenizer_files
@@ -519,21 +518,22 @@ class CheckpointManager:
     Every public method is called by every rank at the same point of the loop: they use collectives.
     """
 
-    def __init__(self, args: Namespace, ctx: DistributedContext, model: torch.nn.Module,
+    def __init__(self, config: RunConfig, ctx: DistributedContext, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scaler: Any, tokenizer: Any, model_config: Any) -> None:
-        self.args = args
+        self.config = config  # saved whole with every checkpoint; read: its checkpoint section and the resume identity
+        self.flags = flags = config.checkpoint
         self.ctx = ctx
         self.model = model
         self.optimizer = optimizer
         self.scaler = scaler
         self.tokenizer = tokenizer
         self.model_config = model_config
-        self.save_dir = Path(args.save) if args.save else None
+        self.save_dir = Path(flags.save) if flags.save else None
         self.last_saved_iteration: int | None = None
         self._pending: _PendingSave | None = None
         self._train_dataset: Any = None
-        sharded = args.checkpoint_type in SHARDED_TYPES
-        self._async = bool(args.async_save) and self.save_dir is not None
+        sharded = flags.checkpoint_type in SHARDED_TYPES
+        self._async = bool(flags.async_save) and self.save_dir is not None
         # Background writes run collectives while training runs its own: they get their own gloo group.
         self._async_group = dist.new_group(backend="gloo") if self._async and sharded else None
         self._writer = ThreadPoolExecutor(1, "checkpoint-writer") if self._async and not sharded else None
@@ -541,17 +541,17 @@ class CheckpointManager:
             self._agree(self._on_rank0(self._prepare_save_dir))
         self.resume_dir: Path | None = None
         self.resume_metadata: dict[str, Any] | None = None
-        if args.load:
+        if flags.load:
             # Rank 0 decides which checkpoint and reads its metadata; every rank then uses the same.
             found, metadata, error = None, None, None
             if ctx.rank == 0:
                 try:
-                    found = find_checkpoint(args.load)
+                    found = find_checkpoint(flags.load)
                     metadata = read_metadata(found) if found is not None else None
-                    if found is None and (reason := not_a_training_checkpoint(args.load)):
+                    if found is None and (reason := not_a_training_checkpoint(flags.load)):
                         raise TrainingCheckpointError(reason)
                 except TrainingCheckpointError as exc:
-                    error = f"--load {args.load}: {exc}"
+                    error = f"--load {flags.load}: {exc}"
             self._agree(error)
             self.resume_dir, self.resume_metadata = self._broadcast((found, metadata))
 
@@ -605,7 +605,7 @@ class CheckpointManager:
                 logger.warning("removing %s, left by an interrupted save", child)
                 shutil.rmtree(child, ignore_errors=True)
         existing = _complete_checkpoints(self.save_dir)
-        resuming_here = self.args.load and Path(self.args.load).resolve() in (
+        resuming_here = self.flags.load and Path(self.flags.load).resolve() in (
             self.save_dir.resolve(), *(path.resolve() for path in existing))
         if existing and not resuming_here:
             logger.warning("--save %s already holds checkpoints (newest %s) and this run does not resume from it "
@@ -618,8 +618,9 @@ class CheckpointManager:
         if self.resume_metadata is None:
             return 0
         progress = self.resume_metadata["train_state"]
-        remaining = max(0, self.args.train_iters - progress["iteration"])
-        return progress["consumed_samples"] + remaining * self.args.global_batch_size
+        batch = self.config.batch
+        remaining = max(0, batch.train_iters - progress["iteration"])
+        return progress["consumed_samples"] + remaining * batch.global_batch_size
 
     # --- load ---------------------------------------------------------------------------------------
 
@@ -628,8 +629,8 @@ class CheckpointManager:
         checkpoint; otherwise return ``state`` unchanged. Call before building the training loader."""
         self._train_dataset = train_dataset
         if self.resume_dir is None:
-            if self.args.load:
-                logger.info("--load %s holds no checkpoint: starting from scratch", self.args.load)
+            if self.flags.load:
+                logger.info("--load %s holds no checkpoint: starting from scratch", self.flags.load)
             return state
         directory, metadata = self.resume_dir, self.resume_metadata
         assert metadata is not None
@@ -683,15 +684,15 @@ class CheckpointManager:
     def _check_data(self, directory: Path, metadata: dict[str, Any], train_dataset: Any) -> None:
         """Refuse (unless --override-data-on-resume) a resume that would read other samples than the
         interrupted run would have; log the accepted changes."""
-        args, saved = self.args, metadata["data"]
+        saved, seq_length, global_batch_size = metadata["data"], self.config.data.seq_length, self.config.batch.global_batch_size
         problems = []
-        if saved["seq_length"] != args.seq_length:
-            problems.append(f"--seq-length {args.seq_length} differs from the checkpoint's {saved['seq_length']}")
+        if saved["seq_length"] != seq_length:
+            problems.append(f"--seq-length {seq_length} differs from the checkpoint's {saved['seq_length']}")
         saved_tokenizer = metadata["tokenizer"]["name"]
         if not same_tokenizer(saved_tokenizer, self.tokenizer.name):
             problems.append(f"the tokenizer is {self.tokenizer.name}, the checkpoint was trained with {saved_tokenizer} "
                             f"(its copy: {directory / TOKENIZER_DIR})")
-        sources = _data_sources(args)
+        sources = _data_sources(self.config)
         changed = [f"--{key.replace('_', '-')}" for key in DATA_SOURCES if saved["sources"].get(key) != sources[key]]
         fingerprint = saved["fingerprint"]
         if not problems and fingerprint["sha256"] is not None:
@@ -707,7 +708,7 @@ class CheckpointManager:
         if problems:
             message = (f"--load {directory}: the training data differs from the checkpoint's: "
                        f"{'; '.join(problems)}")
-            if not args.override_data_on_resume:
+            if not self.flags.override_data_on_resume:
                 raise TrainingCheckpointError(
                     f"{message}. Resuming would not read the samples the interrupted run would have read; "
                     f"restore the original settings, or pass --override-data-on-resume to continue at sample "
@@ -715,9 +716,9 @@ class CheckpointManager:
                 )
             logger.warning("%s; continuing at sample %d of the new data (--override-data-on-resume)", message,
                            metadata["train_state"]["consumed_samples"])
-        if saved["global_batch_size"] != args.global_batch_size:
+        if saved["global_batch_size"] != global_batch_size:
             logger.info("global batch size %d -> %d: training continues at sample %d; the learning-rate schedule "
-                        "counts iterations", saved["global_batch_size"], args.global_batch_size,
+                        "counts iterations", saved["global_batch_size"], global_batch_size,
                         metadata["train_state"]["consumed_samples"])
 
     def _model_and_optimizer_state(self, with_optimizer: bool, options: Any = None) -> dict[str, Any]:
@@ -782,7 +783,7 @@ class CheckpointManager:
                     cleanup)
         error = _capture(lambda: _write_rng(temporary, self.ctx.rank))
         self._agree(error and f"cannot write {temporary / RNG_DIR}: {error}", cleanup)
-        write = self._save_sharded if self.args.checkpoint_type in SHARDED_TYPES else self._save_full
+        write = self._save_sharded if self.flags.checkpoint_type in SHARDED_TYPES else self._save_full
 
         def start_writing() -> None:
             pending.future = write(temporary, with_optimizer)
@@ -844,7 +845,7 @@ class CheckpointManager:
         self._agree(error and f"{saving_failed}: {error}; {previous}", cleanup=remove_temporary)
         error = self._write_checksums(pending.temporary)
         self._agree(error and f"{saving_failed}: {error}; {previous}", cleanup=remove_temporary)
-        error = self._on_rank0(lambda: _publish(pending.temporary, pending.final, self.args.keep_last_k))
+        error = self._on_rank0(lambda: _publish(pending.temporary, pending.final, self.flags.keep_last_k))
         self._agree(error and f"publishing checkpoint {pending.final} failed: {error}; {previous}",
                     cleanup=remove_temporary)
         logger.info("saved checkpoint %s (%.1f s%s)", pending.final, time.perf_counter() - pending.started,
@@ -881,14 +882,14 @@ class CheckpointManager:
         return f"{self.save_dir} holds its previous checkpoints unchanged (latest: {name})"
 
     def _metadata(self, state: TrainState, with_optimizer: bool) -> dict[str, Any]:
-        args = self.args
+        config, tokenizer_flags = self.config, self.config.tokenizer
         consumed = state.consumed_samples
         dataset_size = len(self._train_dataset) if self._train_dataset is not None else consumed
         start = max(0, min(consumed, dataset_size) - FINGERPRINT_SAMPLES)
         end = min(dataset_size, consumed + FINGERPRINT_SAMPLES)
         fingerprint = data_fingerprint(self._train_dataset, start, end) if self._train_dataset is not None else None
-        files = tokenizer_files(args.tokenizer_type, args.tokenizer_model)
-        tokenizer_model = args.tokenizer_model
+        files = tokenizer_files(tokenizer_flags.tokenizer_type, tokenizer_flags.tokenizer_model)
+        tokenizer_model = tokenizer_flags.tokenizer_model
         if tokenizer_model and not Path(tokenizer_model).is_dir():
             saved_model = f"{TOKENIZER_DIR}/{Path(tokenizer_model).name}"
         else:
@@ -901,27 +902,27 @@ class CheckpointManager:
             "mamba_ssm_version": _package_version("mamba_ssm"),
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "iteration": state.iteration,
-            "checkpoint_type": args.checkpoint_type,
+            "checkpoint_type": self.flags.checkpoint_type,
             "world_size": self.ctx.world_size,
             "has_optimizer_state": with_optimizer,
             "train_state": dataclasses.asdict(state),
             "loss_scaler": self.scaler.state_dict(),
             "tokenizer": {
-                "type": args.tokenizer_type,
+                "type": tokenizer_flags.tokenizer_type,
                 "name": self.tokenizer.name,
                 "vocab_size": self.tokenizer.vocab_size,
                 "original_model": tokenizer_model,
                 "saved_model": saved_model,  # relative to the checkpoint directory
                 "files": [path.name for path in files],
-                "null_vocab_size": args.vocab_size,
+                "null_vocab_size": config.model.vocab_size,
             },
             "data": {
-                "seq_length": args.seq_length,
-                "global_batch_size": args.global_batch_size,
-                "sources": _data_sources(args),
+                "seq_length": config.data.seq_length,
+                "global_batch_size": config.batch.global_batch_size,
+                "sources": _data_sources(config),
                 "fingerprint": {"start": start, "end": end, "sha256": fingerprint},
             },
-            "config": resolved_config(args),
+            "config": config_dict(config),
         }
 
     def _write_metadata_files(self, temporary: Path, metadata: dict[str, Any]) -> None:
@@ -931,7 +932,7 @@ class CheckpointManager:
             shutil.rmtree(temporary)
         (temporary / TOKENIZER_DIR).mkdir(parents=True)
         (temporary / SHARDED_STATE if metadata["checkpoint_type"] in SHARDED_TYPES else temporary).mkdir(exist_ok=True)
-        for path in tokenizer_files(self.args.tokenizer_type, self.args.tokenizer_model):
+        for path in tokenizer_files(self.config.tokenizer.tokenizer_type, self.config.tokenizer.tokenizer_model):
             shutil.copy2(path, temporary / TOKENIZER_DIR / path.name)
         _write_bytes_durably(temporary / MODEL_CONFIG, json.dumps(_config_dict(self.model_config), indent=2).encode())
         _write_bytes_durably(temporary / CONFIG_YAML,
@@ -983,10 +984,11 @@ def _config_dict(model_config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(values))
 
 
-def _data_sources(args: Namespace) -> dict[str, Any]:
-    """The flags that choose the training data order, as plain JSON values."""
-    config = resolved_config(args)
-    return {key: config.get(key) for key in DATA_SOURCES}
+def _data_sources(config: RunConfig) -> dict[str, Any]:
+    """The flags that choose the training data order, as plain JSON values (flat, as every format version
+    wrote them)."""
+    values = config_dict(config)["data"]
+    return {key: values[key] for key in DATA_SOURCES}
 
 
 def _package_version(name: str) -> str | None:

@@ -11,7 +11,6 @@ mpirun: OMPI_COMM_WORLD_SIZE / OMPI_COMM_WORLD_LOCAL_SIZE), else from ``--dry-ru
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -22,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kotomamba import arguments
-from kotomamba.arguments import ArgumentError, checkpointed_block_count
+from kotomamba.arguments import ArgumentError
+from kotomamba.config import RunConfig, build_run_config, config_dict
 from kotomamba.errors import KotomambaError
 from kotomamba.launcher import launcher_rank
 from kotomamba.presets import MODEL_PRESETS
@@ -104,7 +104,7 @@ class MemoryEstimate:
 class Plan:
     """Everything the report shows, as numbers (the tests check these)."""
 
-    args: argparse.Namespace  # a copy with the world-size-dependent values filled in
+    config: RunConfig  # resolved for the assumed world layout
     layout: WorldLayout
     accumulation: int
     tokens_per_iteration: int
@@ -184,45 +184,48 @@ def _checked_layout(world: int, local: int, source: str, world_name: str, local_
 # Model
 
 
-def _vocabulary(args: argparse.Namespace, warnings: list[str], continual: bool) -> tuple[int, str, bool]:
+def _vocabulary(config: RunConfig, warnings: list[str], continual: bool) -> tuple[int, str, bool]:
     """(vocab size, where it came from, whether a real tokenizer gave it)."""
     from megatron_lm.tokenizer import TokenizerError, build_tokenizer
 
-    if args.tokenizer_type == "NullTokenizer":
-        tokenizer = build_tokenizer("NullTokenizer", vocab_size=args.vocab_size)
-        return tokenizer.vocab_size, f"NullTokenizer --vocab-size {args.vocab_size} plus its end-of-document id", True
+    tokenizer_type, tokenizer_model = config.tokenizer.tokenizer_type, config.tokenizer.tokenizer_model
+    if tokenizer_type == "NullTokenizer":
+        vocab_size = config.model.vocab_size
+        tokenizer = build_tokenizer("NullTokenizer", vocab_size=vocab_size)
+        return tokenizer.vocab_size, f"NullTokenizer --vocab-size {vocab_size} plus its end-of-document id", True
     note = "assumed, the tokenizer could not be read here (GPT-NeoX's, as in the state-spaces/mamba checkpoints)"
     consequence = ("whether it fits the base model's embedding is not checked" if continual else
                    f"the vocabulary size is assumed to be {DEFAULT_VOCAB_SIZE}; parameter count and memory "
                    f"change with it")
-    if not Path(args.tokenizer_model).exists():
-        warnings.append(f"--tokenizer-model {args.tokenizer_model}: not found here, so {consequence}")
+    if not Path(tokenizer_model).exists():
+        warnings.append(f"--tokenizer-model {tokenizer_model}: not found here, so {consequence}")
         return DEFAULT_VOCAB_SIZE, note, False
     try:
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+        tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
     except TokenizerError as error:
-        warnings.append(f"--tokenizer-model {args.tokenizer_model}: {error}; so {consequence}")
+        warnings.append(f"--tokenizer-model {tokenizer_model}: {error}; so {consequence}")
         return DEFAULT_VOCAB_SIZE, note, False
-    return tokenizer.vocab_size, f"{args.tokenizer_type} {args.tokenizer_model}", True
+    return tokenizer.vocab_size, f"{tokenizer_type} {tokenizer_model}", True
 
 
-def _model_config(args: argparse.Namespace, vocab_size: int) -> tuple[MambaConfig, str]:
+def _model_config(config: RunConfig, vocab_size: int) -> tuple[MambaConfig, str]:
     """The MambaConfig train.py will build: the base model's own vocabulary when continuing from it."""
     from kotomamba.model import load_model_config
 
-    if args.base_model and not args.from_scratch:
-        config_path = Path(args.base_model) / "config.json"
+    base_model = config.model.base_model
+    if base_model and not config.model.from_scratch:
+        config_path = Path(base_model) / "config.json"
         try:
             values = json.loads(config_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise DryRunError(f"--base-model {args.base_model}: cannot read {config_path}: {error}") from None
+            raise DryRunError(f"--base-model {base_model}: cannot read {config_path}: {error}") from None
         if not isinstance(values, dict) or not isinstance(values.get("vocab_size"), int):
-            raise DryRunError(f"--base-model {args.base_model}: {config_path} has no integer vocab_size")
-        return load_model_config(args.base_model, values["vocab_size"]), f"--base-model {args.base_model} (its weights)"
-    if args.base_model:
-        return load_model_config(args.base_model, vocab_size), f"--base-model {args.base_model} --from-scratch"
-    kind = "preset" if args.model in MODEL_PRESETS else "config"
-    return load_model_config(args.model, vocab_size), f"{kind} {args.model}"
+            raise DryRunError(f"--base-model {base_model}: {config_path} has no integer vocab_size")
+        return load_model_config(base_model, values["vocab_size"]), f"--base-model {base_model} (its weights)"
+    if base_model:
+        return load_model_config(base_model, vocab_size), f"--base-model {base_model} --from-scratch"
+    kind = "preset" if config.model.model in MODEL_PRESETS else "config"
+    return load_model_config(config.model.model, vocab_size), f"{kind} {config.model.model}"
 
 
 def _architecture(config: MambaConfig) -> str:
@@ -327,7 +330,7 @@ def activation_bytes(config: MambaConfig, micro_batch_size: int, seq_length: int
     return total, note
 
 
-def summarize_model(args: argparse.Namespace, precision: PrecisionPolicy, warnings: list[str]) -> ModelSummary:
+def summarize_model(run: RunConfig, precision: PrecisionPolicy, warnings: list[str]) -> ModelSummary:
     """Builds the model on the meta device and counts it."""
     from kotomamba.flops import flops_per_token
     from kotomamba.model import build_model, count_parameters
@@ -335,15 +338,15 @@ def summarize_model(args: argparse.Namespace, precision: PrecisionPolicy, warnin
 
     import torch
 
-    continual = bool(args.base_model) and not args.from_scratch
-    vocab_size, vocab_note, from_tokenizer = _vocabulary(args, warnings, continual)
-    config, description = _model_config(args, vocab_size)
+    continual = bool(run.model.base_model) and not run.model.from_scratch
+    vocab_size, vocab_note, from_tokenizer = _vocabulary(run, warnings, continual)
+    config, description = _model_config(run, vocab_size)
     model = build_model(config, on_meta=True)
     embedding_rows = model.backbone.embedding.num_embeddings
     if from_tokenizer and vocab_size > embedding_rows:
         raise DryRunError(
             f"the tokenizer has {vocab_size} tokens but the model's embedding only {embedding_rows} rows "
-            f"(--base-model {args.base_model} keeps its vocabulary); use its tokenizer or add --from-scratch"
+            f"(--base-model {run.model.base_model} keeps its vocabulary); use its tokenizer or add --from-scratch"
         )
     parameters = count_parameters(model)
     blocks = [count_parameters(block) for block in model.backbone.layers]
@@ -352,11 +355,11 @@ def summarize_model(args: argparse.Namespace, precision: PrecisionPolicy, warnin
         sensitive = sum(p.numel() for name, p in model.named_parameters() if is_fp32_sensitive(name))
     compute = precision.compute_dtype.itemsize
     activations, activation_note = activation_bytes(
-        config, args.micro_batch_size, args.seq_length, compute, checkpointed_block_count(args, config.n_layer),
-        embedding_rows, args.cross_entropy_chunk_tokens, args.selective_scan,
+        config, run.batch.micro_batch_size, run.data.seq_length, compute,
+        run.parallel.checkpointed_block_count(config.n_layer), embedding_rows, run.parallel.cross_entropy_chunk_tokens, run.kernels.selective_scan,
     )
     if continual:
-        vocab_note = f"{args.base_model}/config.json; " + (
+        vocab_note = f"{run.model.base_model}/config.json; " + (
             f"the tokenizer's {vocab_size:,} fit" if from_tokenizer else "the tokenizer was not read here")
     return ModelSummary(
         description=f"{description}: {_architecture(config)}",
@@ -368,7 +371,7 @@ def summarize_model(args: argparse.Namespace, precision: PrecisionPolicy, warnin
         root_parameters=parameters - sum(blocks),
         largest_block_parameters=max(blocks, default=0),
         fp32_sensitive_parameters=sensitive,
-        flops_per_token=flops_per_token(config, args.seq_length),
+        flops_per_token=flops_per_token(config, run.data.seq_length),
         activation_bytes=activations,
         activation_note=activation_note,
     )
@@ -387,7 +390,7 @@ def shard_group_size(strategy: str, layout: WorldLayout) -> int:
     return shape[-1]
 
 
-def estimate_memory(args: argparse.Namespace, model: ModelSummary, precision: PrecisionPolicy,
+def estimate_memory(config: RunConfig, model: ModelSummary, precision: PrecisionPolicy,
                     group: int) -> MemoryEstimate:
     sharded_parameters = model.parameters - model.fp32_sensitive_parameters
     state = math.ceil(sharded_parameters / group) * STATE_BYTES
@@ -396,13 +399,13 @@ def estimate_memory(args: argparse.Namespace, model: ModelSummary, precision: Pr
     reduce = precision.reduce_dtype.itemsize
     # Units in flight: the root (embedding, tied lm_head, final norm) and two blocks (computing, prefetched).
     in_flight = model.root_parameters + 2 * model.largest_block_parameters
-    if args.sharding_strategy in ("SHARD_GRAD_OP", "_HYBRID_SHARD_ZERO2"):
+    if config.parallel.sharding_strategy in ("SHARD_GRAD_OP", "_HYBRID_SHARD_ZERO2"):
         # ZeRO-2: parameters stay gathered from forward until backward.
         gathered = sharded_parameters * gather + in_flight * reduce
     else:
         gathered = in_flight * (gather + reduce)
     host = 0
-    if args.fsdp_cpu_offload:
+    if config.parallel.fsdp_cpu_offload:
         state, host = 0, state
     return MemoryEstimate(state, replicated, gathered, model.activation_bytes, host)
 
@@ -411,20 +414,20 @@ def estimate_memory(args: argparse.Namespace, model: ModelSummary, precision: Pr
 # Data
 
 
-def _data_report(args: argparse.Namespace, total_tokens: int | None, warnings: list[str]) -> list[str]:
+def _data_report(config: RunConfig, total_tokens: int | None, warnings: list[str]) -> list[str]:
     from megatron_lm.indexed_dataset import IndexedDataset, IndexedDatasetError
 
     lines = []
-    for flag, values in (("--data-path", args.data_path), ("--train-data-path", args.train_data_path),
-                         ("--valid-data-path", args.valid_data_path), ("--test-data-path", args.test_data_path)):
+    for flag, values in (("--data-path", config.data.data_path), ("--train-data-path", config.data.train_data_path),
+                         ("--valid-data-path", config.data.valid_data_path), ("--test-data-path", config.data.test_data_path)):
         if values is None:
             continue
         prefixes, weights = arguments.parse_blend(values, flag)
         share = 1.0
         header = f"{flag}: {len(prefixes)} dataset(s)"
         if flag == "--data-path":
-            share = arguments.parse_split(args.split)[0]
-            header += f", --split {args.split} (training gets {share:.1%} of each)"
+            share = arguments.parse_split(config.data.split)[0]
+            header += f", --split {config.data.split} (training gets {share:.1%} of each)"
         lines.append(header)
         sizes: list[int | None] = []
         for prefix in prefixes:
@@ -434,7 +437,7 @@ def _data_report(args: argparse.Namespace, total_tokens: int | None, warnings: l
                 sizes.append(None)
                 continue
             try:
-                with IndexedDataset(prefix, allow_extra_bin_bytes=args.data_allow_extra_bin_bytes) as dataset:
+                with IndexedDataset(prefix, allow_extra_bin_bytes=config.data.data_allow_extra_bin_bytes) as dataset:
                     sizes.append(dataset.num_tokens)
             except (IndexedDatasetError, OSError) as error:
                 warnings.append(f"{flag}: {prefix}: {error}")
@@ -471,30 +474,33 @@ MANY_EPOCHS = 4  # repeating a dataset more often than this gets a warning in th
 
 
 def plan(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Plan:
-    """Every number of the report; raises DryRunError/ArgumentError for a configuration that cannot run."""
+    """Every number of the report for parsed pretrain.py flags; raises DryRunError/ArgumentError for a
+    configuration that cannot run."""
     from kotomamba.precision import resolve_precision
 
     warnings: list[str] = []
     layout = world_layout(args, environ, warnings)
-    resolved = copy.deepcopy(args)
     # FSDP makes every rank a data-parallel rank, whatever the sharding strategy.
-    accumulation = arguments.apply_data_parallel_size(resolved, layout.world_size)
-    tokens_per_iteration = resolved.global_batch_size * resolved.seq_length
-    total_tokens = None if resolved.train_iters is None else resolved.train_iters * tokens_per_iteration
-    if resolved.train_iters is None:
+    config = build_run_config(args, layout.world_size)
+    batch = config.batch
+    tokens_per_iteration = batch.global_batch_size * config.data.seq_length
+    total_tokens = None if batch.train_iters is None else batch.train_iters * tokens_per_iteration
+    if batch.train_iters is None:
         warnings.append("no training length (--train-iters or --train-samples): token budget not computed")
-    if resolved.lr is None:
+    if config.optimizer.lr is None:
         warnings.append("no --lr: the real run needs it")
 
     # Without a GPU, auto resolves like on Ampere or newer; a V100 run resolves to fp16 (give --fp16).
-    preset = "bf16" if resolved.precision == "auto" else resolved.precision
-    precision = resolve_precision(preset, resolved.param_dtype, resolved.reduce_dtype, device_type="cpu")
-    model = summarize_model(resolved, precision, warnings)
-    group = shard_group_size(resolved.sharding_strategy, layout)
-    memory = estimate_memory(resolved, model, precision, group)
-    data_lines = _data_report(resolved, total_tokens, warnings)
+    flags = config.precision
+    preset = "bf16" if flags.precision == "auto" else flags.precision
+    precision = resolve_precision(preset, flags.param_dtype, flags.reduce_dtype, device_type="cpu")
+    model = summarize_model(config, precision, warnings)
+    group = shard_group_size(config.parallel.sharding_strategy, layout)
+    memory = estimate_memory(config, model, precision, group)
+    data_lines = _data_report(config, total_tokens, warnings)
     return Plan(
-        args=resolved, layout=layout, accumulation=accumulation, tokens_per_iteration=tokens_per_iteration,
+        config=config, layout=layout, accumulation=batch.gradient_accumulation_steps,
+        tokens_per_iteration=tokens_per_iteration,
         total_tokens=total_tokens, model=model, precision=precision, shard_group_size=group, memory=memory,
         checkpoint_bytes=model.parameters * CHECKPOINT_BYTES, data_lines=data_lines, warnings=warnings,
     )
@@ -527,13 +533,14 @@ def _section(title: str, rows: list[tuple[str, str]]) -> list[str]:
     return ["", title] + [f"  {key:<{width}}  {value}" for key, value in rows]
 
 
-def _lr_schedule(args: argparse.Namespace) -> str:
-    if args.lr is None or args.train_iters is None:
+def _lr_schedule(config: RunConfig) -> str:
+    opt = config.optimizer
+    if opt.lr is None or config.batch.train_iters is None:
         return "not set"
-    text = (f"{args.lr:g} -> {args.min_lr:g}, {args.lr_decay_style} decay to iteration {args.lr_decay_iters:,}, "
-            f"{args.lr_warmup_iters:,} warmup iterations")
-    if args.lr_decay_style == "WSD":
-        text += f", anneal over the last {args.lr_wsd_decay_iters:,}"
+    text = (f"{opt.lr:g} -> {opt.min_lr:g}, {opt.lr_decay_style} decay to iteration {opt.lr_decay_iters:,}, "
+            f"{opt.lr_warmup_iters:,} warmup iterations")
+    if opt.lr_decay_style == "WSD":
+        text += f", anneal over the last {opt.lr_wsd_decay_iters:,}"
     return text
 
 
@@ -541,13 +548,13 @@ def format_plan(result: Plan) -> str:
     """The report for a computed Plan."""
     import yaml
 
-    args, layout, model, memory, policy = result.args, result.layout, result.model, result.memory, result.precision
+    config, layout, model, memory, policy = result.config, result.layout, result.model, result.memory, result.precision
     lines = ["kotomamba dry run: configuration checked, nothing trained (no GPU, process group or data used).",
              "", "Resolved configuration"]
-    config_text = yaml.safe_dump(arguments.resolved_config(args), sort_keys=True, default_flow_style=None, width=1000)
+    config_text = yaml.safe_dump(config_dict(config), sort_keys=True, default_flow_style=None, width=1000)
     lines += ["  " + line for line in config_text.splitlines()]
 
-    strategy = args.sharding_strategy
+    strategy = config.parallel.sharding_strategy
     sharding = {1: "nothing sharded: every rank holds everything"}.get(
         result.shard_group_size, f"parameters, gradients and optimizer state split over {result.shard_group_size} ranks")
     lines += _section("World layout", [
@@ -557,17 +564,17 @@ def format_plan(result: Plan) -> str:
         ("sharding", f"{strategy}: {sharding}"),
     ])
 
-    mbs, gbs, dp = args.micro_batch_size, args.global_batch_size, layout.world_size
+    mbs, gbs, dp = config.batch.micro_batch_size, config.batch.global_batch_size, layout.world_size
     lines += _section("Batch", [
         ("micro batch", f"{mbs} samples per rank per forward/backward"),
         ("gradient accumulation", f"{result.accumulation} = global batch {gbs} / (micro batch {mbs} x data parallel {dp})"),
-        ("global batch", f"{gbs:,} samples x {args.seq_length} tokens = {result.tokens_per_iteration:,} tokens per iteration"),
+        ("global batch", f"{gbs:,} samples x {config.data.seq_length} tokens = {result.tokens_per_iteration:,} tokens per iteration"),
     ])
 
-    length = [("iterations", "not set" if args.train_iters is None else f"{args.train_iters:,}")]
+    length = [("iterations", "not set" if config.batch.train_iters is None else f"{config.batch.train_iters:,}")]
     if result.total_tokens is not None:
-        length.append(("total tokens", f"{_count(result.total_tokens)} = {args.train_iters:,} x {result.tokens_per_iteration:,}"))
-    length.append(("learning rate", _lr_schedule(args)))
+        length.append(("total tokens", f"{_count(result.total_tokens)} = {config.batch.train_iters:,} x {result.tokens_per_iteration:,}"))
+    length.append(("learning rate", _lr_schedule(config)))
     lines += _section("Training length", length)
 
     flops_per_iteration = model.flops_per_token * result.tokens_per_iteration
@@ -586,12 +593,12 @@ def format_plan(result: Plan) -> str:
     sharded = model.parameters - model.fp32_sensitive_parameters
     in_flight = model.root_parameters + 2 * model.largest_block_parameters
     memory_rows = [
-        ("precision", f"{policy.name}{' (auto, as on A100/H100; V100 runs need --fp16)' if args.precision == 'auto' else ''}: "
+        ("precision", f"{policy.name}{' (auto, as on A100/H100; V100 runs need --fp16)' if config.precision.precision == 'auto' else ''}: "
                       f"compute {compute}, parameters gathered in {gather}, gradients reduced in {reduce}, "
                       f"fp32 master weights"),
         ("sharded state", f"{_bytes(memory.sharded_state)} = {sharded:,} parameters x {STATE_BYTES} B (fp32 weight "
                           f"{MASTER_BYTES} + gradient {GRADIENT_BYTES} + AdamW moments {ADAM_BYTES}) / {result.shard_group_size}"
-                          + (" -> in CPU memory (--fsdp-cpu-offload)" if args.fsdp_cpu_offload else "")),
+                          + (" -> in CPU memory (--fsdp-cpu-offload)" if config.parallel.fsdp_cpu_offload else "")),
     ]
     if model.fp32_sensitive_parameters:
         memory_rows.append(("replicated fp32", f"{_bytes(memory.replicated_state)} = {model.fp32_sensitive_parameters:,} "
@@ -602,7 +609,7 @@ def format_plan(result: Plan) -> str:
         gathered_note = f"{in_flight:,} parameters in flight (root unit + 2 blocks) x ({gather} + {reduce} gradient)"
     memory_rows += [
         ("gathered", f"{_bytes(memory.gathered)} = {gathered_note}"),
-        ("activations", f"{_bytes(memory.activations)} = micro batch {mbs} x {args.seq_length} tokens; {model.activation_note}"),
+        ("activations", f"{_bytes(memory.activations)} = micro batch {mbs} x {config.data.seq_length} tokens; {model.activation_note}"),
         ("total", f"{_bytes(memory.total)} per GPU"
                   + (f", plus {_bytes(memory.host_state)} of CPU memory per rank" if memory.host_state else "")),
         ("not counted", "CUDA context and kernel workspaces (about 1-2 GiB), NCCL buffers, allocator fragmentation, "
@@ -611,16 +618,17 @@ def format_plan(result: Plan) -> str:
     lines += _section("Memory per GPU (estimate)", memory_rows)
 
     checkpoint_rows = [("size", f"{_bytes(result.checkpoint_bytes)} per checkpoint (fp32 weights {MASTER_BYTES} B + AdamW "
-                                f"moments {ADAM_BYTES} B per parameter), {args.checkpoint_type}")]
-    if args.checkpoint_type != "FULL_STATE_DICT":
+                                f"moments {ADAM_BYTES} B per parameter), {config.checkpoint.checkpoint_type}")]
+    saving, train_iters = config.checkpoint, config.batch.train_iters
+    if saving.checkpoint_type != "FULL_STATE_DICT":
         checkpoint_rows.append(("per rank", f"{_bytes(result.checkpoint_bytes / layout.world_size)} written by each of "
                                             f"{layout.world_size} ranks"))
-    if args.save is not None and args.train_iters is not None:
-        count = args.train_iters // args.save_interval + (args.train_iters % args.save_interval > 0)
-        kept = count if args.keep_last_k is None else min(count, args.keep_last_k)
-        checkpoint_rows.append(("on disk", f"{count:,} saves every {args.save_interval:,} iterations, {kept:,} kept: "
-                                           f"{_bytes(kept * result.checkpoint_bytes)} in {args.save}"
-                                           + ("" if args.keep_last_k else " (--keep-last-k bounds it)")))
+    if saving.save is not None and train_iters is not None:
+        count = train_iters // saving.save_interval + (train_iters % saving.save_interval > 0)
+        kept = count if saving.keep_last_k is None else min(count, saving.keep_last_k)
+        checkpoint_rows.append(("on disk", f"{count:,} saves every {saving.save_interval:,} iterations, {kept:,} kept: "
+                                           f"{_bytes(kept * result.checkpoint_bytes)} in {saving.save}"
+                                           + ("" if saving.keep_last_k else " (--keep-last-k bounds it)")))
     lines += _section("Checkpoints", checkpoint_rows)
 
     lines += ["", "Data"] + ["  " + line for line in result.data_lines]

@@ -23,11 +23,11 @@ import json
 import logging
 import os
 import secrets
-from argparse import Namespace
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from kotomamba.config import LoggingSection
 from kotomamba.distributed import DistributedContext, raise_on_every_rank
 from kotomamba.errors import KotomambaError
 
@@ -171,25 +171,25 @@ class MetricLogger:
     run's iteration is known. Every method may be called on every rank.
     """
 
-    def __init__(self, args: Namespace, ctx: DistributedContext) -> None:
-        self.args = args
+    def __init__(self, flags: LoggingSection, save_dir: str | None, ctx: DistributedContext) -> None:
+        self.flags, self.save_dir = flags, save_dir  # the run files go next to the checkpoints
         self.ctx = ctx
         self.sinks: list[WandbSink | TensorBoardSink | RunFilesSink] = []
-        wandb_flags = {"--wandb-entity": args.wandb_entity, "--wandb-name": args.wandb_name}
+        wandb_flags = {"--wandb-entity": flags.wandb_entity, "--wandb-name": flags.wandb_name}
         given = [f"{flag} {value}" for flag, value in wandb_flags.items() if value is not None]
-        if given and args.wandb_project is None:
+        if given and flags.wandb_project is None:
             raise MetricsSinkError(f"{', '.join(given)} given without --wandb-project: W&B logging needs a project")
         error = None
         if ctx.is_main:
             try:
-                if args.wandb_project is not None:
-                    _import_wandb(args.wandb_project)
-                if args.tensorboard_dir is not None:
+                if flags.wandb_project is not None:
+                    _import_wandb(flags.wandb_project)
+                if flags.tensorboard_dir is not None:
                     try:
                         import torch.utils.tensorboard  # noqa: F401
                     except ImportError:
                         raise MetricsSinkError(
-                            f"--tensorboard-dir {args.tensorboard_dir} needs the tensorboard package, which is "
+                            f"--tensorboard-dir {flags.tensorboard_dir} needs the tensorboard package, which is "
                             f"not installed: `pip install tensorboard`, or drop --tensorboard-dir"
                         ) from None
             except MetricsSinkError as caught:
@@ -200,18 +200,19 @@ class MetricLogger:
         """Open the sinks on rank 0 for a run that starts after `iteration` completed iterations."""
         error = None
         if self.ctx.is_main:
-            if self.args.save is not None:
-                self.sinks.append(RunFilesSink(self.args.save))
+            flags = self.flags
+            if self.save_dir is not None:
+                self.sinks.append(RunFilesSink(self.save_dir))
             try:
-                if self.args.wandb_project is not None:
+                if flags.wandb_project is not None:
                     self.sinks.append(WandbSink(
-                        self.args.wandb_project, self.args.wandb_entity, self.args.wandb_name, config, self.args.save,
+                        flags.wandb_project, flags.wandb_entity, flags.wandb_name, config, self.save_dir,
                     ))
-                if self.args.tensorboard_dir is not None:
+                if flags.tensorboard_dir is not None:
                     try:
-                        self.sinks.append(TensorBoardSink(self.args.tensorboard_dir, config, iteration))
+                        self.sinks.append(TensorBoardSink(flags.tensorboard_dir, config, iteration))
                     except OSError as caught:
-                        raise MetricsSinkError(f"--tensorboard-dir {self.args.tensorboard_dir}: {caught}") from caught
+                        raise MetricsSinkError(f"--tensorboard-dir {flags.tensorboard_dir}: {caught}") from caught
             except MetricsSinkError as caught:
                 error = caught
         raise_on_every_rank(error, MetricsSinkError(_FAILED_ON_RANK_0), self.ctx.device)

@@ -1,6 +1,6 @@
 """The pretraining loop, readable top to bottom.
 
-`pretrain(args)` sets up (distributed, kernels, model, FSDP, optimizer, data), then for each
+`pretrain(config)` sets up (distributed, kernels, model, FSDP, optimizer, data), then for each
 iteration: accumulate micro-batches, reduce, check for non-finite gradients, clip, step, log,
 evaluate. Model building, parallelism, precision, optimization, data and metrics each live in their
 own module; this file only wires them together.
@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import time
-from argparse import Namespace
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
@@ -19,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kotomamba import arguments, metrics
+from kotomamba import metrics
+from kotomamba.config import DataSection, ModelSection, RunConfig, TokenizerSection, config_dict
 from kotomamba.distributed import DistributedContext, init_distributed, raise_on_every_rank, shutdown_distributed
 from kotomamba.loss import LossFunction, training_loss
 from kotomamba.sinks import MetricLogger
@@ -38,22 +38,24 @@ def setup_logging(rank: int) -> None:
     logging.basicConfig(level=level, format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
 
 
-def build_model_and_tokenizer(args: Namespace, ctx: DistributedContext):
+def build_model_and_tokenizer(model_flags: ModelSection, tokenizer_flags: TokenizerSection, ctx: DistributedContext,
+                              seed: int, low_cpu_fsdp: bool = False):
     """Tokenizer first (it fixes the vocabulary), then mamba-ssm's model: from a base model's weights,
     or freshly initialized from a preset / config.json (on the meta device first with --low-cpu-fsdp)."""
     from megatron_lm.tokenizer import build_tokenizer
     from kotomamba.model import build_model, load_base_model, load_model_config, materialize_and_init
 
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, vocab_size=args.vocab_size)
-    if args.base_model and not args.from_scratch:
-        model = load_base_model(args.base_model, tokenizer.vocab_size, device=ctx.device)
+    tokenizer = build_tokenizer(tokenizer_flags.tokenizer_type, tokenizer_flags.tokenizer_model,
+                                vocab_size=model_flags.vocab_size)
+    if model_flags.base_model and not model_flags.from_scratch:
+        model = load_base_model(model_flags.base_model, tokenizer.vocab_size, device=ctx.device)
     else:
-        config = load_model_config(args.base_model or args.model, tokenizer.vocab_size)
-        if args.low_cpu_fsdp:
+        config = load_model_config(model_flags.base_model or model_flags.model, tokenizer.vocab_size)
+        if low_cpu_fsdp:
             # Host memory never holds the weights: they are allocated and initialized on the device.
-            model = materialize_and_init(build_model(config, on_meta=True), ctx.device, args.seed)
+            model = materialize_and_init(build_model(config, on_meta=True), ctx.device, seed)
         else:
-            model = build_model(config, device=ctx.device, seed=args.seed)
+            model = build_model(config, device=ctx.device, seed=seed)
     embedding_rows = model.backbone.embedding.weight.shape[0]
     too_small = tokenizer.vocab_size > embedding_rows
     raise_on_every_rank(
@@ -64,23 +66,26 @@ def build_model_and_tokenizer(args: Namespace, ctx: DistributedContext):
     return model, model.config, tokenizer
 
 
-def build_datasets(args: Namespace, min_train_samples: int = 0):
-    """Train/valid/test datasets sized as Megatron sizes them; `min_train_samples` is what a resumed run
-    whose global batch size shrank reads in total (see CheckpointManager.train_samples_needed)."""
+def build_datasets(config: RunConfig, min_train_samples: int = 0):
+    """Train/valid/test datasets sized as Megatron sizes them (the run's length, evaluation and global
+    batch); `min_train_samples` is what a resumed run whose global batch size shrank reads in total (see
+    CheckpointManager.train_samples_needed)."""
     from megatron_lm.data_builder import DataConfig, build_train_valid_test_datasets, samples_per_split
 
-    num_samples = samples_per_split(args.train_iters, args.eval_interval, args.eval_iters, args.global_batch_size)
+    data, batch, logging_flags = config.data, config.batch, config.logging
+    num_samples = samples_per_split(batch.train_iters, logging_flags.eval_interval, logging_flags.eval_iters,
+                                    batch.global_batch_size)
     num_samples = (max(num_samples[0], min_train_samples), *num_samples[1:])
     config = DataConfig(
-        data_path=args.data_path,
-        train_data_path=args.train_data_path,
-        valid_data_path=args.valid_data_path,
-        test_data_path=args.test_data_path,
-        split=args.split,
-        seq_length=args.seq_length,
-        seed=args.seed,
-        cache_path=args.data_cache_path,
-        allow_extra_bin_bytes=args.data_allow_extra_bin_bytes,
+        data_path=_listed(data.data_path),
+        train_data_path=_listed(data.train_data_path),
+        valid_data_path=_listed(data.valid_data_path),
+        test_data_path=_listed(data.test_data_path),
+        split=data.split,
+        seq_length=data.seq_length,
+        seed=data.seed,
+        cache_path=data.data_cache_path,
+        allow_extra_bin_bytes=data.data_allow_extra_bin_bytes,
     )
     return build_train_valid_test_datasets(config, num_samples)
 
@@ -139,7 +144,11 @@ def check_token_ids(batch: dict, embedding_rows: int, split: str, tokenizer_name
     return batch
 
 
-def in_skip_ranges(iteration: int, ranges: list[list[int]] | None) -> bool:
+def _listed(values: tuple[str, ...] | None) -> list[str] | None:
+    return None if values is None else list(values)
+
+
+def in_skip_ranges(iteration: int, ranges: tuple[tuple[int, int], ...] | None) -> bool:
     """--skip-batch FIRST LAST ranges are inclusive and count iterations from 1."""
     return any(first <= iteration <= last for first, last in ranges or ())
 
@@ -147,20 +156,20 @@ def in_skip_ranges(iteration: int, ranges: list[list[int]] | None) -> bool:
 StepCallback = Callable[[TrainState, "StepResult | None"], None]
 
 
-def pretrain(args: Namespace, on_step: StepCallback | None = None) -> TrainState:
-    """Train as `args` say, in a process group set up from the launcher's environment."""
-    ctx = init_distributed(args.use_mpi)
+def pretrain(config: RunConfig, on_step: StepCallback | None = None) -> TrainState:
+    """Train as `config` says, in a process group set up from the launcher's environment."""
+    ctx = init_distributed(config.parallel.use_mpi)
     setup_logging(ctx.rank)
     completed = False
     try:
-        state = run_training(args, ctx, on_step)
+        state = run_training(config, ctx, on_step)
         completed = True
         return state
     finally:
         shutdown_distributed(completed)
 
 
-def run_training(args: Namespace, ctx: DistributedContext, on_step: StepCallback | None = None) -> TrainState:
+def run_training(config: RunConfig, ctx: DistributedContext, on_step: StepCallback | None = None) -> TrainState:
     """The whole run in an existing process group. `on_step(state, result)` is called after every
     iteration (`result` is None for a --skip-batch iteration)."""
     # Opened first so that a missing package or a bad W&B flag stops the run before the model is built;
@@ -169,24 +178,27 @@ def run_training(args: Namespace, ctx: DistributedContext, on_step: StepCallback
     from kotomamba.run_control import exit_signals_handled
     from kotomamba.run_lock import save_directory_locked
 
-    with save_directory_locked(args.save, ctx), exit_signals_handled(), MetricLogger(args, ctx) as metric_logger:
-        return _train(args, ctx, metric_logger, on_step)
+    if config.batch.data_parallel_size != ctx.world_size:
+        raise TrainingError(f"the configuration was built for {config.batch.data_parallel_size} ranks but the "
+                            f"process group has {ctx.world_size}")
+    with (save_directory_locked(config.checkpoint.save, ctx), exit_signals_handled(),
+          MetricLogger(config.logging, config.checkpoint.save, ctx) as metric_logger):
+        return _train(config, ctx, metric_logger, on_step)
 
 
-def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger,
+def _train(config: RunConfig, ctx: DistributedContext, metric_logger: MetricLogger,
            on_step: StepCallback | None) -> TrainState:
     """Set up, then per iteration: train (or skip) a global batch, report it, validate when due, and let
     the step boundary save and decide whether to stop."""
     from kotomamba.kernels import configure_triton_cache, select_kernel_backend
 
     configure_triton_cache(ctx.rank)
-    select_kernel_backend(ctx.device, selective_scan=args.selective_scan)  # before mamba-ssm is imported
-    accumulation = arguments.apply_data_parallel_size(args, ctx.world_size)
-    logger.info("resolved config:\n%s", json.dumps(arguments.resolved_config(args), indent=2, default=str))
-    trainer = Trainer(args, ctx, accumulation, metric_logger)
+    select_kernel_backend(ctx.device, selective_scan=config.kernels.selective_scan)  # before mamba-ssm is imported
+    logger.info("resolved config:\n%s", json.dumps(config_dict(config), indent=2, default=str))
+    trainer = Trainer(config, ctx, metric_logger)
     state = trainer.state
     trainer.start()
-    while state.iteration < args.train_iters:
+    while state.iteration < config.batch.train_iters:
         result = trainer.run_iteration(state)
         if on_step is not None:
             on_step(state, result)
@@ -202,12 +214,10 @@ def _train(args: Namespace, ctx: DistributedContext, metric_logger: MetricLogger
 class TokenIdCheck:
     """Refuses batches whose token ids the model's embedding does not have (see check_token_ids)."""
 
-    def __init__(self, args: Namespace, embedding_rows: int, tokenizer_name: str) -> None:
+    def __init__(self, data: DataSection, embedding_rows: int, tokenizer_name: str) -> None:
         self.embedding_rows = embedding_rows
         self.tokenizer_name = tokenizer_name
-        self.data_flags = " ".join(f"--{name.replace('_', '-')} {' '.join(getattr(args, name))}" for name in
-                                   ("data_path", "train_data_path", "valid_data_path", "test_data_path")
-                                   if getattr(args, name))
+        self.data_flags = data.flags
 
     def __call__(self, batch: dict, split: str) -> dict:
         return check_token_ids(batch, self.embedding_rows, split, self.tokenizer_name, self.data_flags)
@@ -221,18 +231,19 @@ class Trainer:
     needs them (the checkpoint is restored before the loaders are built: they start at its data
     position); each step of the loop in `_train` is one method."""
 
-    def __init__(self, args: Namespace, ctx: DistributedContext, accumulation: int,
-                 metric_logger: MetricLogger) -> None:
+    def __init__(self, config: RunConfig, ctx: DistributedContext, metric_logger: MetricLogger) -> None:
         from kotomamba.checkpoint import CheckpointManager
         from kotomamba.run_control import RunControl
 
-        self.args, self.ctx, self.accumulation, self.metric_logger = args, ctx, accumulation, metric_logger
+        self.config, self.ctx, self.metric_logger = config, ctx, metric_logger
+        self.accumulation = config.batch.gradient_accumulation_steps
         self._build_model_and_optimizer()
-        self.checkpointer = CheckpointManager(args, ctx, self.model, self.optimizer, self.scaler, self.tokenizer,
+        self.checkpointer = CheckpointManager(config, ctx, self.model, self.optimizer, self.scaler, self.tokenizer,
                                               self.model_config)
-        self.run_control = RunControl(self.checkpointer, args.train_iters, args.save_interval, args.exit_interval,
-                                      args.exit_duration_in_mins)
-        self.train_ds, self.valid_ds, self.test_ds = build_datasets(args, self.checkpointer.train_samples_needed())
+        saving = config.checkpoint
+        self.run_control = RunControl(self.checkpointer, config.batch.train_iters, saving.save_interval,
+                                      saving.exit_interval, saving.exit_duration_in_mins)
+        self.train_ds, self.valid_ds, self.test_ds = build_datasets(config, self.checkpointer.train_samples_needed())
         self.state = self.checkpointer.load(TrainState(), self.train_ds)
         self._build_data_streams()
         self._describe_iteration_cost()
@@ -245,49 +256,52 @@ class Trainer:
         from kotomamba.parallel import parallelize
         from kotomamba.precision import build_loss_scaler, resolve_precision
 
-        args, ctx = self.args, self.ctx
-        self.policy = resolve_precision(args.precision, args.param_dtype, args.reduce_dtype,
+        config, ctx = self.config, self.ctx
+        precision, parallel, opt = config.precision, config.parallel, config.optimizer
+        self.policy = resolve_precision(precision.precision, precision.param_dtype, precision.reduce_dtype,
                                         device_type=ctx.device.type)
-        model, self.model_config, self.tokenizer = build_model_and_tokenizer(args, ctx)
+        model, self.model_config, self.tokenizer = build_model_and_tokenizer(
+            config.model, config.tokenizer, ctx, seed=config.data.seed, low_cpu_fsdp=parallel.low_cpu_fsdp)
         no_decay_names = marked_no_weight_decay_names(model)  # fully_shard drops the markers
         self.sharded = parallelize(
-            model, ctx, strategy=args.sharding_strategy, param_dtype=self.policy.param_dtype,
+            model, ctx, strategy=parallel.sharding_strategy, param_dtype=self.policy.param_dtype,
             reduce_dtype=self.policy.reduce_dtype,
-            checkpointed_blocks=arguments.checkpointed_block_count(args, self.model_config.n_layer),
-            cpu_offload=args.fsdp_cpu_offload,
+            checkpointed_blocks=parallel.checkpointed_block_count(self.model_config.n_layer),
+            cpu_offload=parallel.fsdp_cpu_offload,
         )
         self.model = self.sharded.module
-        self.compute_loss = training_loss(self.model, args.cross_entropy_chunk_tokens)
+        self.compute_loss = training_loss(self.model, parallel.cross_entropy_chunk_tokens)
         self.optimizer = build_optimizer(
-            self.model, lr=args.lr, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_eps, no_decay_names=no_decay_names,
+            self.model, lr=opt.lr, weight_decay=opt.weight_decay, betas=(opt.adam_beta1, opt.adam_beta2),
+            eps=opt.adam_eps, no_decay_names=no_decay_names,
         )
         self.schedule = LRSchedule(
-            max_lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters, decay_iters=args.lr_decay_iters,
-            style=args.lr_decay_style, wsd_decay_iters=args.lr_wsd_decay_iters,
-            wsd_decay_style=args.lr_wsd_decay_style, warmup_init_lr=args.lr_warmup_init,
+            max_lr=opt.lr, min_lr=opt.min_lr, warmup_iters=opt.lr_warmup_iters, decay_iters=opt.lr_decay_iters,
+            style=opt.lr_decay_style, wsd_decay_iters=opt.lr_wsd_decay_iters,
+            wsd_decay_style=opt.lr_wsd_decay_style, warmup_init_lr=opt.lr_warmup_init,
         )
         self.scaler = build_loss_scaler(
-            self.policy, initial_scale=args.initial_loss_scale, min_scale=args.min_loss_scale,
-            growth_interval=args.loss_scale_window, hysteresis=args.hysteresis,
+            self.policy, initial_scale=precision.initial_loss_scale, min_scale=precision.min_loss_scale,
+            growth_interval=precision.loss_scale_window, hysteresis=precision.hysteresis,
         )
 
     def _build_data_streams(self) -> None:
         from kotomamba import data as data_lib
         from kotomamba.checkpoint import evaluation_resume_position
 
-        args, ctx = self.args, self.ctx
-        self.loader_options = dict(micro_batch_size=args.micro_batch_size, dp_rank=ctx.rank, dp_size=ctx.world_size,
-                                   num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda")
-        self.check = TokenIdCheck(args, self.model.backbone.embedding.num_embeddings, self.tokenizer.name)
+        config, ctx = self.config, self.ctx
+        micro_batch_size = config.batch.micro_batch_size
+        self.loader_options = dict(micro_batch_size=micro_batch_size, dp_rank=ctx.rank, dp_size=ctx.world_size,
+                                   num_workers=config.data.num_workers, pin_memory=ctx.device.type == "cuda")
+        self.check = TokenIdCheck(config.data, self.model.backbone.embedding.num_embeddings, self.tokenizer.name)
         # Unchecked: --skip-batch may step over any batch; train_step checks the ones it trains on.
         self.train_batches = iter(data_lib.build_loader(self.train_ds, self.state.consumed_samples,
                                                         **self.loader_options))
-        self.evaluating = args.eval_iters > 0
+        self.evaluating = config.logging.eval_iters > 0
         self.valid_batches = None
         if self.evaluating and self.valid_ds is not None:
             valid_start = evaluation_resume_position(len(self.valid_ds), self.state.consumed_valid_samples,
-                                                     args.micro_batch_size * ctx.world_size)
+                                                     micro_batch_size * ctx.world_size)
             resumed = (data_lib.build_loader(self.valid_ds, valid_start, **self.loader_options) if valid_start
                        else None)
             self.valid_batches = self.check.stream(
@@ -298,18 +312,19 @@ class Trainer:
         from kotomamba.flops import flops_per_token, peak_flops
         from kotomamba.kernels import kernel_summary
 
-        args, ctx, policy = self.args, self.ctx, self.policy
-        self.tokens_per_iteration = args.global_batch_size * args.seq_length
-        self.flops_per_token = flops_per_token(self.model_config, args.seq_length)
+        ctx, policy, batch, seq_length = self.ctx, self.policy, self.config.batch, self.config.data.seq_length
+        self.tokens_per_iteration = batch.global_batch_size * seq_length
+        self.flops_per_token = flops_per_token(self.model_config, seq_length)
         device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
-        self.peak = peak_flops(device_name, str(policy.compute_dtype).removeprefix("torch."), args.peak_tflops)
+        self.peak = peak_flops(device_name, str(policy.compute_dtype).removeprefix("torch."),
+                               self.config.misc.peak_tflops)
         logger.info(
             "kernels %s | precision %s (params %s, reduce %s, compute %s) | world size %d | micro batch %d × "
             "accumulation %d × data parallel %d = global batch %d | seq length %d | %s tokens/iteration | "
             "%.3g FLOPs/token | peak %s",
             kernel_summary(), policy.name, policy.param_dtype, policy.reduce_dtype, policy.compute_dtype,
-            ctx.world_size, args.micro_batch_size, self.accumulation, ctx.world_size, args.global_batch_size,
-            args.seq_length, f"{self.tokens_per_iteration:,}", self.flops_per_token,
+            ctx.world_size, batch.micro_batch_size, self.accumulation, ctx.world_size, batch.global_batch_size,
+            seq_length, f"{self.tokens_per_iteration:,}", self.flops_per_token,
             f"{self.peak / 1e12:.0f} TFLOP/s" if self.peak else "unknown (no MFU; set --peak-tflops)",
         )
 
@@ -319,7 +334,7 @@ class Trainer:
 
         self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer_stats = OptimizerStats(self.model, self.optimizer, self.ctx.device)
-        self.metric_logger.start(self.state.iteration, arguments.resolved_config(self.args))
+        self.metric_logger.start(self.state.iteration, config_dict(self.config))
         self.valid_names = metrics.blend_component_names(self.valid_ds)
         self.test_names = metrics.blend_component_names(self.test_ds)
         self.meter = metrics.IntervalMeter(device=self.ctx.device)
@@ -339,21 +354,22 @@ class Trainer:
         None for a skipped batch."""
         from kotomamba.optim import apply_lr
 
-        args, iteration = self.args, state.iteration + 1
+        logging_flags, iteration = self.config.logging, state.iteration + 1
         self.lr = self.schedule.lr_at(state.iteration)
         apply_lr(self.optimizer, self.lr)
-        if in_skip_ranges(iteration, args.skip_batch):
+        if in_skip_ranges(iteration, logging_flags.skip_batch):
             self.skip_global_batch()
             logger.info("iteration %d: global batch skipped (--skip-batch)", iteration)
             self.meter.record_skipped_batch()
             result = None
         else:
-            stats_due = args.optimizer_stats_interval > 0 and iteration % args.optimizer_stats_interval == 0
+            stats_interval = logging_flags.optimizer_stats_interval
+            stats_due = stats_interval > 0 and iteration % stats_interval == 0
             result = self.train_step(collect_optimizer_stats=stats_due)
             self._count_skipped_step(state, result, iteration)
             self.meter.record(result, self.tokens_per_iteration)
         state.iteration = iteration
-        state.consumed_samples += args.global_batch_size
+        state.consumed_samples += self.config.batch.global_batch_size
         state.consumed_tokens += self.tokens_per_iteration
         return result
 
@@ -378,7 +394,7 @@ class Trainer:
         dist.all_reduce(loss_sum)
         mean_loss = loss_sum.item() / (accumulation * ctx.world_size)
         scaler.unscale_(self.parameters)
-        grad_norm = clip_grad_norm(self.parameters, self.args.grad_clip_norm).item()
+        grad_norm = clip_grad_norm(self.parameters, self.config.optimizer.grad_clip_norm).item()
         # The norm is reduced over every shard and rank: one inf/nan gradient anywhere (an fp16 overflow)
         # makes it non-finite everywhere, so every rank skips the same steps.
         skipped = not math.isfinite(grad_norm) or not math.isfinite(mean_loss)
@@ -413,32 +429,33 @@ class Trainer:
     def report(self, state: TrainState, result: StepResult | None) -> None:
         """Optimizer statistics when due, the log line at --log-interval; stops the run (TrainingError)
         after --max-consecutive-skips non-finite steps."""
-        args, iteration = self.args, state.iteration
+        logging_flags, train_iters, iteration = self.config.logging, self.config.batch.train_iters, state.iteration
         if result is not None and result.optimizer_stats is not None:
             from kotomamba.optimizer_stats import summary_line
 
             self.metric_logger.log(iteration, result.optimizer_stats, summary_line(iteration, result.optimizer_stats))
-        stopping = args.max_consecutive_skips > 0 and state.consecutive_skips >= args.max_consecutive_skips
-        if self.meter.last_result is not None and (iteration % args.log_interval == 0
-                                                   or iteration == args.train_iters or stopping):
-            log_training(state, args, self.meter, self.lr, self.ctx, self.metric_logger, self.flops_per_token,
+        max_skips = logging_flags.max_consecutive_skips
+        stopping = max_skips > 0 and state.consecutive_skips >= max_skips
+        if self.meter.last_result is not None and (iteration % logging_flags.log_interval == 0
+                                                   or iteration == train_iters or stopping):
+            log_training(state, train_iters, self.meter, self.lr, self.ctx, self.metric_logger, self.flops_per_token,
                          self.peak, self.run_started, self.remaining_time)
             self.meter.reset()
         if stopping:
             # Nothing is saved on this path: the last checkpoint, from before the skips, stays the one to resume.
             raise TrainingError(
                 f"{state.consecutive_skips} consecutive iterations had non-finite loss or gradients "
-                f"(--max-consecutive-skips {args.max_consecutive_skips}); stopping at iteration {iteration}"
+                f"(--max-consecutive-skips {max_skips}); stopping at iteration {iteration}"
             )
 
     def validate_if_due(self, state: TrainState) -> None:
-        args = self.args
-        if self.valid_batches is None or state.iteration % args.eval_interval != 0:
+        eval_iters = self.config.logging.eval_iters
+        if self.valid_batches is None or state.iteration % self.config.logging.eval_interval != 0:
             return
         with self.meter.paused():  # evaluation time is not training time
-            evaluation = evaluate(self.model, self.compute_loss, self.valid_batches, args.eval_iters * self.accumulation,
+            evaluation = evaluate(self.model, self.compute_loss, self.valid_batches, eval_iters * self.accumulation,
                                   self.ctx, self.autocast)
-        state.consumed_valid_samples += args.eval_iters * args.global_batch_size
+        state.consumed_valid_samples += eval_iters * self.config.batch.global_batch_size
         values = metrics.evaluation_metrics("valid", evaluation, self.valid_names)
         self.metric_logger.log(state.iteration, values, metrics.format_evaluation_line("valid", state.iteration, values))
 
@@ -454,13 +471,13 @@ class Trainer:
         if not self.evaluating or self.test_ds is None or self.run_control.exited:
             return
         test_batches = self.check.stream(cycle(data_lib.build_loader(self.test_ds, 0, **self.loader_options)), "test")
-        evaluation = evaluate(self.model, self.compute_loss, test_batches, self.args.eval_iters * self.accumulation,
+        evaluation = evaluate(self.model, self.compute_loss, test_batches, self.config.logging.eval_iters * self.accumulation,
                               self.ctx, self.autocast)
         values = metrics.evaluation_metrics("test", evaluation, self.test_names)
         self.metric_logger.log(state.iteration, values, metrics.format_evaluation_line("test", state.iteration, values))
 
 
-def log_training(state: TrainState, args: Namespace, meter: metrics.IntervalMeter, lr: float, ctx: DistributedContext,
+def log_training(state: TrainState, train_iters: int, meter: metrics.IntervalMeter, lr: float, ctx: DistributedContext,
                  metric_logger: MetricLogger, model_flops_per_token: float, peak: float | None, run_started: float,
                  remaining_time: metrics.RemainingTime) -> None:
     """The interval's metrics (see kotomamba.metrics) to the log line and the sinks; on every rank."""
@@ -471,6 +488,6 @@ def log_training(state: TrainState, args: Namespace, meter: metrics.IntervalMete
     )
     now = time.perf_counter()
     run_seconds = now - run_started
-    remaining = remaining_time.update(state.iteration, now, args.train_iters)
-    line = metrics.format_training_line(state.iteration, args.train_iters, values, run_seconds, remaining)
+    remaining = remaining_time.update(state.iteration, now, train_iters)
+    line = metrics.format_training_line(state.iteration, train_iters, values, run_seconds, remaining)
     metric_logger.log(state.iteration, values, line)

@@ -9,7 +9,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from kotomamba.arguments import parse_args
+from kotomamba.config import parse_run_config
 
 
 def tensor_stats(tensor: torch.Tensor) -> dict[str, float]:
@@ -82,20 +82,21 @@ def plain_training(argv: list[str], stats_at: tuple[int, ...] = ()) -> dict:
     from kotomamba.train import build_datasets
     from megatron_lm.tokenizer import build_tokenizer
 
-    args = parse_args(argv)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-    model = build_model(load_model_config(args.model, tokenizer.vocab_size), seed=args.seed)
-    optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay,
-                                betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+    config = parse_run_config(argv, 1)
+    tokenizer = build_tokenizer(config.tokenizer.tokenizer_type, config.tokenizer.tokenizer_model)
+    model = build_model(load_model_config(config.model.model, tokenizer.vocab_size), seed=config.data.seed)
+    opt = config.optimizer
+    optimizer = build_optimizer(model, lr=opt.lr, weight_decay=opt.weight_decay,
+                                betas=(opt.adam_beta1, opt.adam_beta2), eps=opt.adam_eps,
                                 no_decay_names=marked_no_weight_decay_names(model))
-    schedule = LRSchedule(max_lr=args.lr, min_lr=args.min_lr, warmup_iters=args.lr_warmup_iters,
-                          decay_iters=args.lr_decay_iters, style=args.lr_decay_style)
-    train_ds, valid_ds, test_ds = build_datasets(args)
-    batch = args.global_batch_size
-    eval_samples = args.eval_iters * batch
+    schedule = LRSchedule(max_lr=opt.lr, min_lr=opt.min_lr, warmup_iters=opt.lr_warmup_iters,
+                          decay_iters=opt.lr_decay_iters, style=opt.lr_decay_style)
+    train_ds, valid_ds, test_ds = build_datasets(config)
+    batch = config.batch.global_batch_size
+    eval_samples = config.logging.eval_iters * batch
     record: dict = {"lr": {}, "loss": {}, "grad_norm": {}, "stats": {}, "valid": {}, "test": None}
     valid_position = 0
-    for iteration in range(1, args.train_iters + 1):
+    for iteration in range(1, config.batch.train_iters + 1):
         lr = schedule.lr_at(iteration - 1)
         apply_lr(optimizer, lr)
         tokens, labels, _ = _batch(train_ds, list(range((iteration - 1) * batch, iteration * batch)))
@@ -103,14 +104,14 @@ def plain_training(argv: list[str], stats_at: tuple[int, ...] = ()) -> dict:
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1))
         loss.backward()
         grad_norm = math.sqrt(sum(p.grad.double().pow(2).sum().item() for p in model.parameters()))
-        if args.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+        if config.optimizer.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.grad_clip_norm)
         optimizer.step()
         if iteration in stats_at:
             record["stats"][iteration] = model_stats(model, optimizer)
         optimizer.zero_grad()
         record["lr"][iteration], record["loss"][iteration], record["grad_norm"][iteration] = lr, loss.item(), grad_norm
-        if eval_samples and valid_ds is not None and iteration % args.eval_interval == 0:
+        if eval_samples and valid_ds is not None and iteration % config.logging.eval_interval == 0:
             model.eval()
             indices = list(range(valid_position, valid_position + eval_samples))
             record["valid"][iteration] = evaluate_by_component(model, valid_ds, indices)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import subprocess
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kotomamba import arguments
+from kotomamba import arguments, config as run_config
 from kotomamba.arguments import ArgumentError, parse_args
+from kotomamba.config import build_run_config
 
 BASE = ["--lr", "1e-3", "--train-iters", "100", "--data-path", "corpus_text_document",
         "--tokenizer-type", "NullTokenizer", "--vocab-size", "512"]
@@ -24,8 +26,12 @@ def parse(*extra: str) -> argparse.Namespace:
 
 def error_of(argv: list[str]) -> str:
     with pytest.raises(ArgumentError) as caught:
-        parse_args(argv)
+        build_run_config(parse_args(argv), 1)
     return str(caught.value)
+
+
+def build(*extra: str, world_size: int = 1) -> run_config.RunConfig:
+    return build_run_config(parse(*extra), world_size)
 
 
 @pytest.fixture
@@ -277,9 +283,11 @@ def test_kotomamba_megatron_style_script_parses(checkpoint_dir, tmp_path):
     args = parse_args(argv)
     assert args.data_path == ["1542288829", "/d/ja_wikipedia_text_document", "9051743591", "/d/merged_0_text_document"]
     assert (args.precision, args.from_scratch, args.checkpoint_type) == ("bf16", True, "LOCAL_STATE_DICT")
-    assert (args.lr_warmup_iters, args.lr_decay_iters, args.train_iters) == (2000, 191000, 191000)
     assert args.tokenizer_model == tokenizer and args.base_model == str(checkpoint_dir)
-    assert arguments.apply_data_parallel_size(args, 32) == 1024 // (8 * 32)
+    config = build_run_config(args, 32)
+    assert (config.optimizer.lr_warmup_iters, config.optimizer.lr_decay_iters, config.batch.train_iters) == (
+        2000, 191000, 191000)
+    assert config.batch.gradient_accumulation_steps == 1024 // (8 * 32)
 
 
 def test_kotomamba_llama_recipes_script_points_to_the_replacements():
@@ -296,57 +304,60 @@ def test_defaults():
     assert (args.model, args.split, args.num_workers, args.seed) == ("130m", "969,30,1", 2, 1234)
     assert (args.precision, args.param_dtype, args.reduce_dtype) == ("auto", None, None)
     assert (args.sharding_strategy, args.checkpoint_type) == ("FULL_SHARD", "SHARDED_STATE_DICT")
-    assert (args.lr_decay_iters, args.lr_warmup_iters, args.lr_decay_style) == (100, 0, "linear")
-    assert (args.grad_clip_norm, args.initial_loss_scale) == (1.0, 2.0 ** 32)
+    assert (args.grad_clip_norm, args.initial_loss_scale, args.lr_decay_style) == (1.0, 2.0 ** 32, "linear")
+    optimizer = build().optimizer
+    assert (optimizer.lr_decay_iters, optimizer.lr_warmup_iters) == (100, 0)
 
 
 def test_train_samples_become_iterations_with_sample_based_schedule():
     argv = _with_overrides(["--train-iters", None, "--train-samples", "10000", "--global-batch-size", "64",
                             "--micro-batch-size", "4", "--lr-warmup-samples", "640", "--lr-decay-samples", "9000",
                             "--lr-decay-style", "WSD", "--lr-wsd-decay-samples", "1280"], Path())
-    args = parse_args(argv)
-    assert args.train_iters == 10000 // 64
-    assert (args.lr_warmup_iters, args.lr_decay_iters, args.lr_wsd_decay_iters) == (10, 9000 // 64, 20)
+    config = build_run_config(parse_args(argv), 1)
+    assert config.batch.train_iters == 10000 // 64
+    optimizer = config.optimizer
+    assert (optimizer.lr_warmup_iters, optimizer.lr_decay_iters, optimizer.lr_wsd_decay_iters) == (10, 9000 // 64, 20)
 
 
 def test_warmup_fraction_is_a_fraction_of_the_decay():
-    args = parse("--lr-decay-iters", "80", "--lr-warmup-fraction", "0.25")
-    assert args.lr_warmup_iters == 20
+    assert build("--lr-decay-iters", "80", "--lr-warmup-fraction", "0.25").optimizer.lr_warmup_iters == 20
 
 
 def test_train_samples_without_global_batch_wait_for_the_world_size():
     args = parse_args(_with_overrides(["--train-iters", None, "--train-samples", "1000", "--micro-batch-size", "2",
                                        "--lr-warmup-fraction", "0.1"], Path()))
     assert args.train_iters is None and args.global_batch_size is None
-    assert arguments.apply_data_parallel_size(args, 5) == 1
-    assert (args.global_batch_size, args.train_iters, args.lr_decay_iters, args.lr_warmup_iters) == (10, 100, 100, 10)
-    assert (args.data_parallel_size, args.gradient_accumulation_steps) == (5, 1)
-    arguments.apply_data_parallel_size(args, 5)  # a second call changes nothing
-    assert (args.global_batch_size, args.train_iters, args.lr_warmup_iters) == (10, 100, 10)
+    config = build_run_config(args, 5)
+    batch, optimizer = config.batch, config.optimizer
+    assert (batch.global_batch_size, batch.train_iters, optimizer.lr_decay_iters, optimizer.lr_warmup_iters) == (
+        10, 100, 100, 10)
+    assert (batch.data_parallel_size, batch.gradient_accumulation_steps) == (5, 1)
+    assert build_run_config(args, 5) == config  # the flags are left unchanged: building again gives the same
+    assert args.train_iters is None and args.global_batch_size is None
 
 
 def test_legacy_gradient_accumulation_steps_set_the_global_batch():
-    args = parse("--micro-batch-size", "8", "--gradient-accumulation-steps", "4")
-    assert arguments.apply_data_parallel_size(args, 16) == 4
-    assert args.global_batch_size == 8 * 4 * 16
+    batch = build("--micro-batch-size", "8", "--gradient-accumulation-steps", "4", world_size=16).batch
+    assert batch.gradient_accumulation_steps == 4
+    assert batch.global_batch_size == 8 * 4 * 16
 
 
 def test_gradient_accumulation_steps():
-    assert arguments.gradient_accumulation_steps(1024, 8, 32) == 4
-    assert arguments.gradient_accumulation_steps(96, 2, 6) == 8
+    assert run_config.gradient_accumulation_steps(1024, 8, 32) == 4
+    assert run_config.gradient_accumulation_steps(96, 2, 6) == 8
     with pytest.raises(ArgumentError) as caught:
-        arguments.gradient_accumulation_steps(100, 4, 8)
+        run_config.gradient_accumulation_steps(100, 4, 8)
     message = str(caught.value)
     assert "--global-batch-size 100" in message and "--micro-batch-size 4" in message
     assert "data-parallel size 8 = 32" in message and "100 = 3 × 32 + 4" in message and "96 or 128" in message
     with pytest.raises(ArgumentError, match="data-parallel size must be at least 1"):
-        arguments.gradient_accumulation_steps(8, 1, 0)
+        run_config.gradient_accumulation_steps(8, 1, 0)
 
 
-def test_apply_data_parallel_size_rejects_an_uneven_global_batch():
+def test_the_run_config_rejects_a_global_batch_that_does_not_split_over_the_ranks():
     args = parse("--global-batch-size", "48", "--micro-batch-size", "4")
     with pytest.raises(ArgumentError, match="--global-batch-size 48 is not a multiple"):
-        arguments.apply_data_parallel_size(args, 8)
+        build_run_config(args, 8)
 
 
 def test_tokenizer_type_is_inferred_from_the_tokenizer_model():
@@ -554,12 +565,40 @@ def test_empty_config_changes_nothing(tmp_path):
 
 def test_resolved_config_round_trips_through_yaml_and_json(checkpoint_dir):
     args = parse("--skip-batch", "3", "4", "--base-model", str(checkpoint_dir), "--bf16", "--save", "/c")
-    arguments.apply_data_parallel_size(args, 1)
-    resolved = arguments.resolved_config(args)
-    assert set(resolved) == set(vars(args))
+    resolved = run_config.config_dict(build_run_config(args, 1))
+    assert {name for section in resolved.values() for name in section} == set(vars(args)) | {"data_parallel_size"}
     assert yaml.safe_load(yaml.safe_dump(resolved)) == resolved
     assert json.loads(json.dumps(resolved)) == resolved
-    assert resolved["skip_batch"] == [[3, 4]] and resolved["data_parallel_size"] == 1
+    assert resolved["logging"]["skip_batch"] == [[3, 4]] and resolved["batch"]["data_parallel_size"] == 1
+
+
+# The --help group each config section holds (every flag of the group, nothing else).
+SECTION_GROUPS = {"model": "model", "tokenizer": "tokenizer", "data": "data", "batch": "batch size and training length",
+                  "optimizer": "optimizer and learning-rate schedule", "precision": "precision", "kernels": "kernels",
+                  "parallel": "FSDP", "logging": "evaluation and logging", "checkpoint": "checkpointing",
+                  "misc": "miscellaneous"}
+
+
+def test_each_config_section_holds_exactly_the_flags_of_its_help_group():
+    groups = {group.title: {action.dest for action in group._group_actions if action.dest != argparse.SUPPRESS}
+              for group in arguments.build_parser()._action_groups}
+    groups["miscellaneous"] |= {"config"}  # --config sits with --help, above the groups
+    derived = {"batch": {"data_parallel_size"}}  # no flag sets it: the world size does
+    assert set(SECTION_GROUPS) == set(run_config.SECTIONS)
+    for section, kind in run_config.SECTIONS.items():
+        names = {field.name for field in dataclasses.fields(kind)}
+        assert names == groups[SECTION_GROUPS[section]] | derived.get(section, set()), section
+
+
+def test_the_run_config_is_frozen_and_leaves_the_flags_unchanged():
+    args = parse("--micro-batch-size", "2", "--data-path", "0.5", "a", "0.5", "b")
+    before = vars(args).copy()
+    config = build_run_config(args, 4)
+    assert vars(args) == before
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.batch.micro_batch_size = 4
+    assert config.data.data_path == ("0.5", "a", "0.5", "b")  # tuples: nothing inside can change either
+    assert (config.batch.micro_batch_size, config.batch.global_batch_size) == (2, 8)
 
 
 def test_parse_blend_and_split():

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from kotomamba import checkpoint as checkpoint_module
-from kotomamba.arguments import apply_data_parallel_size, parse_args, resolved_config
+from kotomamba.config import config_dict, parse_run_config
 from kotomamba.model_loading import load_model_from_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -154,11 +154,9 @@ def test_checkpoint_holds_everything_a_resume_needs(argv, interrupted, sentencep
     assert metadata["kotomamba_version"] and metadata["has_optimizer_state"]
     assert metadata["tokenizer"]["name"].startswith("SentencePieceTokenizer:")
     assert (directory / "tokenizer" / Path(sentencepiece_model).name).read_bytes() == sentencepiece_model.read_bytes()
-    args = parse_args(argv + ["--save", str(interrupted["SHARDED_STATE_DICT"]), "--load",
-                              str(interrupted["SHARDED_STATE_DICT"]), "--exit-interval", "2"])
-    apply_data_parallel_size(args, 1)
-    saved_config = yaml.safe_load((directory / "config.yaml").read_text())
-    assert {k: v for k, v in saved_config.items() if k in vars(args)} == resolved_config(args)
+    config = parse_run_config(argv + ["--save", str(interrupted["SHARDED_STATE_DICT"]), "--load",
+                                      str(interrupted["SHARDED_STATE_DICT"]), "--exit-interval", "2"], 1)
+    assert yaml.safe_load((directory / "config.yaml").read_text()) == config_dict(config)
     assert json.loads((directory / "model_config.json").read_text())["d_model"] == 32
     rng = torch.load(directory / "rng" / "rank_00000.pt", weights_only=True)
     assert set(rng) >= {"python", "numpy", "torch"}
@@ -635,7 +633,7 @@ def test_a_resumed_run_draws_the_random_numbers_the_uninterrupted_run_draws(argv
         def draw(state, result):
             draws.append((random.random(), float(np.random.rand()), float(torch.rand(1))))
 
-        run_training(parse_args(argv + extra), single_process, draw)
+        run_training(parse_run_config(argv + extra, 1), single_process, draw)
         return draws
 
     save = tmp_path / "run"

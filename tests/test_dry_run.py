@@ -130,16 +130,16 @@ def test_batch_arithmetic_and_token_budget():
 
 def test_global_batch_defaults_to_micro_batch_times_data_parallel_times_accumulation():
     result = plan(dry(*NULL, "--micro-batch-size", "2", "--dry-run-world-size", "8"), {})
-    assert (result.args.global_batch_size, result.accumulation) == (16, 1)
+    assert (result.config.batch.global_batch_size, result.accumulation) == (16, 1)
     result = plan(dry(*NULL, "--micro-batch-size", "2", "--gradient-accumulation-steps", "4",
                       "--dry-run-world-size", "8"), {})
-    assert (result.args.global_batch_size, result.accumulation) == (64, 4)
+    assert (result.config.batch.global_batch_size, result.accumulation) == (64, 4)
 
 
 def test_train_samples_become_iterations_once_the_world_is_known():
     result = plan(dry(*NULL, "--train-samples", "10000", "--micro-batch-size", "2", "--dry-run-world-size", "4"), {})
-    assert result.args.global_batch_size == 8
-    assert result.args.train_iters == 10000 // 8
+    assert result.config.batch.global_batch_size == 8
+    assert result.config.batch.train_iters == 10000 // 8
     assert result.total_tokens == 1250 * 8 * 2048
 
 

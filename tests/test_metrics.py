@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from kotomamba import metrics, plot
+from kotomamba.config import LoggingSection
 from kotomamba.flops import flops_per_token
 from kotomamba.model import load_model_config
 from kotomamba.sinks import WANDB_RUN_ID_FILE, MetricLogger, MetricsSinkError
@@ -239,7 +240,8 @@ def test_wandb_run_has_the_config_and_the_stored_id(observed):
     files = plot.wandb_files(save / "wandb")
     assert len(files) == 1 and files[0].name == f"run-{run_id}.wandb"
     config = plot.read_wandb_file(files[0]).config
-    assert config["lr"] == MAX_LR and config["train_iters"] == ITERATIONS and config["global_batch_size"] == GLOBAL_BATCH
+    assert config["optimizer"]["lr"] == MAX_LR and config["batch"]["train_iters"] == ITERATIONS
+    assert config["batch"]["global_batch_size"] == GLOBAL_BATCH
 
 
 def test_blend_components_are_named_by_their_prefixes_file_names():
@@ -256,24 +258,26 @@ def test_blend_components_are_named_by_their_prefixes_file_names():
     assert metrics.perplexity(1000.0) == math.inf and math.isnan(metrics.perplexity(math.nan))
 
 
-def metric_logger_args(save: Path, tensorboard: Path) -> Namespace:
-    return Namespace(wandb_project="kotomamba-tests", wandb_entity=None, wandb_name="resumed", save=str(save),
-                     tensorboard_dir=str(tensorboard))
+def metric_logger_flags(tensorboard: Path, **changes) -> LoggingSection:
+    flags = dict(eval_interval=100, eval_iters=0, log_interval=1, wandb_entity=None, wandb_project="kotomamba-tests",
+                 wandb_name="resumed", tensorboard_dir=str(tensorboard), optimizer_stats_interval=0, skip_batch=None,
+                 max_consecutive_skips=10)
+    return LoggingSection(**{**flags, **changes})
 
 
 def test_a_resumed_run_continues_the_same_wandb_run_and_tensorboard_curve(single_process, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_DIR", raising=False)
-    args = metric_logger_args(tmp_path / "save", tmp_path / "tb")
+    flags, save = metric_logger_flags(tmp_path / "tb"), str(tmp_path / "save")
     # First run: checkpoint at iteration 2, logs up to 3, then dies.
-    with pytest.raises(KeyboardInterrupt), MetricLogger(args, single_process) as first:
+    with pytest.raises(KeyboardInterrupt), MetricLogger(flags, save, single_process) as first:
         first.start(0, {"train_iters": 4})
         for step in (1, 2, 3):
             first.log(step, {"train/loss": 10.0 - step})
         raise KeyboardInterrupt
     # Resumed from the checkpoint at iteration 2: iteration 3 again (another value), then 4.
-    with MetricLogger(args, single_process) as second:
+    with MetricLogger(flags, save, single_process) as second:
         second.start(2, {"train_iters": 4})
         for step in (3, 4):
             second.log(step, {"train/loss": 20.0 - step})
@@ -287,14 +291,11 @@ def test_a_resumed_run_continues_the_same_wandb_run_and_tensorboard_curve(single
 
 
 def test_wandb_flags_without_a_project_or_package_are_named(single_process, tmp_path, monkeypatch):
-    args = metric_logger_args(tmp_path, tmp_path)
-    args.wandb_project = None
     with pytest.raises(MetricsSinkError, match="--wandb-name resumed given without --wandb-project"):
-        MetricLogger(args, single_process)
-    args = metric_logger_args(tmp_path, tmp_path)
+        MetricLogger(metric_logger_flags(tmp_path, wandb_project=None), str(tmp_path), single_process)
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(MetricsSinkError, match="--wandb-project kotomamba-tests needs the wandb package"):
-        MetricLogger(args, single_process)
+        MetricLogger(metric_logger_flags(tmp_path), str(tmp_path), single_process)
 
 
 # ------------------------------------------------------------------------------------------------

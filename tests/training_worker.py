@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kotomamba.arguments import parse_args  # noqa: E402
+from kotomamba.config import parse_run_config  # noqa: E402
 from kotomamba.distributed import DistributedContext, init_distributed, shutdown_distributed  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def run_configurations(runs: dict[str, list[str] | dict], ctx: DistributedContex
                     os.kill(os.getpid(), getattr(signal, signame))
 
         try:
-            run_training(parse_args(hooks["argv"]), ctx, on_step)
+            run_training(parse_run_config(hooks["argv"], ctx.world_size), ctx, on_step)
         except KotomambaError as error:
             record = {"error": str(error)}
         results[name] = record
