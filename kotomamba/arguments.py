@@ -134,6 +134,21 @@ class _Refused(argparse.Action):
         raise ArgumentError(f"{shown}: {self.reason}")
 
 
+def _token_count(text: str) -> int:
+    """A whole number of tokens, written as an integer (200000000000) or in e-notation (200e9, 2.5e11)."""
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            number = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 200e9 or 200000000000)") from None
+        if not math.isfinite(number) or number != int(number):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of tokens") from None
+        value = int(number)
+    return value
+
+
 def _choice(options: Sequence[str]) -> Callable[[str], str]:
     """A case-insensitive choice that returns the canonical spelling (``wsd`` -> ``WSD``)."""
     canonical = {option.lower(): option for option in options}
@@ -313,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batch.add_argument(
         "--train-iters", type=int, default=None,
-        help="Optimizer steps to train in total, counting resumed runs. Exclusive with --train-samples.",
+        help="Optimizer steps to train in total, counting resumed runs. Exclusive with --train-samples and "
+             "--train-tokens.",
     )
     batch.add_argument(
         "--train-samples", type=int, default=None,
@@ -321,10 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
              "the learning-rate schedule is then given with the --lr-*-samples flags.",
     )
     batch.add_argument(
+        "--train-tokens", type=_token_count, default=None, metavar="TOKENS",
+        help="Tokens to train on in total, e.g. 200e9; becomes --train-iters = the fewest iterations of "
+             "global batch × --seq-length tokens that reach it (the last one may pass it by less than an "
+             "iteration). The learning-rate schedule is then given with the --lr-*-iters flags.",
+    )
+    batch.add_argument(
         "--num-epochs", action=_Refused, nargs=1, metavar="VALUE",
-        reason="not supported (kotomamba llama-recipes): give the training length with --train-iters "
-               "or --train-samples.",
-        help="Refused; use --train-iters or --train-samples.",
+        reason="not supported (kotomamba llama-recipes): give the training length with --train-iters, "
+               "--train-samples or --train-tokens.",
+        help="Refused; use --train-iters, --train-samples or --train-tokens.",
     )
 
     optimizer = parser.add_argument_group("optimizer and learning-rate schedule")
@@ -848,6 +870,7 @@ def _validate_numbers(args: argparse.Namespace) -> None:
         "--micro-batch-size": (args.micro_batch_size, 1), "--global-batch-size": (args.global_batch_size, 1),
         "--gradient-accumulation-steps": (args.gradient_accumulation_steps, 1),
         "--train-iters": (args.train_iters, 1), "--train-samples": (args.train_samples, 1),
+        "--train-tokens": (args.train_tokens, 1),
         "--seq-length": (args.seq_length, 1), "--num-workers": (args.num_workers, 0),
         "--vocab-size": (args.vocab_size, 1), "--seed": (args.seed, 0),
         "--lr-decay-iters": (args.lr_decay_iters, 1), "--lr-decay-samples": (args.lr_decay_samples, 1),
@@ -1003,14 +1026,11 @@ def _validate_schedule_flags(args: argparse.Namespace) -> None:
         f"{args.gradient_accumulation_steps} both set the global batch; give one",
     )
     # Whether the global batch splits into micro batches over the ranks: kotomamba.config, once the world size is known.
-    _check(
-        args.train_iters is None or args.train_samples is None,
-        f"--train-iters {args.train_iters} and --train-samples {args.train_samples} are exclusive; give one",
-    )
-    _check(
-        args.train_iters is not None or args.train_samples is not None or args.dry_run,
-        "give the training length with --train-iters or --train-samples",
-    )
+    lengths = [f"{flag} {value}" for flag, value in (("--train-iters", args.train_iters),
+                                                      ("--train-samples", args.train_samples),
+                                                      ("--train-tokens", args.train_tokens)) if value is not None]
+    _check(len(lengths) <= 1, f"{' and '.join(lengths)} are exclusive (each sets the training length); give one")
+    _check(lengths or args.dry_run, "give the training length with --train-iters, --train-samples or --train-tokens")
     iteration_flags = {"--lr-decay-iters": args.lr_decay_iters, "--lr-warmup-iters": args.lr_warmup_iters,
                        "--lr-wsd-decay-iters": args.lr_wsd_decay_iters}
     sample_flags = {"--lr-decay-samples": args.lr_decay_samples, "--lr-warmup-samples": args.lr_warmup_samples,
@@ -1021,7 +1041,7 @@ def _validate_schedule_flags(args: argparse.Namespace) -> None:
                                   f"{flag.replace('-iters', '-samples')}")
     else:
         for flag, value in sample_flags.items():
-            _check(value is None, f"{flag} {value} needs --train-samples; with --train-iters use "
+            _check(value is None, f"{flag} {value} needs --train-samples; with --train-iters or --train-tokens use "
                                   f"{flag.replace('-samples', '-iters')}")
     if args.lr_warmup_fraction is not None:
         _check(0 <= args.lr_warmup_fraction <= 1,

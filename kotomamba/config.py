@@ -74,9 +74,11 @@ class BatchSection:
     gradient_accumulation_steps: int
     # Ranks the global batch is split over (every rank: FSDP shards, it never splits a model).
     data_parallel_size: int
-    # Iterations of the run: --train-iters, or --train-samples // global batch. None only in a dry run.
+    # Iterations of the run: --train-iters, --train-samples // global batch, or --train-tokens over the
+    # tokens of an iteration, rounded up. None only in a dry run without a length.
     train_iters: int | None
     train_samples: int | None
+    train_tokens: int | None
 
 
 @dataclass(frozen=True)
@@ -233,10 +235,12 @@ def _check(condition: bool, message: str) -> None:
 
 
 def _schedule(flags: argparse.Namespace, global_batch: int) -> dict[str, int | None]:
-    """train_iters and the lr_*_iters fields, from iterations or samples; ArgumentError when they conflict."""
+    """train_iters and the lr_*_iters fields, from iterations, samples or tokens; ArgumentError when they conflict."""
     values = {name: getattr(flags, name) for name in
               ("train_iters", "lr_decay_iters", "lr_warmup_iters", "lr_wsd_decay_iters")}
-    if flags.train_iters is None and flags.train_samples is None:
+    if flags.train_tokens is not None:
+        values["train_iters"] = -(-flags.train_tokens // (global_batch * flags.seq_length))
+    if values["train_iters"] is None and flags.train_samples is None:
         return values  # a dry run without a training length
     if flags.train_samples is not None:
         _check(flags.train_samples >= global_batch,

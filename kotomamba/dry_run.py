@@ -460,7 +460,7 @@ def _data_report(config: RunConfig, total_tokens: int | None, warnings: list[str
                     warnings.append(
                         f"{flag}: the plan reads {prefix} {epochs:,.1f} times over ({_tokens(total_tokens)} tokens "
                         f"planned); more than {MANY_EPOCHS} epochs of the same text usually means a wrong "
-                        f"--train-iters/--train-samples or a wrong dataset")
+                        f"--train-iters/--train-samples/--train-tokens or a wrong dataset")
             lines.append(f"  {fraction:6.1%}  {prefix}  ({detail})")
     if not lines:
         lines.append("no data paths given (allowed with --dry-run)")
@@ -486,7 +486,8 @@ def plan(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
     tokens_per_iteration = batch.global_batch_size * config.data.seq_length
     total_tokens = None if batch.train_iters is None else batch.train_iters * tokens_per_iteration
     if batch.train_iters is None:
-        warnings.append("no training length (--train-iters or --train-samples): token budget not computed")
+        warnings.append("no training length (--train-iters, --train-samples or --train-tokens): token budget not "
+                        "computed")
     if config.optimizer.lr is None:
         warnings.append("no --lr: the real run needs it")
 
@@ -571,9 +572,17 @@ def format_plan(result: Plan) -> str:
         ("global batch", f"{gbs:,} samples x {config.data.seq_length} tokens = {result.tokens_per_iteration:,} tokens per iteration"),
     ])
 
-    length = [("iterations", "not set" if config.batch.train_iters is None else f"{config.batch.train_iters:,}")]
+    train_iters, planned = config.batch.train_iters, config.batch.train_tokens
+    iterations = "not set" if train_iters is None else f"{train_iters:,}"
+    if planned is not None:
+        iterations += (f" = --train-tokens {planned:,} / {result.tokens_per_iteration:,} tokens per iteration, "
+                       f"rounded up")
+    length = [("iterations", iterations)]
     if result.total_tokens is not None:
-        length.append(("total tokens", f"{_count(result.total_tokens)} = {config.batch.train_iters:,} x {result.tokens_per_iteration:,}"))
+        total = f"{_count(result.total_tokens)} = {train_iters:,} x {result.tokens_per_iteration:,}"
+        if planned is not None:
+            total += f" ({result.total_tokens - planned:,} past the {_count(planned)} planned, to end on an iteration)"
+        length.append(("total tokens", total))
     length.append(("learning rate", _lr_schedule(config)))
     lines += _section("Training length", length)
 

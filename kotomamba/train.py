@@ -321,11 +321,13 @@ class Trainer:
         logger.info(
             "kernels %s | precision %s (params %s, reduce %s, compute %s) | world size %d | micro batch %d × "
             "accumulation %d × data parallel %d = global batch %d | seq length %d | %s tokens/iteration | "
-            "%.3g FLOPs/token | peak %s",
+            "%.3g FLOPs/token | peak %s | %s iterations = %s tokens planned%s",
             kernel_summary(), policy.name, policy.param_dtype, policy.reduce_dtype, policy.compute_dtype,
             ctx.world_size, batch.micro_batch_size, self.accumulation, ctx.world_size, batch.global_batch_size,
             seq_length, f"{self.tokens_per_iteration:,}", self.flops_per_token,
             f"{self.peak / 1e12:.0f} TFLOP/s" if self.peak else "unknown (no MFU; set --peak-tflops)",
+            f"{batch.train_iters:,}", f"{batch.train_iters * self.tokens_per_iteration:,}",
+            f" (--train-tokens {batch.train_tokens:,})" if batch.train_tokens is not None else "",
         )
 
     def start(self) -> None:

@@ -69,6 +69,7 @@ FLAG_CASES: dict[str, tuple[list[str], str, object]] = {
     "--global-batch-size": (["--global-batch-size", "64"], "global_batch_size", 64),
     "--gradient-accumulation-steps": (["--gradient-accumulation-steps", "8"], "gradient_accumulation_steps", 8),
     "--train-iters": (["--train-iters", "7"], "train_iters", 7),
+    "--train-tokens": (["--train-iters", None, "--train-tokens", "2e9"], "train_tokens", 2_000_000_000),
     "--train-samples": (["--train-iters", None, "--train-samples", "640", "--global-batch-size", "64"],
                         "train_samples", 640),
     "--lr": (["--lr", "3e-4"], "lr", 3e-4),
@@ -319,6 +320,23 @@ def test_train_samples_become_iterations_with_sample_based_schedule():
     assert (optimizer.lr_warmup_iters, optimizer.lr_decay_iters, optimizer.lr_wsd_decay_iters) == (10, 9000 // 64, 20)
 
 
+def test_train_tokens_become_the_fewest_iterations_that_reach_them():
+    argv = _with_overrides(["--train-iters", None, "--train-tokens", "1e6", "--seq-length", "1000",
+                            "--global-batch-size", "64", "--lr-warmup-fraction", "0.1"], Path())
+    config = build_run_config(parse_args(argv), 4)
+    assert config.batch.train_iters == 16  # 15 iterations of 64,000 tokens are 960,000: one more reaches 1e6
+    assert (config.optimizer.lr_decay_iters, config.optimizer.lr_warmup_iters) == (16, 1)
+    argv = _with_overrides(["--train-iters", None, "--train-tokens", "1024000", "--seq-length", "1000",
+                            "--micro-batch-size", "8"], Path())
+    assert build_run_config(parse_args(argv), 2).batch.train_iters == 64  # exactly 64 x 16 x 1000
+
+
+def test_train_tokens_take_the_iteration_schedule_flags():
+    argv = _with_overrides(["--train-iters", None, "--train-tokens", "1e6", "--lr-warmup-samples", "8"], Path())
+    message = error_of(argv)
+    assert "--lr-warmup-samples 8 needs --train-samples" in message and "--train-tokens use --lr-warmup-iters" in message
+
+
 def test_warmup_fraction_is_a_fraction_of_the_decay():
     assert build("--lr-decay-iters", "80", "--lr-warmup-fraction", "0.25").optimizer.lr_warmup_iters == 20
 
@@ -400,6 +418,9 @@ VALIDATION_ERRORS = [
     (["--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "100", "--lr-warmup-iters", "10"],
      ["--lr-wsd-decay-iters 100", "before the warmup ends (10)"]),
     (["--train-samples", "1000"], ["--train-iters 100 and --train-samples 1000 are exclusive"]),
+    (["--train-tokens", "1e6"], ["--train-iters 100 and --train-tokens 1000000 are exclusive"]),
+    (["--train-tokens", "1.5"], ["'1.5' is not a whole number of tokens"]),
+    (["--train-tokens", "0"], ["--train-tokens must be at least 1, got 0"]),
     (["--lr-warmup-samples", "64"], ["--lr-warmup-samples 64 needs --train-samples", "--lr-warmup-iters"]),
     (["--global-batch-size", "64", "--gradient-accumulation-steps", "2"], ["--gradient-accumulation-steps 2"]),
     (["--bf16", "--fp16"], ["--fp16", "not allowed with argument --bf16"]),
@@ -445,7 +466,7 @@ def test_validation_error_names_the_flag_and_value(extra, fragments):
 
 @pytest.mark.parametrize("removed,fragment", [
     (["--lr", None], "--lr is required"),
-    (["--train-iters", None], "--train-iters or --train-samples"),
+    (["--train-iters", None], "--train-iters, --train-samples or --train-tokens"),
     (["--data-path", None], "no training data"),
     (["--tokenizer-type", None], "--tokenizer-type is required"),
     (["--tokenizer-type", None, "--tokenizer-model", "spm.model"], "--vocab-size 512 only applies to"),

@@ -14,7 +14,7 @@ import pytest
 
 from kotomamba import dry_run
 from kotomamba.arguments import ArgumentError, parse_args
-from kotomamba.dry_run import DEFAULT_VOCAB_SIZE, STATE_BYTES, DryRunError, plan, world_layout
+from kotomamba.dry_run import DEFAULT_VOCAB_SIZE, STATE_BYTES, DryRunError, format_plan, plan, world_layout
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER_VARIABLES = ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "OMPI_COMM_WORLD_SIZE",
@@ -141,6 +141,16 @@ def test_train_samples_become_iterations_once_the_world_is_known():
     assert result.config.batch.global_batch_size == 8
     assert result.config.batch.train_iters == 10000 // 8
     assert result.total_tokens == 1250 * 8 * 2048
+
+
+def test_train_tokens_show_planned_and_trained_tokens():
+    result = plan(dry(*NULL, "--train-tokens", "1e9", "--micro-batch-size", "4", "--dry-run-world-size", "8"), {})
+    tokens_per_iteration = 4 * 8 * 2048
+    assert result.config.batch.train_iters == -(-10 ** 9 // tokens_per_iteration) == 15259
+    assert result.total_tokens == 15259 * tokens_per_iteration >= 10 ** 9
+    report = format_plan(result)
+    assert f"15,259 = --train-tokens 1,000,000,000 / {tokens_per_iteration:,} tokens per iteration, rounded up" in report
+    assert f"({15259 * tokens_per_iteration - 10 ** 9:,} past the 1,000,000,000 (1.00B) planned" in report
 
 
 def test_a_global_batch_that_does_not_split_over_the_ranks_fails_with_exit_2(capsys):
