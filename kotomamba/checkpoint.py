@@ -73,7 +73,7 @@ import torch
 import torch.distributed as dist
 
 from kotomamba.config import RunConfig, config_dict
-from kotomamba.checkpoint_layout import ITERATION_DIR, LATEST, METADATA, iteration_dir_name
+from kotomamba.checkpoint_layout import CHECKPOINT_BYTES, ITERATION_DIR, LATEST, METADATA, iteration_dir_name
 from kotomamba.version import __version__
 from megatron_lm.tokenizer import same_tokenizer, tokenizer_files
 from kotomamba.errors import KotomambaError
@@ -243,6 +243,37 @@ def _replace_file_atomically(path: Path, text: str) -> None:
     finally:
         temporary.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+# A checkpoint's room on disk beyond its weights and moments: torch.distributed.checkpoint frames each
+# tensor (the weight, its two moments and AdamW's step count: about 1.3 KiB each, measured) and lists it in
+# .metadata; each rank writes its RNG states (about 16 KiB); a margin covers the rest.
+BYTES_PER_SAVED_TENSOR = 2 << 10
+RNG_BYTES_PER_RANK = 16 << 10
+SPACE_MARGIN = 1.05
+SPACE_EXTRA_BYTES = 64 << 10
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _directory_bytes(path: Path) -> int:
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
+def _size(count: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count:.0f} B"
+
+
+def saves_ahead(iteration: int, train_iters: int, save_interval: int) -> int:
+    """Checkpoints a run at `iteration` still writes: one every --save-interval and the final one."""
+    if iteration >= train_iters:
+        return 0
+    return train_iters // save_interval - iteration // save_interval + (train_iters % save_interval > 0)
 
 
 def _discard_dir(path: Path) -> None:
@@ -530,6 +561,7 @@ class CheckpointManager:
         self.model_config = model_config
         self.save_dir = Path(flags.save) if flags.save else None
         self.last_saved_iteration: int | None = None
+        self._published_bytes: int | None = None  # the size of the last checkpoint this run published
         self._pending: _PendingSave | None = None
         self._train_dataset: Any = None
         sharded = flags.checkpoint_type in SHARDED_TYPES
@@ -611,6 +643,67 @@ class CheckpointManager:
             logger.warning("--save %s already holds checkpoints (newest %s) and this run does not resume from it "
                            "(--load): checkpoints of the same iterations will be replaced", self.save_dir,
                            existing[-1].name)
+
+    # --- disk space ---------------------------------------------------------------------------------
+
+    def checkpoint_bytes(self) -> int:
+        """The room one more checkpoint needs: the size of the last one this run published, else an
+        estimate (fp32 weights and AdamW moments of every parameter, their framing, the RNG states, the
+        tokenizer files), plus a margin."""
+        size = self._published_bytes
+        if size is None:
+            tokenizer = self.config.tokenizer
+            files = tokenizer_files(tokenizer.tokenizer_type, tokenizer.tokenizer_model)
+            copied = sum(path.stat().st_size for path in files if path.is_file())
+            parameters = list(self.model.parameters())
+            size = (sum(p.numel() for p in parameters) * CHECKPOINT_BYTES + 4 * len(parameters) * BYTES_PER_SAVED_TENSOR
+                    + self.ctx.world_size * RNG_BYTES_PER_RANK + copied)
+        return int(size * SPACE_MARGIN) + SPACE_EXTRA_BYTES
+
+    def check_disk_space(self, state: TrainState) -> None:
+        """Before training: refuse a run whose next checkpoint does not fit in --save, or whose kept
+        checkpoints (--keep-last-k) do not; warn when the saves of a run that keeps them all will fill the
+        disk before it ends. Every rank raises the same error."""
+        if self.save_dir is None:
+            return
+        train_iters, save_interval = self.config.batch.train_iters, self.flags.save_interval
+        saves = saves_ahead(state.iteration, train_iters, save_interval)
+
+        def check() -> None:
+            size, free = self.checkpoint_bytes(), _free_bytes(self.save_dir)
+            if saves == 0:
+                return
+            if free < size:
+                raise TrainingCheckpointError(
+                    f"--save {self.save_dir}: {_size(free)} free, but one checkpoint of this model needs about "
+                    f"{_size(size)}; free space there or save elsewhere")
+            keep = self.flags.keep_last_k
+            if keep:
+                # A save writes the new checkpoint before it deletes the oldest: keep + 1 exist for a moment.
+                count = min(saves, max(keep + 1 - len(_complete_checkpoints(self.save_dir)), 1))
+                if free < count * size:
+                    raise TrainingCheckpointError(
+                        f"--save {self.save_dir}: {_size(free)} free, but --keep-last-k {keep} needs room for "
+                        f"{count} more checkpoint(s) of about {_size(size)} ({_size(count * size)}); free space "
+                        f"there or lower --keep-last-k")
+            elif free < saves * size:
+                logger.warning(
+                    "--save %s: %s free holds about %d of the %d checkpoints of about %s this run still writes "
+                    "(one every %d iterations, all kept): it will stop with an error when a save no longer "
+                    "fits; free space there or bound them with --keep-last-k", self.save_dir, _size(free),
+                    free // size, saves, _size(size), save_interval)
+
+        self._agree(self._on_rank0(check))
+
+    def _space_for_save(self, iteration: int) -> None:
+        size, free = self.checkpoint_bytes(), _free_bytes(self.save_dir)
+        if free < size:
+            raise TrainingCheckpointError(
+                f"--save {self.save_dir}: not enough free space for the checkpoint of iteration {iteration}: it "
+                f"needs about {_size(size)}, {_size(free)} free; nothing was written and "
+                f"{self._describe_latest()}. "
+                f"Free space there (or keep fewer checkpoints with --keep-last-k) and resume with --load "
+                f"{self.save_dir}")
 
     def train_samples_needed(self) -> int:
         """Training samples a resumed run reads in total: more than --train-iters × GBS when the global
@@ -772,6 +865,7 @@ class CheckpointManager:
         """Write a checkpoint of ``state`` (in the background with --async-save)."""
         assert self.save_dir is not None
         self.wait()  # one background save at a time: the previous one is published first
+        self._agree(self._on_rank0(lambda: self._space_for_save(state.iteration)))
         final = self.save_dir / iteration_dir_name(state.iteration)
         temporary = self.save_dir / f"{TMP_PREFIX}{final.name}"
         pending = _PendingSave(state.iteration, temporary, final, time.perf_counter())
@@ -848,6 +942,8 @@ class CheckpointManager:
         error = self._on_rank0(lambda: _publish(pending.temporary, pending.final, self.flags.keep_last_k))
         self._agree(error and f"publishing checkpoint {pending.final} failed: {error}; {previous}",
                     cleanup=remove_temporary)
+        if self.ctx.rank == 0:
+            self._published_bytes = _directory_bytes(pending.final)
         logger.info("saved checkpoint %s (%.1f s%s)", pending.final, time.perf_counter() - pending.started,
                     ", written in the background" if pending.future is not None else "")
 

@@ -11,6 +11,10 @@ from pathlib import Path
 LATEST = "latest"
 METADATA = "checkpoint.json"
 ITERATION_DIR = re.compile(r"iter_(\d+)")
+# What a checkpoint stores per parameter: the fp32 master weight and AdamW's two fp32 moments.
+MASTER_BYTES = 4
+ADAM_BYTES = 8
+CHECKPOINT_BYTES = MASTER_BYTES + ADAM_BYTES
 
 
 def iteration_dir_name(iteration: int) -> str:

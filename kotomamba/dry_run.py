@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from kotomamba import arguments
 from kotomamba.arguments import ArgumentError
+from kotomamba.checkpoint_layout import ADAM_BYTES, CHECKPOINT_BYTES, MASTER_BYTES
 from kotomamba.config import RunConfig, build_run_config, config_dict
 from kotomamba.errors import KotomambaError
 from kotomamba.launcher import launcher_rank
@@ -37,11 +39,8 @@ DEFAULT_VOCAB_SIZE = 50277
 
 # Bytes per parameter of the state FSDP shards: every precision preset keeps fp32 master weights
 # (kotomamba.precision), their gradients in fp32, and AdamW's two fp32 moments.
-MASTER_BYTES = 4
 GRADIENT_BYTES = 4
-ADAM_BYTES = 8
 STATE_BYTES = MASTER_BYTES + GRADIENT_BYTES + ADAM_BYTES
-CHECKPOINT_BYTES = MASTER_BYTES + ADAM_BYTES
 
 # mamba-ssm's selective-scan kernel keeps fp32 chunk states for backward, one chunk per 2048 tokens
 # (csrc/selective_scan/selective_scan.cpp: n_chunks = (seqlen + 2048 - 1) / 2048).
@@ -114,6 +113,7 @@ class Plan:
     shard_group_size: int
     memory: MemoryEstimate
     checkpoint_bytes: int
+    save_free_bytes: int | None  # free space now where --save is (its nearest existing directory), if given
     data_lines: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -473,6 +473,24 @@ MANY_EPOCHS = 4  # repeating a dataset more often than this gets a warning in th
 # Plan and report
 
 
+def _save_free_bytes(config: RunConfig, checkpoint_bytes: int, warnings: list[str]) -> int | None:
+    """Free space where --save will be, with a warning when the checkpoints the run keeps at once do not fit."""
+    saving, train_iters = config.checkpoint, config.batch.train_iters
+    if saving.save is None:
+        return None
+    existing = next((path for path in (Path(saving.save), *Path(saving.save).absolute().parents) if path.is_dir()), None)
+    if existing is None or train_iters is None:
+        return None
+    free = shutil.disk_usage(existing).free
+    saves = train_iters // saving.save_interval + (train_iters % saving.save_interval > 0)
+    at_once = saves if saving.keep_last_k is None else min(saves, saving.keep_last_k + 1)
+    if at_once * checkpoint_bytes > free:
+        warnings.append(f"--save {saving.save}: {_bytes(free)} free there now, the {at_once:,} checkpoints kept at once "
+                        f"need {_bytes(at_once * checkpoint_bytes)} (the run checks again before training and before "
+                        f"every save, and stops rather than write a checkpoint that does not fit)")
+    return free
+
+
 def plan(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Plan:
     """Every number of the report for parsed pretrain.py flags; raises DryRunError/ArgumentError for a
     configuration that cannot run."""
@@ -499,11 +517,13 @@ def plan(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
     group = shard_group_size(config.parallel.sharding_strategy, layout)
     memory = estimate_memory(config, model, precision, group)
     data_lines = _data_report(config, total_tokens, warnings)
+    checkpoint_bytes = model.parameters * CHECKPOINT_BYTES
     return Plan(
         config=config, layout=layout, accumulation=batch.gradient_accumulation_steps,
         tokens_per_iteration=tokens_per_iteration,
         total_tokens=total_tokens, model=model, precision=precision, shard_group_size=group, memory=memory,
-        checkpoint_bytes=model.parameters * CHECKPOINT_BYTES, data_lines=data_lines, warnings=warnings,
+        checkpoint_bytes=checkpoint_bytes, save_free_bytes=_save_free_bytes(config, checkpoint_bytes, warnings),
+        data_lines=data_lines, warnings=warnings,
     )
 
 
@@ -637,7 +657,9 @@ def format_plan(result: Plan) -> str:
         kept = count if saving.keep_last_k is None else min(count, saving.keep_last_k)
         checkpoint_rows.append(("on disk", f"{count:,} saves every {saving.save_interval:,} iterations, {kept:,} kept: "
                                            f"{_bytes(kept * result.checkpoint_bytes)} in {saving.save}"
-                                           + ("" if saving.keep_last_k else " (--keep-last-k bounds it)")))
+                                           + ("" if saving.keep_last_k else " (--keep-last-k bounds it)")
+                                           + (f"; {_bytes(result.save_free_bytes)} free there now"
+                                              if result.save_free_bytes is not None else "")))
     lines += _section("Checkpoints", checkpoint_rows)
 
     lines += ["", "Data"] + ["  " + line for line in result.data_lines]

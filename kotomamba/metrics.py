@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import math
 import os
 import time
@@ -259,6 +260,63 @@ def blend_component_names(dataset: Any) -> dict[int, str]:
     names = [os.path.basename(str(d.indexed_dataset.path_prefix).rstrip("/")) for d in components]
     unique = len(set(names)) == len(names)
     return {i: name if unique else f"{i}-{name}" for i, name in enumerate(names)}
+
+
+class DataConsumption:
+    """Samples, tokens and epochs consumed of each dataset of the training data. The sampler reads the
+    dataset in order, so the first `consumed_samples` samples are exactly what was drawn; a blend's index
+    says which dataset each came from. Warns once per dataset when it passes one epoch."""
+
+    def __init__(self, dataset: Any, seq_length: int) -> None:
+        self.dataset, self.seq_length = dataset, seq_length
+        components = getattr(dataset, "datasets", None)
+        self.components = list(components) if components else [dataset]
+        self.names = blend_component_names(dataset) or {
+            0: os.path.basename(str(dataset.indexed_dataset.path_prefix).rstrip("/"))}
+        self.counts = [0] * len(self.components)
+        self._counted_to = 0
+        self._warned: set[int] = set()
+
+    def update(self, consumed_samples: int) -> dict[str, float]:
+        """The sinks' `data/<name>/consumed_tokens` and `data/<name>/epochs` after `consumed_samples`."""
+        end = min(consumed_samples, len(self.dataset))
+        if len(self.components) == 1:
+            self.counts = [end]
+        else:
+            if end < self._counted_to:  # never in one run; recount rather than trust a stale position
+                self.counts, self._counted_to = [0] * len(self.components), 0
+            drawn = self.dataset.samples_drawn(self._counted_to, end)
+            self.counts = [count + int(new) for count, new in zip(self.counts, drawn)]
+        self._counted_to = end
+        values: dict[str, float] = {}
+        for dataset_id, (count, component) in enumerate(zip(self.counts, self.components)):
+            name = self.names.get(dataset_id, f"dataset{dataset_id}")
+            epochs = count / component.samples_per_epoch
+            values[f"data/{name}/consumed_tokens"] = count * self.seq_length
+            values[f"data/{name}/epochs"] = epochs
+            if epochs > 1 and dataset_id not in self._warned:
+                self._warned.add(dataset_id)
+                logging.getLogger("kotomamba").warning(
+                    "dataset %s has started its second epoch (%d samples of %d per epoch consumed): its text now "
+                    "repeats. Megatron's sample order shuffles all the epochs a run needs together, so some "
+                    "repeats may have come earlier", name, count, component.samples_per_epoch)
+        return values
+
+    def line(self, values: Mapping[str, float]) -> str:
+        """`data consumed: NAME 1.23B tokens (0.41 epochs), ...` for the values of `update`."""
+        parts = []
+        for dataset_id in range(len(self.components)):
+            name = self.names.get(dataset_id, f"dataset{dataset_id}")
+            tokens, epochs = values[f"data/{name}/consumed_tokens"], values[f"data/{name}/epochs"]
+            parts.append(f"{name} {_short_count(tokens)} tokens ({epochs:.2f} epochs)")
+        return "data consumed: " + ", ".join(parts)
+
+
+def _short_count(number: float) -> str:
+    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if number >= scale:
+            return f"{number / scale:.2f}{suffix}"
+    return f"{number:.0f}"
 
 
 def evaluation_metrics(split: str, result: Mapping[str, float], component_names: Mapping[int, str]) -> dict[str, float]:

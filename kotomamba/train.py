@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,9 @@ from kotomamba.state import StepResult, TrainState
 from kotomamba.errors import KotomambaError
 
 logger = logging.getLogger("kotomamba")
+# Each dataset's consumed tokens and epochs go to the log every this many --log-interval lines (the sinks
+# get them at every one).
+CONSUMPTION_LINE_INTERVALS = 10
 
 
 class TrainingError(KotomambaError, RuntimeError):
@@ -245,6 +248,7 @@ class Trainer:
                                       saving.exit_interval, saving.exit_duration_in_mins)
         self.train_ds, self.valid_ds, self.test_ds = build_datasets(config, self.checkpointer.train_samples_needed())
         self.state = self.checkpointer.load(TrainState(), self.train_ds)
+        self.checkpointer.check_disk_space(self.state)
         self._build_data_streams()
         self._describe_iteration_cost()
 
@@ -340,6 +344,7 @@ class Trainer:
         self.valid_names = metrics.blend_component_names(self.valid_ds)
         self.test_names = metrics.blend_component_names(self.test_ds)
         self.meter = metrics.IntervalMeter(device=self.ctx.device)
+        self.consumption = metrics.DataConsumption(self.train_ds, self.config.data.seq_length)
         self.run_started = time.perf_counter()
         self.remaining_time = metrics.RemainingTime(self.state.iteration, self.run_started)
         self.model.train()
@@ -440,8 +445,11 @@ class Trainer:
         stopping = max_skips > 0 and state.consecutive_skips >= max_skips
         if self.meter.last_result is not None and (iteration % logging_flags.log_interval == 0
                                                    or iteration == train_iters or stopping):
+            consumed = self.consumption.update(state.consumed_samples)
             log_training(state, train_iters, self.meter, self.lr, self.ctx, self.metric_logger, self.flops_per_token,
-                         self.peak, self.run_started, self.remaining_time)
+                         self.peak, self.run_started, self.remaining_time, consumed)
+            if iteration % (CONSUMPTION_LINE_INTERVALS * logging_flags.log_interval) == 0 or iteration == train_iters:
+                logger.info("iteration %d: %s", iteration, self.consumption.line(consumed))
             self.meter.reset()
         if stopping:
             # Nothing is saved on this path: the last checkpoint, from before the skips, stays the one to resume.
@@ -481,13 +489,15 @@ class Trainer:
 
 def log_training(state: TrainState, train_iters: int, meter: metrics.IntervalMeter, lr: float, ctx: DistributedContext,
                  metric_logger: MetricLogger, model_flops_per_token: float, peak: float | None, run_started: float,
-                 remaining_time: metrics.RemainingTime) -> None:
-    """The interval's metrics (see kotomamba.metrics) to the log line and the sinks; on every rank."""
+                 remaining_time: metrics.RemainingTime, data_consumed: Mapping[str, float]) -> None:
+    """The interval's metrics (see kotomamba.metrics) to the log line and the sinks, with each dataset's
+    consumption (to the sinks only); on every rank."""
     values = metrics.training_metrics(
         meter, lr=lr, consumed_tokens=state.consumed_tokens, consumed_samples=state.consumed_samples,
         skipped_steps_total=state.skipped_iterations, world_size=ctx.world_size,
         flops_per_token=model_flops_per_token, peak_flops=peak, device=ctx.device,
     )
+    values.update(data_consumed)
     now = time.perf_counter()
     run_seconds = now - run_started
     remaining = remaining_time.update(state.iteration, now, train_iters)

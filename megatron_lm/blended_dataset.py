@@ -87,6 +87,10 @@ class BlendedDataset:
     def __len__(self) -> int:
         return self.size
 
+    def samples_drawn(self, start: int, end: int) -> np.ndarray:
+        """How many of the blend's samples start..end-1 come from each dataset."""
+        return np.bincount(self.dataset_index[start:end], minlength=len(self.datasets))
+
     def __getitem__(self, k: int) -> dict[str, np.ndarray | int]:
         if not -self.size <= k < self.size:
             raise IndexError(f"sample {k} out of range for the {self.split_name} blend ({self.size} samples)")

@@ -335,6 +335,11 @@ class GPTDataset:
     def __len__(self) -> int:
         return self.plan.num_samples
 
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples one pass over the split's documents makes (its sample index repeats after that)."""
+        return max(1, (self.plan.tokens_per_epoch - int(self.config.add_extra_token)) // self.config.seq_length)
+
     def sample_tokens(self, k: int) -> np.ndarray:
         """The seq_length (+1) token ids of sample k, as int64."""
         if not -len(self) <= k < len(self):

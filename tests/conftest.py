@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,16 @@ def single_process():
     ctx = init_distributed(use_mpi=False)
     yield ctx
     shutdown_distributed()
+
+
+def mounted_tmpfs(mount_point: Path, options: str):
+    """A tmpfs at `mount_point` for the duration (mounting needs root); skips the test where it cannot."""
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)

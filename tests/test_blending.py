@@ -136,3 +136,34 @@ def test_blend_cache_reused_and_keyed_by_weights_and_size(tmp_path: Path) -> Non
     reseeded = [GPTDataset(d.indexed_dataset, "train", range(0, 20), 60, GPTDatasetConfig(8, 6, cache_dir=cache))
                 for d in datasets]
     assert not isinstance(BlendedDataset(reseeded, [2, 1], 50, cache_dir=cache).dataset_index, np.memmap)
+
+
+def test_consumption_counts_what_the_sampler_drew_and_warns_at_a_second_epoch(tmp_path: Path, caplog) -> None:
+    import itertools
+    import logging
+
+    from kotomamba.data import build_loader
+    from kotomamba.metrics import DataConsumption
+
+    datasets = _gpt_datasets(tmp_path)
+    blended = BlendedDataset(datasets, [2, 1], 90)
+    consumption = DataConsumption(blended, seq_length=8)
+    drawn = [0, 0]
+    global_batches = 14  # 2 ranks x micro batch 3 = 6 samples per step
+    for rank in (0, 1):
+        loader = build_loader(blended, 0, micro_batch_size=3, dp_rank=rank, dp_size=2, num_workers=0, pin_memory=False)
+        for batch in itertools.islice(loader, global_batches):
+            for dataset_id in batch["dataset_id"].tolist():
+                drawn[dataset_id] += 1
+    with caplog.at_level(logging.WARNING, logger="kotomamba"):
+        consumption.update(20)  # counted in two steps, as the log interval does
+        values = consumption.update(global_batches * 6)
+    assert consumption.counts == drawn and sum(drawn) == 84
+    assert values["data/data0/consumed_tokens"] == drawn[0] * 8
+    epochs = [count / dataset.samples_per_epoch for count, dataset in zip(drawn, datasets)]
+    assert values["data/data1/epochs"] == pytest.approx(epochs[1])
+    past_one_epoch = [name for name, e in zip(("data0", "data1"), epochs) if e > 1]
+    assert past_one_epoch and past_one_epoch == [
+        name for name in ("data0", "data1") if f"dataset {name} has started its second epoch" in caplog.text]
+    assert caplog.text.count("second epoch") == len(past_one_epoch)  # once each
+    assert "data consumed: data0 " in consumption.line(values) and "epochs)" in consumption.line(values)

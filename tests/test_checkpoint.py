@@ -25,6 +25,7 @@ from kotomamba.model_loading import load_model_from_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launching import launcher_environment, run_worker, torchrun_command  # noqa: E402
+from conftest import mounted_tmpfs  # noqa: E402
 from training_worker import run_configurations  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -663,3 +664,88 @@ def test_each_rank_checks_its_own_share_of_the_checkpoint_files(argv, tmp_path):
     assert resumed.get("error", "").startswith(f"cannot resume from {directory}: {damaged} has changed since it "
                                                f"was saved"), resumed
     assert resumed["error"].endswith("(rank 1)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Disk space: a save that cannot fit is refused before anything is written
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MiB tmpfs (mounting needs root; the test is skipped where it cannot be mounted)."""
+    yield from mounted_tmpfs(tmp_path / "small_disk", "size=8m")
+
+
+def leave_free(directory: Path, free_bytes: int) -> None:
+    """Fill `directory`'s filesystem with a ballast file until about `free_bytes` are left."""
+    missing = shutil.disk_usage(directory).free - free_bytes
+    with open(directory / f"ballast-{missing}", "wb") as ballast:
+        ballast.write(bytes(max(0, missing)))
+    assert shutil.disk_usage(directory).free <= free_bytes + 64 * 1024
+
+
+def checkpoint_size(interrupted) -> int:
+    return checkpoint_module._directory_bytes(interrupted["SHARDED_STATE_DICT"] / "iter_0000002")
+
+
+def test_the_checkpoint_size_estimate_is_close_to_a_real_checkpoint(argv, interrupted, single_process, monkeypatch):
+    from kotomamba.train import run_training
+
+    estimates = []
+    check = checkpoint_module.CheckpointManager.check_disk_space
+
+    def recording(self, state):
+        estimates.append(self.checkpoint_bytes())
+        return check(self, state)
+
+    monkeypatch.setattr(checkpoint_module.CheckpointManager, "check_disk_space", recording)
+    run_training(parse_run_config(argv + ["--train-iters", "2"], 1), single_process)
+    measured = checkpoint_size(interrupted)
+    assert measured < estimates[0] < 1.5 * measured + checkpoint_module.SPACE_EXTRA_BYTES, (measured, estimates)
+
+
+def test_a_save_that_does_not_fit_stops_the_run_and_keeps_the_last_checkpoint(argv, single_process, small_disk):
+    from kotomamba.train import run_training
+
+    save = small_disk / "run"
+
+    def fill_after_the_first_save(state, result):
+        if state.iteration == 2:  # iteration 1 was saved: leave half a checkpoint free for iteration 2's
+            leave_free(small_disk, checkpoint_module._directory_bytes(save / "iter_0000001") // 2)
+
+    with pytest.raises(checkpoint_module.TrainingCheckpointError) as caught:
+        run_training(parse_run_config(argv + ["--save", str(save), "--save-interval", "1"], 1), single_process,
+                     fill_after_the_first_save)
+    message = str(caught.value)
+    assert "not enough free space for the checkpoint of iteration 2" in message and "nothing was written" in message
+    assert "latest: iter_0000001" in message and f"resume with --load {save}" in message
+    assert sorted(p.name for p in save.iterdir() if p.name.startswith(("iter_", ".", "latest"))) == [
+        "iter_0000001", "latest"]
+    assert load_model_from_checkpoint(str(save), torch.device("cpu"))[1]["iteration"] == 1
+
+
+def test_the_run_is_refused_before_training_when_its_kept_checkpoints_cannot_fit(argv, single_process, small_disk,
+                                                                               interrupted, caplog):
+    from kotomamba.train import run_training
+
+    size = checkpoint_size(interrupted)
+    leave_free(small_disk, int(2.5 * size))
+    save = small_disk / "run"
+    steps = []
+    with pytest.raises(checkpoint_module.TrainingCheckpointError, match=r"--keep-last-k 2 needs room for 3 more checkpoint"):
+        run_training(parse_run_config(argv + ["--save", str(save), "--save-interval", "1", "--keep-last-k", "2"], 1),
+                     single_process, lambda state, result: steps.append(state.iteration))
+    assert steps == [] and not any(p.name.startswith("iter_") for p in save.iterdir())
+    # Keeping every checkpoint: a warning at the start, then the run stops at the save that no longer fits.
+    with caplog.at_level(logging.WARNING, logger="kotomamba"), pytest.raises(
+            checkpoint_module.TrainingCheckpointError, match="not enough free space for the checkpoint of iteration 3"):
+        run_training(parse_run_config(argv + ["--save", str(save), "--save-interval", "1"], 1), single_process,
+                     lambda state, result: steps.append(state.iteration))
+    assert "holds about 2 of the 4 checkpoints" in caplog.text and "--keep-last-k" in caplog.text
+    assert steps == [1, 2, 3] and (save / "latest").read_text().strip() == "iter_0000002"
+
+
+def test_saves_ahead_counts_the_interval_saves_and_the_final_one():
+    assert checkpoint_module.saves_ahead(0, 4, 2) == 2 and checkpoint_module.saves_ahead(0, 5, 2) == 3
+    assert checkpoint_module.saves_ahead(2, 4, 2) == 1 and checkpoint_module.saves_ahead(4, 4, 2) == 0
+    assert checkpoint_module.saves_ahead(3, 10, 500) == 1

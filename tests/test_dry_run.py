@@ -3,6 +3,7 @@ parameter count, memory estimate, warnings instead of failures for files missing
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import os
 import subprocess
@@ -380,3 +381,15 @@ def test_our_scan_keeps_no_scan_output_and_one_state_per_sequence():
     ours = plan(dry(*argv, "--selective-scan", "kotomamba"), {}).memory.activations
     per_layer = 2 * 4096 * 2 * 2048 + 2 * 4 * 2048 * 2 * 16 * (2 - 1)  # output, and a second chunk's states
     assert auto == theirs and theirs - ours == 48 * per_layer
+
+
+def test_the_plan_warns_when_the_kept_checkpoints_do_not_fit_where_save_is(tmp_path, monkeypatch):
+    flags = (*NULL, "--train-iters", "1000", "--save-interval", "100", "--save", str(tmp_path / "run" / "deeper"))
+    result = plan(dry(*flags, "--keep-last-k", "2"), {})
+    assert result.save_free_bytes == shutil.disk_usage(tmp_path).free  # the nearest existing directory
+    free = int(2.5 * result.checkpoint_bytes)
+    monkeypatch.setattr("kotomamba.dry_run.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(free, 0, free))
+    assert not any("--save" in warning for warning in plan(dry(*flags, "--keep-last-k", "1"), {}).warnings)
+    (warning,) = [w for w in plan(dry(*flags, "--keep-last-k", "2"), {}).warnings if w.startswith("--save")]
+    assert "the 3 checkpoints kept at once need" in warning
+    assert "free there now" in format_plan(plan(dry(*flags), {}))

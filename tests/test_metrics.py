@@ -156,6 +156,17 @@ def test_the_save_directory_gets_the_metrics_as_json_lines_and_a_loss_curve_pict
     assert not list(observed["save"].glob(".loss_curves*"))
 
 
+def test_each_dataset_of_the_blend_reports_its_consumed_tokens_and_epochs(observed, blend):
+    wandb = observed["wandb"]
+    names = [Path(prefix).name for prefix in blend[1::2]]
+    for step, consumed in wandb["progress/consumed_tokens"].items():
+        assert sum(wandb[f"data/{name}/consumed_tokens"][step] for name in names) == consumed
+        for name in names:
+            assert 0 < wandb[f"data/{name}/epochs"][step] < 1
+    last = [line for line in observed["lines"] if "data consumed:" in line]
+    assert len(last) == 1 and f"iteration {ITERATIONS}: data consumed: {names[0]} " in last[0]
+
+
 def test_run_files_that_cannot_be_written_only_warn(tmp_path, caplog):
     from kotomamba.sinks import RunFilesSink
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import mixed_texts, write_jsonl
+from conftest import mixed_texts, mounted_tmpfs, write_jsonl
 from megatron_lm.tokenizer import build_tokenizer
 from megatron_lm.tools.preprocess_data import Segment, _in_order, main, plan_partitions
 
@@ -287,18 +287,6 @@ def test_an_unwritable_output_directory_is_one_line_naming_it(capsys, tmp_path, 
     file_as_directory.write_text("")
     code, _, err = run_main(capsys, *sp_args(sentencepiece_model, corpus_jsonl, file_as_directory / "out"))
     assert code == 1 and f"directory {file_as_directory} is not a directory" in err
-
-
-def mounted_tmpfs(mount_point: Path, options: str):
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
 
 
 @pytest.fixture
