@@ -181,6 +181,17 @@ def plan(name: str) -> list[Case]:
             Case("kotomamba", "130m", 1, 2048, 16, ours), Case("kotomamba", "130m", 1, 2048, 16, theirs),
             Case("recipe", "130m", 1, 2048, 16),
         ]
+    if name == "documents":  # the cost of --reset-state-at-eod (and --eod-mask-loss), ours on our scan
+        ours, chunked = "--selective-scan kotomamba", "--cross-entropy-chunk-tokens 4096"
+        reset = "--reset-state-at-eod"
+        return [
+            Case("kotomamba", "130m", 1, 2048, 16, ours), Case("kotomamba", "130m", 1, 2048, 16, f"{ours} {reset}"),
+            Case("kotomamba", "1.4b", 1, 2048, 8, ours), Case("kotomamba", "1.4b", 1, 2048, 8, f"{ours} {reset}"),
+            Case("kotomamba", "1.4b", 1, 2048, 8, f"{ours} {reset} --eod-mask-loss"),
+            Case("kotomamba", "2.8b", 1, 2048, 8, f"{chunked} {ours}"),
+            Case("kotomamba", "2.8b", 1, 2048, 8, f"{chunked} {ours} {reset}"),
+            Case("kotomamba", "mamba2-2.7b", 1, 2048, 4), Case("kotomamba", "mamba2-2.7b", 1, 2048, 4, reset),
+        ]
     if name == "quick":
         return [
             Case("kotomamba", "2.8b", 1, 2048, 4),
@@ -223,18 +234,22 @@ def model_config(name: str):
 
 
 def random_dataset(directory: Path, tokens: int) -> str:
-    """A Megatron .bin/.idx of random documents (written once per benchmark run)."""
+    """A Megatron .bin/.idx of random documents of 100-4,000 tokens, each ending with the NullTokenizer's
+    EOD (id VOCAB), as tokenized text does (written once per benchmark run)."""
     import numpy as np
 
     from megatron_lm.indexed_dataset import IndexedDatasetBuilder, data_file_path, index_file_path
 
-    prefix = str(directory / f"random_{tokens}")
+    prefix = str(directory / f"random_documents_{tokens}")
     if not Path(index_file_path(prefix)).exists():
         rng = np.random.default_rng(0)
         with IndexedDatasetBuilder(data_file_path(prefix), dtype=np.uint16) as builder:
-            for _ in range(tokens // 4096):
-                builder.add_item(rng.integers(0, VOCAB, 4096, dtype=np.uint16))
+            written = 0
+            while written < tokens:
+                length = int(rng.integers(100, 4000))
+                builder.add_item(np.append(rng.integers(0, VOCAB, length - 1, dtype=np.uint16), np.uint16(VOCAB)))
                 builder.end_document()
+                written += length
             builder.finalize(index_file_path(prefix))
     return prefix
 
@@ -500,8 +515,9 @@ def table_rows(runs: list[list[dict]]) -> list[tuple[int, Case, dict]]:
     return [(run, Case(**r["case"]), r["result"]) for run, records in enumerate(runs, start=1) for r in records]
 
 
-def write_report(runs: list[list[dict]]) -> None:
-    """docs/benchmarks.md's section from the records of one or more runs (a live run is one)."""
+def write_report(runs: list[list[dict]], section: str = "train_throughput") -> None:
+    """docs/benchmarks.md's section from the records of one or more runs (a live run is one); the
+    documents plan has a section of its own."""
     from benchmarks.report import write_section
 
     facts = runs[-1][-1].get("environment", {})
@@ -510,13 +526,15 @@ def write_report(runs: list[list[dict]]) -> None:
     print(body)
     commands = [" ; ".join(dict.fromkeys(r.get("command", "") for r in records)) for records in runs]
     command = commands[0] if len(runs) == 1 else " ; ".join(f"run {run}: {c}" for run, c in enumerate(commands, start=1))
-    write_section("train_throughput", f"Training throughput ({gpu_name})", __doc__.split("\n\n", 2)[2] + "\n" + body,
+    title = {"train_throughput": "Training throughput",
+             "train_throughput_documents": "Training throughput with packed documents kept apart"}[section]
+    write_section(section, f"{title} ({gpu_name})", __doc__.split("\n\n", 2)[2] + "\n" + body,
                   facts=facts, command=command)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plan", default="standard", choices=("tiny", "quick", "scan", "standard"))
+    parser.add_argument("--plan", default="standard", choices=("tiny", "quick", "scan", "documents", "standard"))
     parser.add_argument("--only", default=None, help="Run only cases whose label contains this text.")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -579,7 +597,7 @@ def main() -> None:
     if args.no_report:
         print(summarize(table_rows([records]), facts.get("gpu", "cpu")))
     else:
-        write_report([records])
+        write_report([records], "train_throughput_documents" if args.plan == "documents" else "train_throughput")
 
 
 if __name__ == "__main__":

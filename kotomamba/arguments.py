@@ -27,11 +27,12 @@ Its last parser (``src/llama_recipes/arguments.py``, Megatron style, used by
   --skip-batch takes FIRST LAST iteration pairs (kotomamba's took untyped strings).
   Accepted and ignored (no effect on a Mamba model or always on here): --mixed-precision, --mamba,
   --sliding-window-size, --attention-dropout, --hidden-dropout, --use-better-transformer,
-  --reset-position-ids, --reset-attention-mask, --retro-return-doc-ids, --short-seq-prob,
+  --reset-position-ids, --retro-return-doc-ids, --short-seq-prob,
   --vocab-file, --merge-file.
   Refused with an explanation (ignoring them would change the run): --quantization,
   --freeze-layers, --num-freeze-layers N>0, --vocab-extra-ids N>0, --optimizer anyprecision,
-  --make-vocab-size-divisible-by, --eod-mask-loss.
+  --make-vocab-size-divisible-by. --reset-attention-mask is --reset-state-at-eod, and --eod-mask-loss
+  masks as Megatron does.
 Its earlier llama-recipes scripts (``scripts/abci/training/mambda-*.sh``, fire-style flags):
   --enable_fsdp, --save_model, --save_optimizer, --run_validation   accepted, no effect
   --pure_bf16, --use_bf16 -> --bf16      --use_fp16 -> --fp16       --use_fp32 -> --fp32
@@ -268,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Test dataset prefix(es), {_BLEND_FORMAT}.",
     )
     data.add_argument(
+        "--data-schedule", default=None, metavar="FILE.yaml",
+        help="Train on stages of data mixtures, one after another, in one run: a YAML list of stages, each "
+             "a blend (weights and prefixes, as --data-path takes them) and a length in tokens, samples or "
+             "iterations (see README, 'Long runs'). Instead of --data-path; --split applies to each dataset; "
+             "the stages' lengths are the run's length (no --train-iters/--train-samples/--train-tokens).",
+    )
+    data.add_argument(
         "--data-cache-path", default=None, metavar="DIR",
         help="Directory for the cached sample-index files (default: next to each dataset prefix).",
     )
@@ -290,17 +298,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="Random seed for weight initialization and the data order (default 1234, like Megatron-LM).",
     )
     data.add_argument(
-        "--reset-position-ids", "--reset-attention-mask", "--retro-return-doc-ids", action=ignore,
-        help="Accepted for kotomamba scripts; Mamba has no position ids or attention mask.",
+        "--reset-state-at-eod", "--reset-attention-mask", action="store_true",
+        help="Documents packed into one sample do not see each other: every Mamba layer starts each "
+             "document (the token after an EOD) from a zero state, its convolution included. Mamba-1 "
+             "layers need kotomamba's scan on a GPU (--selective-scan auto or kotomamba); models with "
+             "attention layers are refused (mamba-ssm's attention has no per-document mask). Megatron's "
+             "--reset-attention-mask means the same here.",
+    )
+    data.add_argument(
+        "--eod-mask-loss", action="store_true",
+        help="No loss on predicting the token after an EOD (Megatron's meaning): the first token of a "
+             "document is not predicted from the document before. The loss is the mean over the "
+             "remaining target tokens of the global batch.",
+    )
+    data.add_argument(
+        "--reset-position-ids", "--retro-return-doc-ids", action=ignore,
+        help="Accepted for kotomamba scripts; Mamba has no position ids.",
     )
     data.add_argument(
         "--short-seq-prob", action=ignore, nargs=1, metavar="VALUE",
         help="Accepted for kotomamba scripts; a BERT-dataset option with no effect here.",
-    )
-    data.add_argument(
-        "--eod-mask-loss", action=_Refused, nargs=0,
-        reason="not supported: every target token, end-of-document included, counts in the loss.",
-        help="Refused: every target token, end-of-document included, counts in the loss.",
     )
     data.add_argument(
         "--dataset", action=_Refused, nargs=1, metavar="VALUE",
@@ -978,6 +995,17 @@ def _validate_data(args: argparse.Namespace) -> None:
         "--test-data-path": args.test_data_path,
     }
     given = [flag for flag, value in per_split.items() if value is not None]
+    if args.data_schedule is not None:
+        _check(args.data_path is None and not given,
+               f"--data-schedule and {', '.join(['--data-path'] * (args.data_path is not None) + given)} are "
+               f"exclusive: the schedule's stages name the datasets (--split still applies to each)")
+        lengths = [flag for flag, value in (("--train-iters", args.train_iters), ("--train-samples", args.train_samples),
+                                            ("--train-tokens", args.train_tokens)) if value is not None]
+        _check(not lengths, f"--data-schedule sets the run's length (the sum of its stages): drop {', '.join(lengths)}")
+        if args.split is None:
+            args.split = DEFAULT_SPLIT
+        parse_split(args.split)
+        return
     if args.data_path is not None:
         _check(not given, f"--data-path and {', '.join(given)} are exclusive: use --data-path with --split, "
                           f"or per-split paths")
@@ -988,7 +1016,7 @@ def _validate_data(args: argparse.Namespace) -> None:
         return
     _check(args.split is None, f"--split {args.split} only applies to --data-path; per-split paths are used whole")
     if not given:
-        _check(args.dry_run, "no training data: give --data-path (split by --split) or --train-data-path")
+        _check(args.dry_run, "no training data: give --data-path (split by --split), --train-data-path or --data-schedule")
         return
     _check(args.train_data_path is not None, f"{', '.join(given)} given without --train-data-path")
     for flag, value in per_split.items():
@@ -1030,7 +1058,8 @@ def _validate_schedule_flags(args: argparse.Namespace) -> None:
                                                       ("--train-samples", args.train_samples),
                                                       ("--train-tokens", args.train_tokens)) if value is not None]
     _check(len(lengths) <= 1, f"{' and '.join(lengths)} are exclusive (each sets the training length); give one")
-    _check(lengths or args.dry_run, "give the training length with --train-iters, --train-samples or --train-tokens")
+    _check(lengths or args.dry_run or args.data_schedule is not None,
+           "give the training length with --train-iters, --train-samples or --train-tokens")
     iteration_flags = {"--lr-decay-iters": args.lr_decay_iters, "--lr-warmup-iters": args.lr_warmup_iters,
                        "--lr-wsd-decay-iters": args.lr_wsd_decay_iters}
     sample_flags = {"--lr-decay-samples": args.lr_decay_samples, "--lr-warmup-samples": args.lr_warmup_samples,

@@ -96,7 +96,7 @@ TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 SHARDED_TYPES = ("SHARDED_STATE_DICT", "LOCAL_STATE_DICT")
 # The flags that choose the training samples' order; a resume compares them with the checkpoint's.
-DATA_SOURCES = ("data_path", "train_data_path", "split", "seed")
+DATA_SOURCES = ("data_path", "train_data_path", "split", "seed", "stages")
 # Training samples hashed on each side of consumed_samples to detect a changed data order on resume.
 FINGERPRINT_SAMPLES = 8
 # checkpoint.json keys a resume reads; a file without them is damaged (e.g. truncated, then "repaired").
@@ -786,7 +786,8 @@ class CheckpointManager:
             problems.append(f"the tokenizer is {self.tokenizer.name}, the checkpoint was trained with {saved_tokenizer} "
                             f"(its copy: {directory / TOKENIZER_DIR})")
         sources = _data_sources(self.config)
-        changed = [f"--{key.replace('_', '-')}" for key in DATA_SOURCES if saved["sources"].get(key) != sources[key]]
+        changed = [f"--{'data-schedule' if key == 'stages' else key.replace('_', '-')}" for key in DATA_SOURCES
+                   if saved["sources"].get(key) != sources[key]]
         fingerprint = saved["fingerprint"]
         if not problems and fingerprint["sha256"] is not None:
             now = data_fingerprint(train_dataset, fingerprint["start"], fingerprint["end"])

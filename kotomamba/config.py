@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from kotomamba.arguments import ArgumentError, parse_args
+from kotomamba.data_schedule import Stage, load_data_schedule
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,17 @@ class DataSection:
     """The "data" flags. Dataset lists are tuples of the flag's words (weights and prefixes)."""
 
     data_path: tuple[str, ...] | None
+    data_schedule: str | None
+    # The stages of --data-schedule, their lengths in samples (kotomamba.data_schedule); None without one.
+    stages: tuple[Stage, ...] | None
     split: str | None
     train_data_path: tuple[str, ...] | None
     valid_data_path: tuple[str, ...] | None
     test_data_path: tuple[str, ...] | None
     data_cache_path: str | None
     data_allow_extra_bin_bytes: bool
+    reset_state_at_eod: bool
+    eod_mask_loss: bool
     num_workers: int
     seq_length: int
     seed: int
@@ -74,8 +80,9 @@ class BatchSection:
     gradient_accumulation_steps: int
     # Ranks the global batch is split over (every rank: FSDP shards, it never splits a model).
     data_parallel_size: int
-    # Iterations of the run: --train-iters, --train-samples // global batch, or --train-tokens over the
-    # tokens of an iteration, rounded up. None only in a dry run without a length.
+    # Iterations of the run: --train-iters, --train-samples // global batch, --train-tokens over the tokens
+    # of an iteration or the --data-schedule's samples over the global batch, rounded up. None only in a
+    # dry run without a length.
     train_iters: int | None
     train_samples: int | None
     train_tokens: int | None
@@ -234,10 +241,13 @@ def _check(condition: bool, message: str) -> None:
         raise ArgumentError(message)
 
 
-def _schedule(flags: argparse.Namespace, global_batch: int) -> dict[str, int | None]:
-    """train_iters and the lr_*_iters fields, from iterations, samples or tokens; ArgumentError when they conflict."""
+def _schedule(flags: argparse.Namespace, global_batch: int, stages: tuple[Stage, ...] | None) -> dict[str, int | None]:
+    """train_iters and the lr_*_iters fields, from iterations, samples, tokens or the data schedule;
+    ArgumentError when they conflict."""
     values = {name: getattr(flags, name) for name in
               ("train_iters", "lr_decay_iters", "lr_warmup_iters", "lr_wsd_decay_iters")}
+    if stages is not None:
+        values["train_iters"] = -(-sum(stage.samples for stage in stages) // global_batch)
     if flags.train_tokens is not None:
         values["train_iters"] = -(-flags.train_tokens // (global_batch * flags.seq_length))
     if values["train_iters"] is None and flags.train_samples is None:
@@ -284,7 +294,9 @@ def build_run_config(flags: argparse.Namespace, data_parallel_size: int) -> RunC
         global_batch = flags.micro_batch_size * (explicit_accumulation or 1) * data_parallel_size
     accumulation = gradient_accumulation_steps(global_batch, flags.micro_batch_size, data_parallel_size)
     values = {name: _frozen(value) for name, value in vars(flags).items()}
-    values.update(_schedule(flags, global_batch), global_batch_size=global_batch,
+    stages = (load_data_schedule(flags.data_schedule, flags.seq_length, global_batch)
+              if flags.data_schedule is not None else None)
+    values.update(_schedule(flags, global_batch, stages), global_batch_size=global_batch, stages=stages,
                   gradient_accumulation_steps=accumulation, data_parallel_size=data_parallel_size)
     sections = {}
     for section_name, section_type in SECTIONS.items():

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
+from kotomamba import documents
 from kotomamba.arguments import SELECTIVE_SCAN_CHOICES
 from kotomamba.errors import KotomambaError
 
@@ -133,6 +134,20 @@ SCAN_ROUTING: tuple[tuple[str, str, str], ...] = (
 )
 SCAN_EXTENSION_MODULE = "mamba_ssm.ops.selective_scan_interface"
 
+# --reset-state-at-eod on mamba-ssm's CUDA kernels: the entry points that get the packed documents'
+# index (kotomamba.documents). Mamba-1's scan reads it in kotomamba's own extension stand-in; its
+# convolution, and Mamba-2's fused block (which takes seq_idx itself), through these wrappers. On the
+# reference backend the reference functions read it.
+DOCUMENT_ROUTING: tuple[tuple[str, str, str], ...] = (
+    ("mamba_ssm.ops.selective_scan_interface", "causal_conv1d_fwd_function",
+     _kotomamba("causal_conv1d_fwd_with_documents")),
+    ("mamba_ssm.ops.selective_scan_interface", "causal_conv1d_bwd_function",
+     _kotomamba("causal_conv1d_bwd_with_documents")),
+    ("mamba_ssm.modules.mamba2", "mamba_split_conv1d_scan_combined",
+     _kotomamba("mamba_split_conv1d_scan_combined_with_documents")),
+)
+_routed_originals: dict[str, object] = {}  # what DOCUMENT_ROUTING replaced, by name
+
 _active_backend: str | None = None
 _active_scan: str | None = None
 
@@ -142,7 +157,7 @@ _active_scan: str | None = None
 
 
 def select_kernel_backend(device: torch.device | str | None = None, allow_reference_on_gpu: bool = False,
-                          selective_scan: str = "auto") -> str:
+                          selective_scan: str = "auto", documents: bool = False) -> str:
     """Pick the kernel backend for ``device`` and install it; returns "cuda" or "reference".
 
     Call this before anything imports ``mamba_ssm``. ``device`` None means "cuda" when a GPU is
@@ -155,6 +170,9 @@ def select_kernel_backend(device: torch.device | str | None = None, allow_refere
     ``selective_scan`` (one of ``SELECTIVE_SCAN_CHOICES``, the ``--selective-scan`` flag) picks Mamba-1's
     scan: kotomamba's Triton kernel, mamba-ssm's, or "auto": ours on the GPUs in
     ``SCAN_MEASURED_FASTER``, else mamba-ssm's (on the reference backend, its reference function).
+
+    ``documents`` (--reset-state-at-eod) routes the packed documents' index to the kernels; on a GPU it
+    needs kotomamba's scan for Mamba-1 layers (mamba-ssm's has no such input), which "auto" then picks.
     """
     global _active_backend, _active_scan
     if device is None:
@@ -183,17 +201,26 @@ def select_kernel_backend(device: torch.device | str | None = None, allow_refere
             f"kernel backend {_active_backend!r} is already installed in this process; "
             f"cannot switch to {wanted!r} (select the backend once, before importing mamba_ssm)"
         )
+    if documents and wanted == "cuda":
+        if selective_scan == "mamba-ssm":
+            raise KernelRoutingError("--reset-state-at-eod needs kotomamba's selective scan for Mamba-1 layers "
+                                     "(mamba-ssm's takes no document index): use --selective-scan kotomamba or auto")
+        selective_scan = "kotomamba" if selective_scan == "auto" else selective_scan
     scan = _resolve_selective_scan(selective_scan, torch.device(device), wanted)
     if _active_backend is not None:
         if _active_scan != scan:
             raise KernelRoutingError(
                 f"the {_active_scan} selective scan is already installed in this process; cannot switch to {scan}"
             )
+        if documents and wanted == "cuda":
+            _install_document_routing()  # a no-op for calls outside kotomamba.documents.packed_documents
         return _active_backend
     if wanted == "reference":
         _install_reference_routing()
     if scan.startswith("kotomamba"):
         _install_scan_routing(deterministic=scan == "kotomamba-deterministic")
+    if documents and wanted == "cuda":
+        _install_document_routing()
     _active_backend, _active_scan = wanted, scan
     logger.info("kernel backend: %s", kernel_summary())
     return wanted
@@ -336,6 +363,16 @@ def _install_scan_routing(deterministic: bool) -> None:
                 getattr(importlib.import_module(replacement_module), replacement_name))
 
 
+def _install_document_routing() -> None:
+    if _routed_originals:
+        return
+    for module_name, attribute, replacement in DOCUMENT_ROUTING:
+        module = importlib.import_module(module_name)
+        _routed_originals.setdefault(attribute, getattr(module, attribute))
+        replacement_module, replacement_name = replacement.split(":")
+        setattr(module, attribute, getattr(importlib.import_module(replacement_module), replacement_name))
+
+
 def _no_reference_stub(qualified: str):
     def no_reference(*args, **kwargs):
         raise KernelRoutingError(
@@ -385,9 +422,25 @@ def mamba_inner_fn_reference(xz, conv1d_weight, conv1d_bias, x_proj_weight, delt
     from mamba_ssm.ops.selective_scan_interface import mamba_inner_ref
 
     _reject("mamba_inner_fn", b_rms_weight=b_rms_weight, c_rms_weight=c_rms_weight, dt_rms_weight=dt_rms_weight)
-    return mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
-                           out_proj_bias, A, B=B, C=C, D=D, delta_bias=delta_bias, B_proj_bias=B_proj_bias,
-                           C_proj_bias=C_proj_bias, delta_softplus=delta_softplus)
+
+    def inner(xz_part: torch.Tensor) -> torch.Tensor:
+        return mamba_inner_ref(xz_part, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                               out_proj_bias, A, B=B, C=C, D=D, delta_bias=delta_bias, B_proj_bias=B_proj_bias,
+                               C_proj_bias=C_proj_bias, delta_softplus=delta_softplus)
+
+    seq_idx = documents.active_document_index()
+    return inner(xz) if seq_idx is None else _each_document(inner, xz, seq_idx, time_dim=2, out_time_dim=1)
+
+
+def _each_document(function, inputs: torch.Tensor, seq_idx: torch.Tensor, time_dim: int, out_time_dim: int):
+    """`function` of each packed document on its own (each starts from a zero state), joined back into
+    the batch: the reference for --reset-state-at-eod, exact by construction."""
+    rows = []
+    for row, spans in enumerate(documents.document_spans(seq_idx)):
+        row_inputs = inputs.narrow(0, row, 1)
+        rows.append(torch.cat([function(row_inputs.narrow(time_dim, start, end - start)) for start, end in spans],
+                              dim=out_time_dim))
+    return torch.cat(rows, dim=0)
 
 
 def selective_state_update_reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -484,12 +537,29 @@ def mamba_split_conv1d_scan_combined_reference(zxbcdt, conv1d_weight, conv1d_bia
 
     mamba-ssm's own mamba_split_conv1d_scan_ref is not used directly: it has no gated-MLP part
     (d_ssm < d_inner), normalizes over all groups at once (wrong for ngroups > 1), takes no
-    initial/final states, and its scan materializes a (batch, dim, seqlen, d_state) tensor.
+    initial/final states, and its scan materializes a (batch, dim, seqlen, d_state) tensor. With a
+    document index (seq_idx, or kotomamba.documents'), each packed document runs on its own.
     """
+    seq_idx = seq_idx if seq_idx is not None else documents.active_document_index()
+    if seq_idx is not None:
+        _reject("mamba_split_conv1d_scan_combined with packed documents", initial_states=initial_states,
+                return_final_states=return_final_states)
+        return _each_document(
+            lambda part: _split_conv1d_scan_combined(
+                part, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, None, dt_limit, False, activation,
+                rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups, norm_before_gate),
+            zxbcdt, seq_idx, time_dim=1, out_time_dim=1)
+    return _split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states,
+                                       dt_limit, return_final_states, activation, rmsnorm_weight, rmsnorm_eps,
+                                       outproj_weight, outproj_bias, headdim, ngroups, norm_before_gate)
+
+
+def _split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states,
+                                dt_limit, return_final_states, activation, rmsnorm_weight, rmsnorm_eps, outproj_weight,
+                                outproj_bias, headdim, ngroups, norm_before_gate):
     from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref
     from mamba_ssm.ops.triton.layernorm_gated import rms_norm_ref as gated_rms_norm_ref
 
-    _reject("mamba_split_conv1d_scan_combined", seq_idx=seq_idx)
     if D.dim() == 1:
         nheads = D.shape[0]
     else:
@@ -525,6 +595,46 @@ def mamba_split_conv1d_scan_combined_reference(zxbcdt, conv1d_weight, conv1d_bia
     if outproj_weight is not None:
         y = F.linear(y, outproj_weight, outproj_bias)
     return (y, final_states) if return_final_states else y
+
+
+# ----------------------------------------------------------------------------------------------
+# --reset-state-at-eod on the CUDA kernels: the active document index added to the calls mamba-ssm makes
+
+
+def causal_conv1d_fwd_with_documents(x, weight, bias, seq_idx, initial_states, final_states_out, silu_activation):
+    """causal-conv1d's forward with the packed documents' index; its kernel takes one only in the
+    channel-last layout, so x is laid out that way first (the output comes back channel-last)."""
+    seq_idx = seq_idx if seq_idx is not None else documents.active_document_index()
+    forward = _routed_originals["causal_conv1d_fwd_function"]
+    if seq_idx is None:
+        return forward(x, weight, bias, None, initial_states, final_states_out, silu_activation)
+    return forward(_channel_last(x), weight, bias, seq_idx, initial_states, final_states_out, silu_activation)
+
+
+def causal_conv1d_bwd_with_documents(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx,
+                                     return_dinitial_states, silu_activation):
+    seq_idx = seq_idx if seq_idx is not None else documents.active_document_index()
+    backward = _routed_originals["causal_conv1d_bwd_function"]
+    if seq_idx is None:
+        return backward(x, weight, bias, dout, None, initial_states, dfinal_states, dx, return_dinitial_states,
+                        silu_activation)
+    dx_channel_last, *rest = backward(_channel_last(x), weight, bias, _channel_last(dout), seq_idx, initial_states,
+                                      dfinal_states, None, return_dinitial_states, silu_activation)
+    if dx is None:
+        return (dx_channel_last, *rest)
+    dx.copy_(dx_channel_last)  # mamba-ssm hands in a slice of its own gradient buffer
+    return (dx, *rest)
+
+
+def _channel_last(x: torch.Tensor) -> torch.Tensor:
+    """(batch, dim, seqlen) with dim the fastest-moving dimension."""
+    return x if x.stride(1) == 1 else x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def mamba_split_conv1d_scan_combined_with_documents(*args, seq_idx=None, **kwargs):
+    """Mamba-2's fused block, which takes seq_idx itself: given the active document index."""
+    seq_idx = seq_idx if seq_idx is not None else documents.active_document_index()
+    return _routed_originals["mamba_split_conv1d_scan_combined"](*args, seq_idx=seq_idx, **kwargs)
 
 
 def flash_attn_with_kvcache_reference(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,

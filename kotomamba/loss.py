@@ -17,14 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import register_fsdp_forward_method
 
-# loss(tokens, labels, reduction="mean"): the mean over all tokens, or with reduction="none" each
-# token's loss in the shape of `labels` (evaluation).
+# loss(tokens, labels, reduction="mean"): the mean over all tokens, "sum", or with reduction="none" each
+# token's loss in the shape of `labels` (evaluation). Labels equal to IGNORE_INDEX (--eod-mask-loss) add
+# nothing: 0 where reduction is "none".
 LossFunction = Callable[..., torch.Tensor]
+IGNORE_INDEX = -100  # PyTorch's default ignore_index
 
 
 def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy, computed in fp32 whatever the logits' dtype: the mean, or per token."""
-    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), reduction=reduction)
+    """Next-token cross-entropy, computed in fp32 whatever the logits' dtype: the mean, the sum, or per token."""
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), reduction=reduction,
+                           ignore_index=IGNORE_INDEX)
     return loss.view(labels.shape) if reduction == "none" else loss
 
 
@@ -37,9 +40,12 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 def _token_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
-                  compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                  compute_dtype: torch.dtype, masked: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token losses and log-normalizers (logsumexp of the logits) of flat `hidden` (tokens, d_model)
-    and `labels` (tokens,), in fp32 or wider, the logits computed `chunk_tokens` rows at a time."""
+    and `labels` (tokens,), in fp32 or wider, the logits computed `chunk_tokens` rows at a time; with
+    `masked`, IGNORE_INDEX labels get a loss of 0."""
+    if masked:
+        ignored, labels = labels == IGNORE_INDEX, labels.clamp_min(0)
     w = weight.to(compute_dtype)
     wide = torch.promote_types(compute_dtype, torch.float32)
     losses = torch.empty(labels.shape, dtype=wide, device=hidden.device)
@@ -50,24 +56,28 @@ def _token_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
             logits = (hidden[start:stop].to(compute_dtype) @ w.t()).to(wide)
             log_normalizers[start:stop] = torch.logsumexp(logits, dim=-1)
             losses[start:stop] = log_normalizers[start:stop] - logits.gather(1, labels[start:stop, None]).squeeze(1)
+    if masked:
+        losses.masked_fill_(ignored, 0.0)
     return losses, log_normalizers
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
-                compute_dtype: torch.dtype) -> torch.Tensor:
-        losses, log_normalizers = _token_losses(hidden, weight, labels, chunk_tokens, compute_dtype)
+                compute_dtype: torch.dtype, masked: bool, divisor: int) -> torch.Tensor:
+        losses, log_normalizers = _token_losses(hidden, weight, labels, chunk_tokens, compute_dtype, masked)
         ctx.save_for_backward(hidden, weight, labels, log_normalizers)
-        ctx.chunk_tokens, ctx.compute_dtype = chunk_tokens, compute_dtype
-        return losses.sum() / hidden.size(0)
+        ctx.chunk_tokens, ctx.compute_dtype, ctx.masked, ctx.divisor = chunk_tokens, compute_dtype, masked, divisor
+        return losses.sum() / divisor
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         hidden, weight, labels, log_normalizers = ctx.saved_tensors
         chunk_tokens, compute_dtype = ctx.chunk_tokens, ctx.compute_dtype
         wide = log_normalizers.dtype
-        scale = grad_output.to(wide) / hidden.size(0)
+        scale = grad_output.to(wide) / ctx.divisor
+        if ctx.masked:
+            kept, labels = (labels != IGNORE_INDEX).to(wide), labels.clamp_min(0)
         w = weight.to(compute_dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if ctx.needs_input_grad[1] else None
@@ -79,38 +89,42 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits = torch.exp((h @ w.t()).to(wide) - log_normalizers[start:stop, None])
                 rows = torch.arange(h.size(0), device=h.device)
                 grad_logits[rows, labels[start:stop]] -= 1
+                if ctx.masked:  # an ignored target adds nothing
+                    grad_logits *= kept[start:stop, None]
                 grad_logits = (grad_logits * scale).to(compute_dtype)
                 if grad_hidden is not None:
                     grad_hidden[start:stop] = grad_logits @ w
                 if grad_weight is not None:
                     grad_weight += (grad_logits.t() @ h).to(wide)
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_tokens: int) -> torch.Tensor:
-    """`language_model_loss(hidden @ weight.T, labels)` without materializing the logits:
-    `hidden` (..., d_model), `weight` (vocabulary, d_model), `labels` (...), `chunk_tokens` tokens at a time."""
+                         chunk_tokens: int, reduction: str = "mean", masked: bool = False) -> torch.Tensor:
+    """`language_model_loss(hidden @ weight.T, labels, reduction)` ("mean" over all tokens, or "sum")
+    without materializing the logits: `hidden` (..., d_model), `weight` (vocabulary, d_model), `labels`
+    (...), `chunk_tokens` tokens at a time. `masked`: labels may hold IGNORE_INDEX."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     compute_dtype = _compute_dtype(hidden)
-    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1),
-                                     chunk_tokens, compute_dtype)
+    flat = hidden.reshape(-1, hidden.size(-1))
+    return _LinearCrossEntropy.apply(flat, weight, labels.reshape(-1), chunk_tokens, compute_dtype, masked,
+                                     flat.size(0) if reduction == "mean" else 1)
 
 
 @torch.no_grad()
 def per_token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                            chunk_tokens: int) -> torch.Tensor:
+                            chunk_tokens: int, masked: bool = False) -> torch.Tensor:
     """Each token's loss (shape of `labels`), `chunk_tokens` at a time, without gradients (evaluation)."""
     losses, _ = _token_losses(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1), chunk_tokens,
-                              _compute_dtype(hidden))
+                              _compute_dtype(hidden), masked)
     return losses.view(labels.shape)
 
 
-def training_loss(model: nn.Module, chunk_tokens: int = 0) -> LossFunction:
+def training_loss(model: nn.Module, chunk_tokens: int = 0, masked: bool = False) -> LossFunction:
     """`loss(tokens, labels, reduction="mean")` for `model` (a mamba-ssm MambaLMHeadModel, FSDP-sharded
     or not): through the full logits when `chunk_tokens` is 0, else chunked (training and evaluation).
-    Call it under the run's autocast."""
+    `masked`: labels may hold IGNORE_INDEX (--eod-mask-loss). Call it under the run's autocast."""
     if not chunk_tokens:
         return lambda tokens, labels, reduction="mean": language_model_loss(model(tokens).logits, labels, reduction)
     if getattr(model.lm_head, "bias", None) is not None:
@@ -122,8 +136,8 @@ def training_loss(model: nn.Module, chunk_tokens: int = 0) -> LossFunction:
         output layer."""
         hidden = self.backbone(tokens)
         if reduction == "none":
-            return per_token_cross_entropy(hidden, self.lm_head.weight, labels, chunk_tokens)
-        return linear_cross_entropy(hidden, self.lm_head.weight, labels, chunk_tokens)
+            return per_token_cross_entropy(hidden, self.lm_head.weight, labels, chunk_tokens, masked)
+        return linear_cross_entropy(hidden, self.lm_head.weight, labels, chunk_tokens, reduction, masked)
 
     model.chunked_loss = chunked_loss.__get__(model)
     # FSDP all-gathers the root's parameters (embedding, final norm, lm_head) around `forward` only;

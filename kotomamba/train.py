@@ -21,7 +21,7 @@ from torch import nn
 from kotomamba import metrics
 from kotomamba.config import DataSection, ModelSection, RunConfig, TokenizerSection, config_dict
 from kotomamba.distributed import DistributedContext, init_distributed, raise_on_every_rank, shutdown_distributed
-from kotomamba.loss import LossFunction, training_loss
+from kotomamba.loss import IGNORE_INDEX, LossFunction, training_loss
 from kotomamba.sinks import MetricLogger
 from kotomamba.state import StepResult, TrainState
 from kotomamba.errors import KotomambaError
@@ -89,28 +89,34 @@ def build_datasets(config: RunConfig, min_train_samples: int = 0):
         seed=data.seed,
         cache_path=data.data_cache_path,
         allow_extra_bin_bytes=data.data_allow_extra_bin_bytes,
+        stages=[(stage.prefixes, stage.weights, stage.samples) for stage in data.stages] if data.stages else None,
     )
     return build_train_valid_test_datasets(config, num_samples)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, compute_loss: LossFunction, batches: Iterator[dict], num_micro_batches: int,
-             ctx: DistributedContext, autocast) -> dict[str, float]:
-    """Mean loss over `num_micro_batches` micro-batches per rank, reduced across ranks; per blend
-    component as well (`loss/dataset<i>`, in --*-data-path order)."""
+             ctx: DistributedContext, autocast, documents: Documents | None = None) -> dict[str, float]:
+    """Mean loss per target token over `num_micro_batches` micro-batches per rank, reduced across ranks;
+    per blend component as well (`loss/dataset<i>`, in --*-data-path order). `documents`: as training
+    treats packed documents (--reset-state-at-eod, --eod-mask-loss)."""
+    from kotomamba.documents import packed_documents
+
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, token count
     per_dataset: dict[int, torch.Tensor] = defaultdict(lambda: torch.zeros(2, dtype=torch.float64, device=ctx.device))
     for _ in range(num_micro_batches):
         batch = next(batches)
         tokens, labels = batch["tokens"].to(ctx.device), batch["labels"].to(ctx.device)
-        with autocast():
+        labels, seq_idx = documents.prepare(tokens, labels) if documents is not None else (labels, None)
+        with autocast(), packed_documents(seq_idx):
             per_sample = compute_loss(tokens, labels, reduction="none").sum(dim=1).double()
+        targets = (labels != IGNORE_INDEX).sum(dim=1).double()
         total[0] += per_sample.sum()
-        total[1] += labels.numel()
-        for dataset_id, loss_sum in zip(batch.get("dataset_id", torch.zeros(0)).tolist(), per_sample):
+        total[1] += targets.sum()
+        for dataset_id, loss_sum, count in zip(batch.get("dataset_id", torch.zeros(0)).tolist(), per_sample, targets):
             per_dataset[dataset_id][0] += loss_sum
-            per_dataset[dataset_id][1] += labels.shape[1]
+            per_dataset[dataset_id][1] += count
     dist.all_reduce(total)
     result = {"loss": (total[0] / total[1]).item()}
     # Each rank may have seen a different subset of components: agree on the ids before reducing.
@@ -122,6 +128,21 @@ def evaluate(model: nn.Module, compute_loss: LossFunction, batches: Iterator[dic
         result[f"loss/dataset{dataset_id}"] = (sums[0] / sums[1]).item()
     model.train()
     return result
+
+
+class Documents:
+    """What --reset-state-at-eod and --eod-mask-loss do to a micro-batch on the device: its document index
+    for the Mamba kernels, and its labels with the token after each EOD ignored."""
+
+    def __init__(self, eod: int, reset_state: bool, mask_loss: bool) -> None:
+        self.eod, self.reset_state, self.mask_loss = eod, reset_state, mask_loss
+
+    def prepare(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from kotomamba.documents import document_index
+
+        if self.mask_loss:  # Megatron: no loss where the input token is the EOD
+            labels = labels.masked_fill(tokens == self.eod, IGNORE_INDEX)
+        return labels, document_index(tokens, self.eod) if self.reset_state else None
 
 
 def cycle(loader, first_pass=None) -> Iterator[dict]:
@@ -196,7 +217,9 @@ def _train(config: RunConfig, ctx: DistributedContext, metric_logger: MetricLogg
     from kotomamba.kernels import configure_triton_cache, select_kernel_backend
 
     configure_triton_cache(ctx.rank)
-    select_kernel_backend(ctx.device, selective_scan=config.kernels.selective_scan)  # before mamba-ssm is imported
+    # before mamba-ssm is imported
+    select_kernel_backend(ctx.device, selective_scan=config.kernels.selective_scan,
+                          documents=config.data.reset_state_at_eod)
     logger.info("resolved config:\n%s", json.dumps(config_dict(config), indent=2, default=str))
     trainer = Trainer(config, ctx, metric_logger)
     state = trainer.state
@@ -274,7 +297,9 @@ class Trainer:
             cpu_offload=parallel.fsdp_cpu_offload,
         )
         self.model = self.sharded.module
-        self.compute_loss = training_loss(self.model, parallel.cross_entropy_chunk_tokens)
+        self.compute_loss = training_loss(self.model, parallel.cross_entropy_chunk_tokens,
+                                          masked=config.data.eod_mask_loss)
+        self._check_documents()
         self.optimizer = build_optimizer(
             self.model, lr=opt.lr, weight_decay=opt.weight_decay, betas=(opt.adam_beta1, opt.adam_beta2),
             eps=opt.adam_eps, no_decay_names=no_decay_names,
@@ -288,6 +313,21 @@ class Trainer:
             self.policy, initial_scale=precision.initial_loss_scale, min_scale=precision.min_loss_scale,
             growth_interval=precision.loss_scale_window, hysteresis=precision.hysteresis,
         )
+
+    def _check_documents(self) -> None:
+        """--reset-state-at-eod / --eod-mask-loss: the Documents step, where the model allows it."""
+        data = self.config.data
+        self.documents = None
+        if not (data.reset_state_at_eod or data.eod_mask_loss):
+            return
+        attention = (getattr(self.model_config, "attn_layer_idx", None) or []) if data.reset_state_at_eod else []
+        if attention:
+            raise TrainingError(
+                f"--reset-state-at-eod: this model has attention layers ({len(attention)}: attn_layer_idx "
+                f"{list(attention)}); mamba-ssm's attention takes no per-document mask (it calls "
+                f"scaled_dot_product_attention with is_causal only), so those layers would still see across "
+                f"documents. Train it without --reset-state-at-eod (--eod-mask-loss alone is fine)")
+        self.documents = Documents(self.tokenizer.eod, data.reset_state_at_eod, data.eod_mask_loss)
 
     def _build_data_streams(self) -> None:
         from kotomamba import data as data_lib
@@ -345,6 +385,8 @@ class Trainer:
         self.test_names = metrics.blend_component_names(self.test_ds)
         self.meter = metrics.IntervalMeter(device=self.ctx.device)
         self.consumption = metrics.DataConsumption(self.train_ds, self.config.data.seq_length)
+        self.stage = None
+        self._announce_stage(self.state)
         self.run_started = time.perf_counter()
         self.remaining_time = metrics.RemainingTime(self.state.iteration, self.run_started)
         self.model.train()
@@ -378,28 +420,59 @@ class Trainer:
         state.iteration = iteration
         state.consumed_samples += self.config.batch.global_batch_size
         state.consumed_tokens += self.tokens_per_iteration
+        self._announce_stage(state)
         return result
+
+    def _announce_stage(self, state: TrainState) -> None:
+        """--data-schedule: a log line when the next sample to train on is the first of another stage."""
+        from kotomamba.data_schedule import stage_at
+
+        stages = self.config.data.stages
+        if not stages or state.iteration >= self.config.batch.train_iters:
+            return
+        stage = stage_at(stages, state.consumed_samples)
+        if stage != self.stage:
+            self.stage = stage
+            blend = ", ".join(f"{weight / sum(stages[stage].weights):.0%} {prefix}"
+                              for prefix, weight in zip(stages[stage].prefixes, stages[stage].weights))
+            logger.info("iteration %d: data stage %d/%d (%s) from sample %d: %s", state.iteration + 1, stage + 1,
+                        len(stages), stages[stage].name, state.consumed_samples, blend)
 
     def train_step(self, collect_optimizer_stats: bool = False) -> StepResult:
         """One global batch: accumulate micro-batches (gradient reduction on the last one only), then
         unscale, check, clip and step."""
         from kotomamba.optim import clip_grad_norm
 
+        from kotomamba.documents import packed_documents
+        from kotomamba.optim import scale_gradients_
+
         ctx, accumulation, scaler = self.ctx, self.accumulation, self.scaler
-        loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float32)
+        masked = self.documents is not None and self.documents.mask_loss
+        totals = torch.zeros(2, device=ctx.device, dtype=torch.float32)  # loss (sum, or of means), target tokens
         for micro_step in range(accumulation):
             with self.meter.waiting_for_data():
                 batch = self.check(next(self.train_batches), "training")
             tokens = batch["tokens"].to(ctx.device, non_blocking=True)
             labels = batch["labels"].to(ctx.device, non_blocking=True)
+            labels, seq_idx = self.documents.prepare(tokens, labels) if self.documents else (labels, None)
             self.sharded.set_gradient_sync(micro_step == accumulation - 1)
-            with self.autocast():
-                loss = self.compute_loss(tokens, labels)
-            scaler.scale_loss(loss / accumulation).backward()
-            loss_sum += loss.detach()
+            with packed_documents(seq_idx):  # the backward too reads the document index
+                with self.autocast():
+                    # masked: the sum over the kept targets, scaled below to their mean over the global batch
+                    loss = self.compute_loss(tokens, labels, reduction="sum" if masked else "mean")
+                scaler.scale_loss(loss / (labels.numel() * accumulation if masked else accumulation)).backward()
+            totals[0] += loss.detach()
+            totals[1] += (labels != IGNORE_INDEX).sum()
         self.sharded.sync_replicated_gradients()
-        dist.all_reduce(loss_sum)
-        mean_loss = loss_sum.item() / (accumulation * ctx.world_size)
+        dist.all_reduce(totals)
+        loss_total, targets = totals.tolist()
+        if masked:  # a global batch of nothing but EODs has no target: a non-finite loss, a skipped step
+            mean_loss = loss_total / targets if targets else math.nan
+            # The gradients are the mean over every label of the global batch: make it over the kept ones.
+            scale_gradients_([p.grad for p in self.parameters if p.grad is not None],
+                             accumulation * ctx.world_size * labels.numel() / max(targets, 1.0))
+        else:
+            mean_loss = loss_total / (accumulation * ctx.world_size)
         scaler.unscale_(self.parameters)
         grad_norm = clip_grad_norm(self.parameters, self.config.optimizer.grad_clip_norm).item()
         # The norm is reduced over every shard and rank: one inf/nan gradient anywhere (an fp16 overflow)
@@ -464,7 +537,7 @@ class Trainer:
             return
         with self.meter.paused():  # evaluation time is not training time
             evaluation = evaluate(self.model, self.compute_loss, self.valid_batches, eval_iters * self.accumulation,
-                                  self.ctx, self.autocast)
+                                  self.ctx, self.autocast, self.documents)
         state.consumed_valid_samples += eval_iters * self.config.batch.global_batch_size
         values = metrics.evaluation_metrics("valid", evaluation, self.valid_names)
         self.metric_logger.log(state.iteration, values, metrics.format_evaluation_line("valid", state.iteration, values))
@@ -482,7 +555,7 @@ class Trainer:
             return
         test_batches = self.check.stream(cycle(data_lib.build_loader(self.test_ds, 0, **self.loader_options)), "test")
         evaluation = evaluate(self.model, self.compute_loss, test_batches, self.config.logging.eval_iters * self.accumulation,
-                              self.ctx, self.autocast)
+                              self.ctx, self.autocast, self.documents)
         values = metrics.evaluation_metrics("test", evaluation, self.test_names)
         self.metric_logger.log(state.iteration, values, metrics.format_evaluation_line("test", state.iteration, values))
 

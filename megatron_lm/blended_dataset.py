@@ -49,25 +49,26 @@ class BlendedDataset:
         self.weights = normalize_weights(weights)
         self.size = int(size)
         self.split_name = self.datasets[0].split_name
-        description = {}
-        if cache_dir is not None:
-            description = {
-                "format_version": INDEX_FORMAT_VERSION,
-                "class": "BlendedDataset",
-                "datasets": [dataset.cache_description() for dataset in self.datasets],
-                "weights": self.weights,
-                "size": self.size,
-            }
+        description = self._cache_description() if cache_dir is not None else {}
         specs = {
             "dataset_index": ArraySpec((self.size,), (np.dtype(np.int16),)),
             "dataset_sample_index": ArraySpec((self.size,), (np.dtype(np.int64),)),
         }
         arrays = load_or_build_cached_indices(
-            cache_dir, f"BlendedDataset-{self.split_name}", description, specs, self._build_indices
+            cache_dir, f"{type(self).__name__}-{self.split_name}", description, specs, self._build_indices
         )
         self.dataset_index = arrays["dataset_index"]
         self.dataset_sample_index = arrays["dataset_sample_index"]
         self._check_no_dataset_runs_dry()
+
+    def _cache_description(self) -> dict:
+        return {
+            "format_version": INDEX_FORMAT_VERSION,
+            "class": type(self).__name__,
+            "datasets": [dataset.cache_description() for dataset in self.datasets],
+            "weights": self.weights,
+            "size": self.size,
+        }
 
     def _build_indices(self) -> dict[str, np.ndarray]:
         dataset_index, dataset_sample_index = helpers.build_blending_indices(self.weights, self.size)

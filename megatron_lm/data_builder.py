@@ -15,6 +15,7 @@ from typing import Sequence
 from megatron_lm.blended_dataset import BlendedDataset, normalize_weights
 from megatron_lm.gpt_dataset import DatasetBuildError, GPTDataset, GPTDatasetConfig
 from megatron_lm.indexed_dataset import IndexedDataset
+from megatron_lm.staged_dataset import StagedDataset
 from kotomamba.errors import KotomambaError
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -44,6 +45,8 @@ class DataConfig:
     cache_path: str | None = None  # --data-cache-path; None keeps indices in memory
     add_extra_token: bool = True
     allow_extra_bin_bytes: bool = False  # --data-allow-extra-bin-bytes: see IndexedDataset
+    # --data-schedule: (prefixes, weights, training samples) per stage, in order; instead of the paths above
+    stages: Sequence[tuple[Sequence[str], Sequence[float], int]] | None = None
 
 
 def _as_float(text: str) -> float | None:
@@ -160,6 +163,31 @@ class _Builder:
         ]
         return BlendedDataset(datasets, weights, sum(targets), self.config.cache_path)
 
+    def staged_datasets(self, num_samples: tuple[int, int, int]) -> tuple[StagedDataset | BlendedDataset | None, ...]:
+        """Training: the stages one after another (the last one runs on to `num_samples[0]`); validation
+        and test: every dataset of the schedule, blended by its share of the whole run's training."""
+        stages = [(list(prefixes), list(weights), int(size)) for prefixes, weights, size in self.config.stages]
+        prefixes, weights, size = stages[-1]
+        stages[-1] = (prefixes, weights, size + max(0, num_samples[0] - sum(size for _, _, size in stages)))
+        prefixes = list(dict.fromkeys(prefix for stage_prefixes, _, _ in stages for prefix in stage_prefixes))
+        fractions = parse_split(self.config.split)
+        shares, needed = [0.0] * len(prefixes), [0] * len(prefixes)  # of the whole run; samples to build
+        for stage_prefixes, weights, size in stages:
+            for prefix, weight in zip(stage_prefixes, normalize_weights(weights)):
+                shares[prefixes.index(prefix)] += weight * size
+                needed[prefixes.index(prefix)] += math.ceil(size * weight)
+        flag = "--data-schedule"
+        if fractions[0] == 0:
+            raise DataConfigError(f"--split {self.config.split} leaves nothing for training")
+        components = [self.gpt(prefix, flag, 0, split_ranges(fractions, len(self.open(prefix, flag)))[0],
+                               math.ceil(count * (1 + BLEND_SURPLUS))) for prefix, count in zip(prefixes, needed)]
+        train = StagedDataset(components, [([prefixes.index(p) for p in stage_prefixes], weights, size)
+                                           for stage_prefixes, weights, size in stages], self.config.cache_path)
+        overall = Blend(prefixes, shares)
+        evaluation = [None if fractions[split] == 0 or num_samples[split] == 0 else
+                      self.split_dataset(overall, flag, split, fractions, num_samples[split]) for split in (1, 2)]
+        return (train, *evaluation)
+
 
 def build_train_valid_test_datasets(
     config: DataConfig, train_valid_test_num_samples: tuple[int, int, int]
@@ -172,6 +200,8 @@ def build_train_valid_test_datasets(
         raise DataConfigError(
             "--data-path cannot be combined with --train-data-path/--valid-data-path/--test-data-path"
         )
+    if config.stages:
+        return _Builder(config).staged_datasets(train_valid_test_num_samples)
     if not config.data_path and not any(per_split_paths):
         raise DataConfigError("no data: give --data-path, or --train-data-path (and --valid/--test-data-path)")
     builder = _Builder(config)

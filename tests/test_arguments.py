@@ -62,6 +62,11 @@ FLAG_CASES: dict[str, tuple[list[str], str, object]] = {
     "--test-data-path": (["--data-path", None, "--train-data-path", "t", "--test-data-path", "1", "x"],
                          "test_data_path", ["1", "x"]),
     "--data-cache-path": (["--data-cache-path", "/cache"], "data_cache_path", "/cache"),
+    "--reset-state-at-eod": (["--reset-state-at-eod"], "reset_state_at_eod", True),
+    "--reset-attention-mask": (["--reset-attention-mask"], "reset_state_at_eod", True),
+    "--eod-mask-loss": (["--eod-mask-loss"], "eod_mask_loss", True),
+    "--data-schedule": (["--data-path", None, "--train-iters", None, "--data-schedule", "stages.yaml"], "data_schedule",
+                        "stages.yaml"),
     "--num-workers": (["--num-workers", "0"], "num_workers", 0),
     "--seq-length": (["--seq-length", "4096"], "seq_length", 4096),
     "--seed": (["--seed", "42"], "seed", 42),
@@ -152,7 +157,7 @@ ALIASES = {
 IGNORED = {
     "--mamba": [], "--sliding-window-size": ["4096"], "--attention-dropout": ["0.1"], "--hidden-dropout": ["0.1"],
     "--use-better-transformer": [], "--vocab-file": ["vocab.json"], "--merge-file": ["merges.txt"],
-    "--reset-position-ids": [], "--reset-attention-mask": [], "--retro-return-doc-ids": [],
+    "--reset-position-ids": [], "--retro-return-doc-ids": [],
     "--short-seq-prob": ["0.1"], "--mixed-precision": [], "--enable-fsdp": [], "--fsdp": [],
     "--use-torch-fsdp2": [], "--use-distributed-optimizer": [],
     "--run-validation": [], "--save-model": [], "--save-optimizer": [],
@@ -161,7 +166,7 @@ IGNORED = {
 # refused flag -> (argv, a harmless value or None)
 REFUSED = {
     "--make-vocab-size-divisible-by": (["128"], None), "--quantization": ([], None), "--freeze-layers": ([], None),
-    "--num-freeze-layers": (["2"], "0"), "--vocab-extra-ids": (["100"], "0"), "--eod-mask-loss": ([], None),
+    "--num-freeze-layers": (["2"], "0"), "--vocab-extra-ids": (["100"], "0"),
     "--dataset": (["pile_dataset"], None), "--num-epochs": (["1"], None), "--lr-decay": (["0.8"], None),
     "--optimizer": (["anyprecision"], "adam"),
 }
@@ -587,7 +592,8 @@ def test_empty_config_changes_nothing(tmp_path):
 def test_resolved_config_round_trips_through_yaml_and_json(checkpoint_dir):
     args = parse("--skip-batch", "3", "4", "--base-model", str(checkpoint_dir), "--bf16", "--save", "/c")
     resolved = run_config.config_dict(build_run_config(args, 1))
-    assert {name for section in resolved.values() for name in section} == set(vars(args)) | {"data_parallel_size"}
+    assert {name for section in resolved.values() for name in section} == set(vars(args)) | {"data_parallel_size",
+                                                                                              "stages"}
     assert yaml.safe_load(yaml.safe_dump(resolved)) == resolved
     assert json.loads(json.dumps(resolved)) == resolved
     assert resolved["logging"]["skip_batch"] == [[3, 4]] and resolved["batch"]["data_parallel_size"] == 1
@@ -604,7 +610,7 @@ def test_each_config_section_holds_exactly_the_flags_of_its_help_group():
     groups = {group.title: {action.dest for action in group._group_actions if action.dest != argparse.SUPPRESS}
               for group in arguments.build_parser()._action_groups}
     groups["miscellaneous"] |= {"config"}  # --config sits with --help, above the groups
-    derived = {"batch": {"data_parallel_size"}}  # no flag sets it: the world size does
+    derived = {"batch": {"data_parallel_size"}, "data": {"stages"}}  # set by the world size and the schedule file
     assert set(SECTION_GROUPS) == set(run_config.SECTIONS)
     for section, kind in run_config.SECTIONS.items():
         names = {field.name for field in dataclasses.fields(kind)}

@@ -393,3 +393,18 @@ def test_the_plan_warns_when_the_kept_checkpoints_do_not_fit_where_save_is(tmp_p
     (warning,) = [w for w in plan(dry(*flags, "--keep-last-k", "2"), {}).warnings if w.startswith("--save")]
     assert "the 3 checkpoints kept at once need" in warning
     assert "free there now" in format_plan(plan(dry(*flags), {}))
+
+
+def test_the_peak_holds_the_activations_or_the_gradient_shards_not_both():
+    """Backward frees activations layer by layer while FSDP writes each layer's gradient shards, so the
+    estimate takes the larger of the two (it overestimated the measured peaks by 20% adding both)."""
+    small, large = (plan(dry("--model", "1.4b", *NULL, "--micro-batch-size", mbs, "--seq-length", "512"), {}).memory
+                    for mbs in ("1", "16"))
+    for memory in (small, large):
+        assert memory.sharded_gradients == memory.sharded_state // STATE_BYTES * 4
+        persistent = memory.sharded_state - memory.sharded_gradients + memory.replicated_state + memory.gathered
+        assert memory.total == persistent + max(memory.activations, memory.sharded_gradients)
+    assert small.activations < small.sharded_gradients and large.activations > large.sharded_gradients
+    offloaded = plan(dry("--model", "1.4b", *NULL, "--fsdp-cpu-offload"), {}).memory
+    assert offloaded.sharded_gradients == 0 and offloaded.total == (offloaded.replicated_state + offloaded.gathered
+                                                                    + offloaded.activations)

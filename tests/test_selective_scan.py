@@ -309,3 +309,34 @@ def test_deterministic_choice_routes_to_the_partial_sum_backward():
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "kotomamba.ops.selective_scan True" in completed.stdout
     assert "selective scan: kotomamba's Triton kernel, deterministic backward" in completed.stdout
+
+
+@pytest.mark.parametrize("split", [8, 13])  # the document boundary: at a segment's edge, inside a tile
+def test_packed_documents_do_not_see_each_other(split, scan, small_tiles):
+    """With seq_idx, the second of two documents packed into one sequence gets exactly the outputs and
+    gradients it gets alone (in float64 to the last bits the kernel's fp32 allows), and the first document's
+    are those of the first document alone; without seq_idx they differ."""
+    case = Case(batch=2, dim=4, seqlen=29)
+    inputs = make_inputs(case)
+    seq_idx = torch.zeros(case.batch, case.seqlen, dtype=torch.int64)
+    seq_idx[:, split:] = 1
+    seq_idx[1, :] = torch.arange(case.seqlen) // 11  # the second row: three documents (0-10, 11-21, 22-28)
+    out = scan.selective_scan_fn(**inputs, delta_softplus=True, seq_idx=seq_idx)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    packed_grads = torch.autograd.grad(out, [inputs[name] for name in ("u", "delta", "B", "C", "z")], grad_out)
+    for row in range(case.batch):
+        bounds = torch.nonzero(torch.diff(seq_idx[row]), as_tuple=True)[0].add(1).tolist()
+        for start, end in zip([0, *bounds], [*bounds, case.seqlen]):
+            alone = {name: None if value is None else
+                     value[row:row + 1, ..., start:end] if value.dim() >= 3 else value
+                     for name, value in inputs.items()}
+            expected = scan.selective_scan_fn(**alone, delta_softplus=True)
+            torch.testing.assert_close(out[row:row + 1, :, start:end], expected, rtol=1e-5, atol=1e-5)
+            grads = torch.autograd.grad(expected, [alone[name] for name in ("u", "delta", "B", "C", "z")],
+                                        grad_out[row:row + 1, :, start:end])
+            for name, packed, single in zip(("u", "delta", "B", "C", "z"), packed_grads, grads):
+                torch.testing.assert_close(packed[row:row + 1, ..., start:end], single[..., start:end]
+                                           if single.shape[-1] != end - start else single, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"{name}, row {row}, document {start}:{end}: {m}")
+    unreset = scan.selective_scan_fn(**inputs, delta_softplus=True)
+    assert not torch.allclose(unreset[0, :, split:], out[0, :, split:], atol=1e-3)

@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kotomamba.documents import active_document_index
 from kotomamba.errors import KotomambaError
 
 LOG2_E = tl.constexpr(1.4426950408889634)  # a constexpr: kernels may read no other global
@@ -124,12 +125,35 @@ def _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS: tl.constexpr, SOFT
 
 
 @triton.jit
-def _advance_tile(h, a2, dt, dtu, rows, BLOCK_D: tl.constexpr):
+def _document_keep(seq_rows, t, mask):
+    """A step tile of 1, and 0 where seq_idx changes (a step that starts another document: the state it
+    inherits is dropped). Step 0 inherits nothing anyway."""
+    here = tl.load(seq_rows + t[None, :], mask=mask, other=0)
+    before = tl.load(seq_rows + t[None, :] - 1, mask=mask & (t > 0)[None, :], other=0)
+    return tl.where(here == before, 1.0, 0.0)
+
+
+@triton.jit
+def _decay(dt, keep, j: tl.constexpr, a2, BLOCK_D: tl.constexpr, HAS_SEQ_IDX: tl.constexpr):
+    """exp(dt A) of step j of a tile (0 where the step starts another document)."""
+    decay = tl.exp2(_at(dt, j, BLOCK_D) * a2)
+    if HAS_SEQ_IDX:
+        decay = decay * _at(keep, j, BLOCK_D)
+    return decay
+
+
+@triton.jit
+def _state_after(h, j: tl.constexpr, a2, dt, dtu, keep, rows, BLOCK_D: tl.constexpr, HAS_SEQ_IDX: tl.constexpr):
+    """The state after step j of a tile, from the state before it."""
+    return _decay(dt, keep, j, a2, BLOCK_D, HAS_SEQ_IDX) * h + _at(dtu, j, BLOCK_D) * tl.load(rows + j * ROW)
+
+
+@triton.jit
+def _advance_tile(h, a2, dt, dtu, keep, rows, BLOCK_D: tl.constexpr, HAS_SEQ_IDX: tl.constexpr):
     # the state after a tile's 4 steps
-    h = tl.exp2(_at(dt, 0, BLOCK_D) * a2) * h + _at(dtu, 0, BLOCK_D) * tl.load(rows)
-    h = tl.exp2(_at(dt, 1, BLOCK_D) * a2) * h + _at(dtu, 1, BLOCK_D) * tl.load(rows + ROW)
-    h = tl.exp2(_at(dt, 2, BLOCK_D) * a2) * h + _at(dtu, 2, BLOCK_D) * tl.load(rows + 2 * ROW)
-    return tl.exp2(_at(dt, 3, BLOCK_D) * a2) * h + _at(dtu, 3, BLOCK_D) * tl.load(rows + 3 * ROW)
+    for j in tl.static_range(TILE):
+        h = _state_after(h, j, a2, dt, dtu, keep, rows, BLOCK_D, HAS_SEQ_IDX)
+    return h
 
 
 @triton.jit
@@ -154,12 +178,12 @@ def _channel_parameters(A_ptr, D_ptr, bias_ptr, d, mask_d, mask_n, n, stride_A_d
 
 @triton.jit
 def _selective_scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, BC_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, out_z_ptr, last_state_ptr,
+    u_ptr, delta_ptr, A_ptr, BC_ptr, D_ptr, z_ptr, bias_ptr, seq_idx_ptr, out_ptr, out_z_ptr, last_state_ptr,
     dim_per_group, n_groups, seqlen, dstate, padded_len,
     stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_A_d, stride_A_n,
-    stride_z_b, stride_z_d, stride_out_b, stride_out_d, stride_out_z_b, stride_out_z_d,
+    stride_z_b, stride_z_d, stride_seq_idx_b, stride_out_b, stride_out_d, stride_out_z_b, stride_out_z_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    STORE_OUT: tl.constexpr, BLOCK_D: tl.constexpr, FAST_MATH: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, STORE_OUT: tl.constexpr, BLOCK_D: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
     pid_bg = tl.program_id(1)
     b, local_d, mask_d, d = _program_rows(tl.program_id(0), pid_bg, n_groups, dim_per_group, BLOCK_D)
@@ -173,16 +197,18 @@ def _selective_scan_fwd_kernel(
     u_rows = u_ptr + b * stride_u_b + d[:, None] * stride_u_d
     delta_rows = delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d
     bc_rows = BC_ptr + pid_bg * padded_len * ROW + n[None, :] + 0 * local_d[:, None]
+    seq_rows = seq_idx_ptr + b * stride_seq_idx_b + 0 * local_d[:, None] if HAS_SEQ_IDX else u_rows
     h = tl.zeros((BLOCK_D, STATES), dtype=tl.float32)
     for t0 in range(0, seqlen, TILE):
         t = t0 + step
         mask = mask_d[:, None] & (t < seqlen)[None, :]
         u, dt, _ = _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS, SOFTPLUS, FAST_MATH)
+        keep = _document_keep(seq_rows, t, mask) if HAS_SEQ_IDX else dt
         dtu = dt * u
         rows = bc_rows + t0 * ROW
         y = tl.zeros((BLOCK_D, STATES), dtype=tl.float32)
         for j in tl.static_range(TILE):
-            h = tl.exp2(_at(dt, j, BLOCK_D) * a2) * h + _at(dtu, j, BLOCK_D) * tl.load(rows + j * ROW)
+            h = _state_after(h, j, a2, dt, dtu, keep, rows, BLOCK_D, HAS_SEQ_IDX)
             y = tl.where(step[None, :] == j, tl.sum(h * tl.load(rows + (j * ROW + STATES)), axis=1)[:, None], y)
         if HAS_D:
             y += u * D
@@ -197,15 +223,20 @@ def _selective_scan_fwd_kernel(
 
 
 @triton.jit
-def _adjoint_step(G, decay_next, dA, h, a2, dt, dtu, u, dyg, rows, part_row, n, BLOCK_D: tl.constexpr,
-                  DETERMINISTIC: tl.constexpr):
+def _adjoint_step(G, decay_next, dA, h, a2, dt, dtu, u, dyg, keep, rows, part_row, n, BLOCK_D: tl.constexpr,
+                  DETERMINISTIC: tl.constexpr, HAS_SEQ_IDX: tl.constexpr):
     """One step backwards. G enters as dL/dh of the next step and leaves as this step's; h is this step's
     state. Writes the step's dB/dC summed over the program's channels to part_row[0:32]; returns
-    (G, this step's decay, dA, dL/d dt, sum_n G B, y - D u); u, dt, dtu and dyg are this step's in every column."""
+    (G, this step's decay, dA, dL/d dt, sum_n G B, y - D u); u, dt, dtu, dyg and keep (0 where the step
+    starts another document) are this step's in every column."""
     B = tl.load(rows)
     C = tl.load(rows + STATES)
     G = decay_next * G + C * dyg
     decayed = h - dtu * B  # exp(dt A) h_{t-1}, recovered from h_t
+    decay = tl.exp2(dt * a2)
+    if HAS_SEQ_IDX:  # a document's first step: nothing decayed into it (exactly, not up to rounding)
+        decayed = decayed * keep
+        decay = decay * keep
     Gd = G * decayed
     dA += dt * Gd
     sum_GB = tl.sum(G * B, axis=1)[:, None]
@@ -215,20 +246,20 @@ def _adjoint_step(G, decay_next, dA, h, a2, dt, dtu, u, dyg, rows, part_row, n, 
         tl.store(part_row + tl.join(n, n + STATES), sums)
     else:
         tl.atomic_add(part_row + tl.join(n, n + STATES), sums, sem="relaxed")
-    return G, tl.exp2(dt * a2), dA, ddt, sum_GB, tl.sum(h * C, axis=1)[:, None]
+    return G, decay, dA, ddt, sum_GB, tl.sum(h * C, axis=1)[:, None]
 
 
 @triton.jit
 def _selective_scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, BC_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr,
+    u_ptr, delta_ptr, A_ptr, BC_ptr, D_ptr, z_ptr, bias_ptr, seq_idx_ptr, dout_ptr,
     du_ptr, ddelta_ptr, dz_ptr, out_z_ptr, dBC_part_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, states_ptr,
     dim_per_group, n_groups, seqlen, dstate, padded_len, n_segments,
     stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_A_d, stride_A_n,
-    stride_z_b, stride_z_d, stride_dout_b, stride_dout_d, stride_du_b, stride_du_d,
+    stride_z_b, stride_z_d, stride_seq_idx_b, stride_dout_b, stride_dout_d, stride_du_b, stride_du_d,
     stride_ddelta_b, stride_ddelta_d, stride_dz_b, stride_dz_d, stride_out_z_b, stride_out_z_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    STORE_OUT_Z: tl.constexpr, BLOCK_D: tl.constexpr, SEGMENT: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    FAST_MATH: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, STORE_OUT_Z: tl.constexpr, BLOCK_D: tl.constexpr, SEGMENT: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -244,6 +275,7 @@ def _selective_scan_bwd_kernel(
     u_rows = u_ptr + b * stride_u_b + d[:, None] * stride_u_d
     delta_rows = delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d
     bc_rows = BC_ptr + pid_bg * padded_len * ROW + n[None, :] + 0 * local_d[:, None]
+    seq_rows = seq_idx_ptr + b * stride_seq_idx_b + 0 * local_d[:, None] if HAS_SEQ_IDX else u_rows
     # dB/dC: this program's own partial-sum rows, or (not DETERMINISTIC) the one sum all programs add into
     part_rows = dBC_part_ptr + (program if DETERMINISTIC else pid_bg) * padded_len * ROW
     # Saved states, [program, slot, channel, 16] fp32: slot s < n_segments holds the state before segment s,
@@ -262,7 +294,8 @@ def _selective_scan_bwd_kernel(
             t = t0 + step
             mask = mask_d[:, None] & (t < seqlen)[None, :]
             u, dt, _ = _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS, SOFTPLUS, FAST_MATH)
-            h = _advance_tile(h, a2, dt, dt * u, bc_rows + t0 * ROW, BLOCK_D)
+            keep = _document_keep(seq_rows, t, mask) if HAS_SEQ_IDX else dt
+            h = _advance_tile(h, a2, dt, dt * u, keep, bc_rows + t0 * ROW, BLOCK_D, HAS_SEQ_IDX)
 
     G = zero  # dL/dh of the step after
     decay = zero  # the decay of the step after
@@ -277,15 +310,17 @@ def _selective_scan_bwd_kernel(
                 tl.store(tile_slots + tile * slot_size, h)
                 t0 = segment * SEGMENT + tile * TILE
                 t = t0 + step
-                u, dt, _ = _step_inputs(u_rows, delta_rows, t, mask_d[:, None] & (t < seqlen)[None, :], bias,
-                                        HAS_BIAS, SOFTPLUS, FAST_MATH)
-                h = _advance_tile(h, a2, dt, dt * u, bc_rows + t0 * ROW, BLOCK_D)
+                mask = mask_d[:, None] & (t < seqlen)[None, :]
+                u, dt, _ = _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS, SOFTPLUS, FAST_MATH)
+                keep = _document_keep(seq_rows, t, mask) if HAS_SEQ_IDX else dt
+                h = _advance_tile(h, a2, dt, dt * u, keep, bc_rows + t0 * ROW, BLOCK_D, HAS_SEQ_IDX)
         for tile_back in range(0, tiles_per_segment):
             tile = tiles_per_segment - 1 - tile_back
             t0 = segment * SEGMENT + tile * TILE
             t = t0 + step
             mask = mask_d[:, None] & (t < seqlen)[None, :]
             u, dt, raw = _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS, SOFTPLUS, FAST_MATH)
+            keep = _document_keep(seq_rows, t, mask) if HAS_SEQ_IDX else dt
             dtu = dt * u
             dout = tl.load(dout_ptr + b * stride_dout_b + d[:, None] * stride_dout_d + t[None, :], mask=mask,
                            other=0.0).to(tl.float32)
@@ -303,22 +338,26 @@ def _selective_scan_bwd_kernel(
                 s0 = tl.load(tile_slots + tile * slot_size)
             else:  # a segment is one tile: the first pass saved its state
                 s0 = tl.load(slots + segment * slot_size)
-            s1 = tl.exp2(_at(dt, 0, BLOCK_D) * a2) * s0 + _at(dtu, 0, BLOCK_D) * tl.load(rows)
-            s2 = tl.exp2(_at(dt, 1, BLOCK_D) * a2) * s1 + _at(dtu, 1, BLOCK_D) * tl.load(rows + ROW)
-            s3 = tl.exp2(_at(dt, 2, BLOCK_D) * a2) * s2 + _at(dtu, 2, BLOCK_D) * tl.load(rows + 2 * ROW)
-            s4 = tl.exp2(_at(dt, 3, BLOCK_D) * a2) * s3 + _at(dtu, 3, BLOCK_D) * tl.load(rows + 3 * ROW)
+            s1 = _state_after(s0, 0, a2, dt, dtu, keep, rows, BLOCK_D, HAS_SEQ_IDX)
+            s2 = _state_after(s1, 1, a2, dt, dtu, keep, rows, BLOCK_D, HAS_SEQ_IDX)
+            s3 = _state_after(s2, 2, a2, dt, dtu, keep, rows, BLOCK_D, HAS_SEQ_IDX)
+            s4 = _state_after(s3, 3, a2, dt, dtu, keep, rows, BLOCK_D, HAS_SEQ_IDX)
             G, decay, dA, ddt_3, gb_3, y_3 = _adjoint_step(
                 G, decay, dA, s4, a2, _at(dt, 3, BLOCK_D), _at(dtu, 3, BLOCK_D), _at(u, 3, BLOCK_D),
-                _at(dyg, 3, BLOCK_D), rows + 3 * ROW, part_row + 3 * ROW, n, BLOCK_D, DETERMINISTIC)
+                _at(dyg, 3, BLOCK_D), _at(keep, 3, BLOCK_D) if HAS_SEQ_IDX else keep, rows + 3 * ROW, part_row + 3 * ROW, n, BLOCK_D,
+                DETERMINISTIC, HAS_SEQ_IDX)
             G, decay, dA, ddt_2, gb_2, y_2 = _adjoint_step(
                 G, decay, dA, s3, a2, _at(dt, 2, BLOCK_D), _at(dtu, 2, BLOCK_D), _at(u, 2, BLOCK_D),
-                _at(dyg, 2, BLOCK_D), rows + 2 * ROW, part_row + 2 * ROW, n, BLOCK_D, DETERMINISTIC)
+                _at(dyg, 2, BLOCK_D), _at(keep, 2, BLOCK_D) if HAS_SEQ_IDX else keep, rows + 2 * ROW, part_row + 2 * ROW, n, BLOCK_D,
+                DETERMINISTIC, HAS_SEQ_IDX)
             G, decay, dA, ddt_1, gb_1, y_1 = _adjoint_step(
                 G, decay, dA, s2, a2, _at(dt, 1, BLOCK_D), _at(dtu, 1, BLOCK_D), _at(u, 1, BLOCK_D),
-                _at(dyg, 1, BLOCK_D), rows + ROW, part_row + ROW, n, BLOCK_D, DETERMINISTIC)
+                _at(dyg, 1, BLOCK_D), _at(keep, 1, BLOCK_D) if HAS_SEQ_IDX else keep, rows + ROW, part_row + ROW, n, BLOCK_D,
+                DETERMINISTIC, HAS_SEQ_IDX)
             G, decay, dA, ddt_0, gb_0, y_0 = _adjoint_step(
                 G, decay, dA, s1, a2, _at(dt, 0, BLOCK_D), _at(dtu, 0, BLOCK_D), _at(u, 0, BLOCK_D),
-                _at(dyg, 0, BLOCK_D), rows, part_row, n, BLOCK_D, DETERMINISTIC)
+                _at(dyg, 0, BLOCK_D), _at(keep, 0, BLOCK_D) if HAS_SEQ_IDX else keep, rows, part_row, n, BLOCK_D,
+                DETERMINISTIC, HAS_SEQ_IDX)
             is_0, is_1, is_2 = step[None, :] == 0, step[None, :] == 1, step[None, :] == 2
             ddt = tl.where(is_0, ddt_0, tl.where(is_1, ddt_1, tl.where(is_2, ddt_2, ddt_3)))
             du = dt * tl.where(is_0, gb_0, tl.where(is_1, gb_1, tl.where(is_2, gb_2, gb_3)))
@@ -444,15 +483,28 @@ def _device_context(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+def _document_index(seq_idx: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor | None:
+    """seq_idx as the kernels read it: int32 (batch, seqlen) with the last dimension contiguous."""
+    if seq_idx is None:
+        return None
+    if tuple(seq_idx.shape) != (u.shape[0], u.shape[2]) or seq_idx.is_floating_point() or seq_idx.is_complex() \
+            or seq_idx.device != u.device:
+        raise SelectiveScanInputError(f"selective_scan: seq_idx must be integer (batch, seqlen) = {(u.shape[0], u.shape[2])} "
+                                      f"on {u.device}, got {seq_idx.dtype} {tuple(seq_idx.shape)} on {seq_idx.device}")
+    return seq_idx.to(torch.int32).contiguous()
+
+
 def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, store_out=True,
-                 config: ScanConfig | None = None):
+                 config: ScanConfig | None = None, seq_idx=None):
     """Runs the forward kernel. Returns (out or None, last_state, out_z or None).
 
     ``last_state`` is (batch, dim, d_state) float32. ``out`` (before the z gate) is computed only when
-    ``store_out``; ``out_z`` only when ``z`` is given.
+    ``store_out``; ``out_z`` only when ``z`` is given. ``seq_idx`` (batch, seqlen), integers, resets the
+    state where it changes: packed documents do not see each other.
     """
     config = config or DEFAULT_CONFIG
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    seq_idx = _document_index(seq_idx, u)
     u, delta, z = (_last_dim_contiguous(t) for t in (u, delta, z))
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
@@ -466,10 +518,12 @@ def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     grid = (triton.cdiv(dim_per_group, config.forward_block_d), batch * n_groups)
     with _device_context(u):
         _selective_scan_fwd_kernel[grid](
-            u, delta, A, bc, D, z, delta_bias, out, out_z, last_state,
+            u, delta, A, bc, D, z, delta_bias, seq_idx, out, out_z, last_state,
             dim_per_group, n_groups, seqlen, dstate, padded_len,
-            *_strides(u, 2), *_strides(delta, 2), *A.stride(), *_strides(z, 2), *_strides(out, 2), *_strides(out_z, 2),
+            *_strides(u, 2), *_strides(delta, 2), *A.stride(), *_strides(z, 2), *_strides(seq_idx, 1), *_strides(out, 2),
+            *_strides(out_z, 2),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+            HAS_SEQ_IDX=seq_idx is not None,
             STORE_OUT=store_out, BLOCK_D=config.forward_block_d, FAST_MATH=u.is_cuda, num_warps=config.forward_warps,
             **_register_cap(config.forward_max_registers, u),
         )
@@ -477,15 +531,17 @@ def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
 
 
 def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus=False, dz=None,
-                  recompute_out_z=False, config: ScanConfig | None = None):
+                  recompute_out_z=False, config: ScanConfig | None = None, seq_idx=None):
     """Runs the backward kernel and adds up its partial sums.
 
     Returns (du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z): du/ddelta/dz in the inputs' dtype,
     dA/dD/ddelta_bias float32, dB/dC in B's/C's dtype, None for what does not apply. ``dz`` may be a
     preallocated tensor to write into (any strides with the last one 1), as mamba-ssm's block passes.
+    ``seq_idx``: as the forward was given it.
     """
     config = config or DEFAULT_CONFIG
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    seq_idx = _document_index(seq_idx, u)
     u, delta, z, dout = (_last_dim_contiguous(t) for t in (u, delta, z, dout))
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
@@ -523,12 +579,14 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus=Fals
     grid = (n_programs_d, batch * n_groups)
     with _device_context(u):
         _selective_scan_bwd_kernel[grid](
-            u, delta, A, bc, D, z, delta_bias, dout, du, ddelta, dz, out_z, dBC_part, dA_part, dD_part, dbias_part,
-            states, dim_per_group, n_groups, seqlen, dstate, padded_len, n_segments,
-            *_strides(u, 2), *_strides(delta, 2), *A.stride(), *_strides(z, 2), *_strides(dout, 2), *_strides(du, 2),
+            u, delta, A, bc, D, z, delta_bias, seq_idx, dout, du, ddelta, dz, out_z, dBC_part, dA_part, dD_part,
+            dbias_part, states, dim_per_group, n_groups, seqlen, dstate, padded_len, n_segments,
+            *_strides(u, 2), *_strides(delta, 2), *A.stride(), *_strides(z, 2), *_strides(seq_idx, 1),
+            *_strides(dout, 2), *_strides(du, 2),
             *_strides(ddelta, 2), *_strides(dz, 2), *_strides(out_z, 2),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-            STORE_OUT_Z=out_z is not None, BLOCK_D=config.backward_block_d, SEGMENT=config.segment,
+            HAS_SEQ_IDX=seq_idx is not None, STORE_OUT_Z=out_z is not None, BLOCK_D=config.backward_block_d,
+            SEGMENT=config.segment,
             DETERMINISTIC=config.deterministic, FAST_MATH=u.is_cuda,
             num_warps=config.backward_warps, **_register_cap(config.backward_max_registers, u),
         )
@@ -548,12 +606,13 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus=Fals
 class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                return_last_state=False):
+                return_last_state=False, seq_idx=None):
         squeeze_B, squeeze_C = B.dim() == 3, C.dim() == 3
         B = B.unsqueeze(1) if squeeze_B else B
         C = C.unsqueeze(1) if squeeze_C else C
-        out, last_state, out_z = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, store_out=z is None)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        out, last_state, out_z = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, store_out=z is None,
+                                              seq_idx=seq_idx)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx)
         ctx.delta_softplus = delta_softplus
         ctx.squeeze = (squeeze_B, squeeze_C)
         result = out if z is None else out_z
@@ -564,26 +623,27 @@ class SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *unused):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, seq_idx = ctx.saved_tensors
         du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, _ = scan_backward(
-            u, delta, A, B, C, D, z, delta_bias, dout, ctx.delta_softplus)
+            u, delta, A, B, C, D, z, delta_bias, dout, ctx.delta_softplus, seq_idx=seq_idx)
         squeeze_B, squeeze_C = ctx.squeeze
         return (du, ddelta, dA, dB.squeeze(1) if squeeze_B else dB, dC.squeeze(1) if squeeze_C else dC,
-                dD, dz, ddelta_bias, None, None)
+                dD, dz, ddelta_bias, None, None, None)
 
 
 def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                       D: torch.Tensor | None = None, z: torch.Tensor | None = None,
                       delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
-                      return_last_state: bool = False):
+                      return_last_state: bool = False, seq_idx: torch.Tensor | None = None):
     """mamba-ssm's ``selective_scan_fn`` (same arguments, same results) on kotomamba's Triton kernels.
 
     u, delta, z: (batch, dim, seqlen); A: (dim, d_state) real float32; B, C: (batch, groups, d_state,
     seqlen) or (batch, d_state, seqlen); D, delta_bias: (dim,) float32. Returns out (batch, dim,
     seqlen) in u's dtype, and with ``return_last_state`` also the final state (batch, dim, d_state)
-    float32, which gets no gradient.
+    float32, which gets no gradient. ``seq_idx`` (batch, seqlen), integers, is not in mamba-ssm's: the state
+    is reset where it changes, so that documents packed into one sequence do not see each other.
     """
-    return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, seq_idx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,7 +662,8 @@ class SelectiveScanExtension(types.ModuleType):
     With ``z``, ``fwd`` returns an empty tensor for the pre-gate output: mamba-ssm's callers only hand
     it back to ``bwd``, which recomputes it. The intermediate ``x`` holds only the final state, in the
     CUDA kernel's layout (batch, dim, 1, 2 d_state) with the state in the odd entries (where mamba-ssm's
-    ``SelectiveScanFn`` reads it); the backward recomputes everything else.
+    ``SelectiveScanFn`` reads it); the backward recomputes everything else. Within
+    ``kotomamba.documents.packed_documents`` both reset the state at each packed document's start.
     """
 
     def __init__(self, extension: types.ModuleType | None):
@@ -619,7 +680,7 @@ class SelectiveScanExtension(types.ModuleType):
         if not handles(A, B, C):
             return self._fallback("fwd")(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         out, last_state, out_z = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                              store_out=z is None)
+                                              store_out=z is None, seq_idx=active_document_index())
         # mamba-ssm's x layout, (batch, dim, chunks, 2 d_state) with the state in the odd entries; one chunk
         x = torch.stack((torch.zeros_like(last_state), last_state), dim=-1).flatten(-2).unsqueeze(2)
         if z is None:
@@ -631,7 +692,8 @@ class SelectiveScanExtension(types.ModuleType):
             return self._fallback("bwd")(u, delta, A, B, C, D, z, delta_bias, dout, x, out, dz, delta_softplus,
                                          recompute_out_z)
         du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = scan_backward(
-            u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, dz=dz, recompute_out_z=recompute_out_z)
+            u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, dz=dz, recompute_out_z=recompute_out_z,
+            seq_idx=active_document_index())
         result = [du, ddelta, dA, dB, dC, dD, ddelta_bias]
         if z is not None:
             result.append(dz)
