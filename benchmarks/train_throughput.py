@@ -192,6 +192,13 @@ def plan(name: str) -> list[Case]:
             Case("kotomamba", "2.8b", 1, 2048, 8, f"{chunked} {ours} {reset}"),
             Case("kotomamba", "mamba2-2.7b", 1, 2048, 4), Case("kotomamba", "mamba2-2.7b", 1, 2048, 4, reset),
         ]
+    if name == "launch":  # launch-bound cases ([16]): fewer, larger FSDP units against one unit per Block
+        return [Case("kotomamba", "130m", 1, 2048, 16), Case("kotomamba", "130m", 1, 2048, 16, "--fsdp-blocks-per-unit 6"),
+                Case("kotomamba", "130m", 1, 2048, 16, "--fsdp-blocks-per-unit 24"), Case("recipe", "130m", 1, 2048, 16),
+                Case("kotomamba", "mamba2-2.7b", 1, 2048, 4),
+                Case("kotomamba", "mamba2-2.7b", 1, 2048, 4, "--fsdp-blocks-per-unit 4"),
+                Case("kotomamba", "mamba2-2.7b", 1, 2048, 4, "--fsdp-blocks-per-unit 16"),
+                Case("recipe", "mamba2-2.7b", 1, 2048, 4)]
     if name == "quick":
         return [
             Case("kotomamba", "2.8b", 1, 2048, 4),
@@ -527,14 +534,15 @@ def write_report(runs: list[list[dict]], section: str = "train_throughput") -> N
     commands = [" ; ".join(dict.fromkeys(r.get("command", "") for r in records)) for records in runs]
     command = commands[0] if len(runs) == 1 else " ; ".join(f"run {run}: {c}" for run, c in enumerate(commands, start=1))
     title = {"train_throughput": "Training throughput",
-             "train_throughput_documents": "Training throughput with packed documents kept apart"}[section]
+             "train_throughput_documents": "Training throughput with packed documents kept apart",
+             "train_throughput_launch": "Training throughput of launch-bound cases: FSDP units of several Blocks"}[section]
     write_section(section, f"{title} ({gpu_name})", __doc__.split("\n\n", 2)[2] + "\n" + body,
                   facts=facts, command=command)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plan", default="standard", choices=("tiny", "quick", "scan", "documents", "standard"))
+    parser.add_argument("--plan", default="standard", choices=("tiny", "quick", "scan", "documents", "launch", "standard"))
     parser.add_argument("--only", default=None, help="Run only cases whose label contains this text.")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -597,7 +605,8 @@ def main() -> None:
     if args.no_report:
         print(summarize(table_rows([records]), facts.get("gpu", "cpu")))
     else:
-        write_report([records], "train_throughput_documents" if args.plan == "documents" else "train_throughput")
+        write_report([records], {"documents": "train_throughput_documents",
+                                 "launch": "train_throughput_launch"}.get(args.plan, "train_throughput"))
 
 
 if __name__ == "__main__":

@@ -530,6 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
              "Same loss and gradients. Default 0: from the full logits.",
     )
     fsdp.add_argument(
+        "--fsdp-blocks-per-unit", type=int, default=1, metavar="N",
+        help="Shard N consecutive Blocks as one FSDP unit (default 1): fewer, larger all-gathers and "
+             "reduce-scatters and fewer hooks per step (small or launch-bound models: each unit costs host "
+             "time), at the price of N Blocks' parameters gathered at once.",
+    )
+    fsdp.add_argument(
         "--fsdp-cpu-offload", action="store_true",
         help="Keep sharded parameters (and optimizer state) in CPU memory between uses.",
     )
@@ -578,6 +584,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-batch", nargs="*", type=int, default=None, metavar="FIRST LAST",
         help="Iteration ranges to skip without an optimizer step, as FIRST LAST pairs (inclusive), e.g. "
              "'--skip-batch 1200 1210 5000 5000' to step over a loss spike when resuming.",
+    )
+    logging.add_argument(
+        "--log-loss-per-dataset", action="store_true",
+        help="With a blend of datasets (--data-path W1 P1 W2 P2 ..., or --data-schedule), also log the "
+             "training loss of each dataset over each --log-interval (train/<name>/loss and perplexity), "
+             "from the same forward passes: each sample knows its dataset. Validation always reports each "
+             "dataset's loss.",
     )
     logging.add_argument(
         "--max-consecutive-skips", type=int, default=10,
@@ -899,6 +912,7 @@ def _validate_numbers(args: argparse.Namespace) -> None:
         "--max-consecutive-skips": (args.max_consecutive_skips, 0),
         "--cross-entropy-chunk-tokens": (args.cross_entropy_chunk_tokens, 0),
         "--activation-checkpointing-layers": (args.activation_checkpointing_layers, 1), "--save-interval": (args.save_interval, 1),
+        "--fsdp-blocks-per-unit": (args.fsdp_blocks_per_unit, 1),
         "--keep-last-k": (args.keep_last_k, 1), "--exit-interval": (args.exit_interval, 1),
         "--dry-run-world-size": (args.dry_run_world_size, 1), "--dry-run-gpus-per-node": (args.dry_run_gpus_per_node, 1),
     }

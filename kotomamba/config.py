@@ -141,6 +141,7 @@ class ParallelSection:
     fsdp_activation_checkpointing: bool
     activation_checkpointing_layers: int | None
     cross_entropy_chunk_tokens: int
+    fsdp_blocks_per_unit: int
     fsdp_cpu_offload: bool
     low_cpu_fsdp: bool
     use_mpi: bool
@@ -169,6 +170,7 @@ class LoggingSection:
     tensorboard_dir: str | None
     optimizer_stats_interval: int
     skip_batch: tuple[tuple[int, int], ...] | None
+    log_loss_per_dataset: bool
     max_consecutive_skips: int
 
 

@@ -405,8 +405,9 @@ def estimate_memory(config: RunConfig, model: ModelSummary, precision: Precision
     replicated = model.fp32_sensitive_parameters * STATE_BYTES
     gather = precision.param_dtype.itemsize
     reduce = precision.reduce_dtype.itemsize
-    # Units in flight: the root (embedding, tied lm_head, final norm) and two blocks (computing, prefetched).
-    in_flight = model.root_parameters + 2 * model.largest_block_parameters
+    # Units in flight: the root (embedding, tied lm_head, final norm) and two units of Blocks (computing,
+    # prefetched).
+    in_flight = model.root_parameters + 2 * config.parallel.fsdp_blocks_per_unit * model.largest_block_parameters
     if config.parallel.sharding_strategy in ("SHARD_GRAD_OP", "_HYBRID_SHARD_ZERO2"):
         # ZeRO-2: parameters stay gathered from forward until backward.
         gathered = sharded_parameters * gather + in_flight * reduce
@@ -664,7 +665,7 @@ def format_plan(result: Plan) -> str:
 
     gather, reduce, compute = _dtype(policy.param_dtype), _dtype(policy.reduce_dtype), _dtype(policy.compute_dtype)
     sharded = model.parameters - model.fp32_sensitive_parameters
-    in_flight = model.root_parameters + 2 * model.largest_block_parameters
+    in_flight = model.root_parameters + 2 * config.parallel.fsdp_blocks_per_unit * model.largest_block_parameters
     memory_rows = [
         ("precision", f"{policy.name}{' (auto, as on A100/H100; V100 runs need --fp16)' if config.precision.precision == 'auto' else ''}: "
                       f"compute {compute}, parameters gathered in {gather}, gradients reduced in {reduce}, "
@@ -679,7 +680,8 @@ def format_plan(result: Plan) -> str:
     if strategy in ("SHARD_GRAD_OP", "_HYBRID_SHARD_ZERO2"):
         gathered_note = f"all {sharded:,} parameters in {gather} (kept from forward to backward) + gradients in {reduce}"
     else:
-        gathered_note = f"{in_flight:,} parameters in flight (root unit + 2 blocks) x ({gather} + {reduce} gradient)"
+        gathered_note = (f"{in_flight:,} parameters in flight (root unit + 2 units of "
+                         f"{config.parallel.fsdp_blocks_per_unit} block(s)) x ({gather} + {reduce} gradient)")
     memory_rows += [
         ("gathered", f"{_bytes(memory.gathered)} = {gathered_note}"),
         ("activations", f"{_bytes(memory.activations)} = micro batch {mbs} x {config.data.seq_length} tokens; {model.activation_note}"),

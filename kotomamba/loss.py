@@ -19,7 +19,8 @@ from torch.distributed.fsdp import register_fsdp_forward_method
 
 # loss(tokens, labels, reduction="mean"): the mean over all tokens, "sum", or with reduction="none" each
 # token's loss in the shape of `labels` (evaluation). Labels equal to IGNORE_INDEX (--eod-mask-loss) add
-# nothing: 0 where reduction is "none".
+# nothing: 0 where reduction is "none". With token_losses=True ("mean"/"sum"), also each token's loss,
+# detached, from the same forward (--log-loss-per-dataset).
 LossFunction = Callable[..., torch.Tensor]
 IGNORE_INDEX = -100  # PyTorch's default ignore_index
 
@@ -68,10 +69,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         losses, log_normalizers = _token_losses(hidden, weight, labels, chunk_tokens, compute_dtype, masked)
         ctx.save_for_backward(hidden, weight, labels, log_normalizers)
         ctx.chunk_tokens, ctx.compute_dtype, ctx.masked, ctx.divisor = chunk_tokens, compute_dtype, masked, divisor
-        return losses.sum() / divisor
+        ctx.mark_non_differentiable(losses)
+        return losses.sum() / divisor, losses
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_output: torch.Tensor, grad_losses: torch.Tensor | None = None):
         hidden, weight, labels, log_normalizers = ctx.saved_tensors
         chunk_tokens, compute_dtype = ctx.chunk_tokens, ctx.compute_dtype
         wide = log_normalizers.dtype
@@ -100,16 +102,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_tokens: int, reduction: str = "mean", masked: bool = False) -> torch.Tensor:
+                         chunk_tokens: int, reduction: str = "mean", masked: bool = False,
+                         token_losses: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`language_model_loss(hidden @ weight.T, labels, reduction)` ("mean" over all tokens, or "sum")
     without materializing the logits: `hidden` (..., d_model), `weight` (vocabulary, d_model), `labels`
-    (...), `chunk_tokens` tokens at a time. `masked`: labels may hold IGNORE_INDEX."""
+    (...), `chunk_tokens` tokens at a time. `masked`: labels may hold IGNORE_INDEX. `token_losses`: also
+    return each token's loss (shape of `labels`, no gradient)."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     compute_dtype = _compute_dtype(hidden)
     flat = hidden.reshape(-1, hidden.size(-1))
-    return _LinearCrossEntropy.apply(flat, weight, labels.reshape(-1), chunk_tokens, compute_dtype, masked,
-                                     flat.size(0) if reduction == "mean" else 1)
+    loss, losses = _LinearCrossEntropy.apply(flat, weight, labels.reshape(-1), chunk_tokens, compute_dtype, masked,
+                                             flat.size(0) if reduction == "mean" else 1)
+    return (loss, losses.view(labels.shape)) if token_losses else loss
 
 
 @torch.no_grad()
@@ -126,18 +131,27 @@ def training_loss(model: nn.Module, chunk_tokens: int = 0, masked: bool = False)
     or not): through the full logits when `chunk_tokens` is 0, else chunked (training and evaluation).
     `masked`: labels may hold IGNORE_INDEX (--eod-mask-loss). Call it under the run's autocast."""
     if not chunk_tokens:
-        return lambda tokens, labels, reduction="mean": language_model_loss(model(tokens).logits, labels, reduction)
+        def full_loss(tokens: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
+                      token_losses: bool = False):
+            logits = model(tokens).logits
+            if not token_losses:
+                return language_model_loss(logits, labels, reduction)
+            losses = language_model_loss(logits, labels, "none")
+            loss = losses.sum() if reduction == "sum" else losses.mean()
+            return loss, losses.detach()
+
+        return full_loss
     if getattr(model.lm_head, "bias", None) is not None:
         raise ValueError("the chunked loss needs a bias-free lm_head, as mamba-ssm builds it")
 
     def chunked_loss(self: nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
-                     reduction: str = "mean") -> torch.Tensor:
+                     reduction: str = "mean", token_losses: bool = False):
         """The model's forward up to the final norm, then the chunked loss through its (possibly tied)
         output layer."""
         hidden = self.backbone(tokens)
         if reduction == "none":
             return per_token_cross_entropy(hidden, self.lm_head.weight, labels, chunk_tokens, masked)
-        return linear_cross_entropy(hidden, self.lm_head.weight, labels, chunk_tokens, reduction, masked)
+        return linear_cross_entropy(hidden, self.lm_head.weight, labels, chunk_tokens, reduction, masked, token_losses)
 
     model.chunked_loss = chunked_loss.__get__(model)
     # FSDP all-gathers the root's parameters (embedding, final norm, lm_head) around `forward` only;

@@ -15,7 +15,6 @@ gradients are DTensors.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
@@ -148,9 +147,9 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def scale_gradients_(grads: Iterable[torch.Tensor], factor: float, foreach: bool | None = None) -> None:
-    """Multiply gradients in place by ``factor``, each rank its local shard: one fused multiply per device
-    and dtype (``foreach=False``: one per tensor)."""
+def scale_gradients_(grads: Iterable[torch.Tensor], factor: float | torch.Tensor, foreach: bool | None = None) -> None:
+    """Multiply gradients in place by ``factor`` (a number, or a 0-dim tensor on their device), each rank
+    its local shard: one fused multiply per device and dtype (``foreach=False``: one per tensor)."""
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for grad in grads:
         local = _local(grad)
@@ -174,7 +173,9 @@ def clip_grad_norm(
     gets the true global norm), plain tensors (assumed replicated, counted once) or a mix of both.
     A non-finite norm is returned as is and nothing is clipped: the loop skips that step.
     ``max_norm`` None or 0 only computes the norm. Returns a 0-dim fp32 plain tensor on the
-    gradients' device.
+    gradients' device. Nothing is read back to the host: the coefficient is computed on the device (in
+    float64, as a Python float would be, then rounded to fp32 as the multiply rounds a Python scalar),
+    and applied always (1 when not clipping, which leaves the gradients exactly as they were).
     """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
@@ -201,9 +202,7 @@ def clip_grad_norm(
         squared_sum += squared.to(device)
     total_norm = squared_sum.sqrt().float()
     if max_norm:
-        norm_value = float(total_norm)
-        if math.isfinite(norm_value):
-            clip_coefficient = max_norm / (norm_value + 1e-6)
-            if clip_coefficient < 1.0:
-                scale_gradients_(grads, clip_coefficient, foreach)
+        coefficient = (max_norm / (total_norm.double() + 1e-6)).clamp(max=1.0)
+        coefficient = torch.where(torch.isfinite(total_norm), coefficient, 1.0).float()
+        scale_gradients_(grads, coefficient, foreach)
     return total_norm

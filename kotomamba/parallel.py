@@ -118,9 +118,10 @@ def parallelize(
     reduce_dtype: torch.dtype = torch.float32,
     checkpointed_blocks: int = 0,
     cpu_offload: bool = False,
+    blocks_per_unit: int = 1,
 ) -> ShardedModel:
     """Apply activation checkpointing (to the first `checkpointed_blocks` Blocks), then FSDP: one unit
-    per Block, the rest in the root."""
+    per `blocks_per_unit` consecutive Blocks, the rest in the root."""
     mesh = build_mesh(ctx, strategy)
     if checkpointed_blocks:
         apply_activation_checkpointing(model, checkpointed_blocks)
@@ -150,13 +151,14 @@ def parallelize(
     # the 1-vs-2-process and unsharded-reference equality tests would fail otherwise.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor",
                             category=UserWarning)
-    for i, block in enumerate(blocks):
-        block_ignored = {p for p in block.parameters() if p in ignored}
-        # The last block's parameters are needed again at once by backward: keeping them saves an all-gather.
+    units = [blocks[start:start + blocks_per_unit] for start in range(0, len(blocks), blocks_per_unit)]
+    for i, unit in enumerate(units):
+        unit_ignored = {p for block in unit for p in block.parameters() if p in ignored}
+        # The last unit's parameters are needed again at once by backward: keeping them saves an all-gather.
         fully_shard(
-            block,
-            reshard_after_forward=reshard and i < len(blocks) - 1,
-            ignored_params=block_ignored or None,
+            unit[0] if len(unit) == 1 else unit,
+            reshard_after_forward=reshard and i < len(units) - 1,
+            ignored_params=unit_ignored or None,
             **common,
         )
     fully_shard(model, reshard_after_forward=reshard, ignored_params=ignored or None, **common)
@@ -165,7 +167,7 @@ def parallelize(
     logger.info(
         "FSDP: strategy=%s mesh=%s units=%d param_dtype=%s reduce_dtype=%s fp32-replicated params=%d "
         "activation checkpointing on %d of %d blocks, cpu_offload=%s",
-        strategy, tuple(mesh.shape), len(blocks) + 1, param_dtype, reduce_dtype,
+        strategy, tuple(mesh.shape), len(units) + 1, param_dtype, reduce_dtype,
         sum(p.numel() for p in replicated), checkpointed_blocks, len(blocks), cpu_offload,
     )
     return ShardedModel(model, mesh, dp, replicated)

@@ -172,6 +172,12 @@ def _listed(values: tuple[str, ...] | None) -> list[str] | None:
     return None if values is None else list(values)
 
 
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` can skip a step on the device (torch's fused AdamW reads a found_inf tensor):
+    on a GPU kotomamba.optim builds it so; elsewhere the loop decides on the host."""
+    return bool(optimizer.defaults.get("fused"))
+
+
 def in_skip_ranges(iteration: int, ranges: tuple[tuple[int, int], ...] | None) -> bool:
     """--skip-batch FIRST LAST ranges are inclusive and count iterations from 1."""
     return any(first <= iteration <= last for first, last in ranges or ())
@@ -294,7 +300,7 @@ class Trainer:
             model, ctx, strategy=parallel.sharding_strategy, param_dtype=self.policy.param_dtype,
             reduce_dtype=self.policy.reduce_dtype,
             checkpointed_blocks=parallel.checkpointed_block_count(self.model_config.n_layer),
-            cpu_offload=parallel.fsdp_cpu_offload,
+            cpu_offload=parallel.fsdp_cpu_offload, blocks_per_unit=parallel.fsdp_blocks_per_unit,
         )
         self.model = self.sharded.module
         self.compute_loss = training_loss(self.model, parallel.cross_entropy_chunk_tokens,
@@ -385,6 +391,9 @@ class Trainer:
         self.test_names = metrics.blend_component_names(self.test_ds)
         self.meter = metrics.IntervalMeter(device=self.ctx.device)
         self.consumption = metrics.DataConsumption(self.train_ds, self.config.data.seq_length)
+        blend = getattr(self.train_ds, "datasets", None)
+        self.dataset_losses = (torch.zeros(len(blend), 2, dtype=torch.float64, device=self.ctx.device)
+                               if self.config.logging.log_loss_per_dataset and blend else None)
         self.stage = None
         self._announce_stage(self.state)
         self.run_started = time.perf_counter()
@@ -459,26 +468,40 @@ class Trainer:
             with packed_documents(seq_idx):  # the backward too reads the document index
                 with self.autocast():
                     # masked: the sum over the kept targets, scaled below to their mean over the global batch
-                    loss = self.compute_loss(tokens, labels, reduction="sum" if masked else "mean")
+                    reduction = "sum" if masked else "mean"
+                    if self.dataset_losses is not None:
+                        loss, token_losses = self.compute_loss(tokens, labels, reduction=reduction, token_losses=True)
+                        self._count_dataset_losses(batch["dataset_id"], token_losses, labels)
+                    else:
+                        loss = self.compute_loss(tokens, labels, reduction=reduction)
                 scaler.scale_loss(loss / (labels.numel() * accumulation if masked else accumulation)).backward()
             totals[0] += loss.detach()
             totals[1] += (labels != IGNORE_INDEX).sum()
         self.sharded.sync_replicated_gradients()
         dist.all_reduce(totals)
-        loss_total, targets = totals.tolist()
-        if masked:  # a global batch of nothing but EODs has no target: a non-finite loss, a skipped step
-            mean_loss = loss_total / targets if targets else math.nan
+        if masked:
             # The gradients are the mean over every label of the global batch: make it over the kept ones.
             scale_gradients_([p.grad for p in self.parameters if p.grad is not None],
-                             accumulation * ctx.world_size * labels.numel() / max(targets, 1.0))
+                             (accumulation * ctx.world_size * labels.numel() / totals[1].double().clamp(min=1.0)).float())
+        scaler.unscale_(self.parameters)
+        grad_norm_tensor = clip_grad_norm(self.parameters, self.config.optimizer.grad_clip_norm)
+        # The norm is reduced over every shard and rank: one inf/nan gradient anywhere (an fp16 overflow)
+        # makes it non-finite everywhere, so every rank skips the same steps. A fused AdamW skips on the
+        # device (found_inf: no update, its step count kept), so the step is queued before the host waits.
+        on_device = skips_on_device(self.optimizer)
+        if on_device:
+            self.optimizer.found_inf = (~torch.isfinite(grad_norm_tensor) | ~torch.isfinite(totals[0])
+                                        | (totals[1] == 0)).float()
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        # The one read back to the host of a step.
+        loss_total, targets, grad_norm = torch.cat([totals, grad_norm_tensor.reshape(1).to(totals)]).tolist()
+        if masked:  # a global batch of nothing but EODs has no target: a non-finite loss, a skipped step
+            mean_loss = loss_total / targets if targets else math.nan
         else:
             mean_loss = loss_total / (accumulation * ctx.world_size)
-        scaler.unscale_(self.parameters)
-        grad_norm = clip_grad_norm(self.parameters, self.config.optimizer.grad_clip_norm).item()
-        # The norm is reduced over every shard and rank: one inf/nan gradient anywhere (an fp16 overflow)
-        # makes it non-finite everywhere, so every rank skips the same steps.
         skipped = not math.isfinite(grad_norm) or not math.isfinite(mean_loss)
-        if not skipped:
+        if not on_device and not skipped:
             self.optimizer.step()
         loss_scale = scaler.scale
         scaler.update(skipped)
@@ -486,6 +509,26 @@ class Trainer:
         stats = self.optimizer_stats.compute() if collect_optimizer_stats else None
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(mean_loss, grad_norm, skipped, loss_scale, stats)
+
+    def _count_dataset_losses(self, dataset_ids: torch.Tensor, token_losses: torch.Tensor,
+                              labels: torch.Tensor) -> None:
+        """--log-loss-per-dataset: each sample's loss sum and target count, added on the device to its dataset's."""
+        sums = torch.stack([token_losses.sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)], dim=1).double()
+        self.dataset_losses.index_add_(0, dataset_ids.to(self.ctx.device, non_blocking=True), sums)
+
+    def _dataset_loss_values(self) -> dict[str, float]:
+        """Each dataset's mean training loss over the interval (all ranks), for the sinks; then restarts."""
+        if self.dataset_losses is None:
+            return {}
+        dist.all_reduce(self.dataset_losses)
+        values = {}
+        for dataset_id, (loss_sum, count) in enumerate(self.dataset_losses.tolist()):
+            if count:
+                name = self.consumption.names.get(dataset_id, f"dataset{dataset_id}")
+                values[f"train/{name}/loss"] = loss_sum / count
+                values[f"train/{name}/perplexity"] = metrics.perplexity(loss_sum / count)
+        self.dataset_losses.zero_()
+        return values
 
     def skip_global_batch(self) -> None:
         """--skip-batch: draw this iteration's samples without training on them."""
@@ -520,7 +563,7 @@ class Trainer:
                                                    or iteration == train_iters or stopping):
             consumed = self.consumption.update(state.consumed_samples)
             log_training(state, train_iters, self.meter, self.lr, self.ctx, self.metric_logger, self.flops_per_token,
-                         self.peak, self.run_started, self.remaining_time, consumed)
+                         self.peak, self.run_started, self.remaining_time, {**consumed, **self._dataset_loss_values()})
             if iteration % (CONSUMPTION_LINE_INTERVALS * logging_flags.log_interval) == 0 or iteration == train_iters:
                 logger.info("iteration %d: %s", iteration, self.consumption.line(consumed))
             self.meter.reset()
@@ -564,7 +607,7 @@ def log_training(state: TrainState, train_iters: int, meter: metrics.IntervalMet
                  metric_logger: MetricLogger, model_flops_per_token: float, peak: float | None, run_started: float,
                  remaining_time: metrics.RemainingTime, data_consumed: Mapping[str, float]) -> None:
     """The interval's metrics (see kotomamba.metrics) to the log line and the sinks, with each dataset's
-    consumption (to the sinks only); on every rank."""
+    consumption and (--log-loss-per-dataset) training loss, to the sinks only; on every rank."""
     values = metrics.training_metrics(
         meter, lr=lr, consumed_tokens=state.consumed_tokens, consumed_samples=state.consumed_samples,
         skipped_steps_total=state.skipped_iterations, world_size=ctx.world_size,

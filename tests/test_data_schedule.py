@@ -215,3 +215,18 @@ def test_the_dry_run_shows_each_stage_and_each_dataset(prefixes, tmp_path, capsy
     config = parse_run_config(["--data-schedule", path, "--lr", "1", "--seq-length", "64", "--global-batch-size",
                                "10", *NULL], 1)
     assert config.batch.train_iters == 25
+
+
+def test_two_processes_train_the_same_stages_and_resume_on_one(schedule_argv, single_process, uninterrupted, tmp_path):
+    """The stages are counted in samples: 2 ranks (gloo) draw the same global batches, and a checkpoint
+    they save at the first stage boundary resumes on 1 process (within float tolerance: reductions run
+    in another order)."""
+    from launching import run_worker, torchrun_command
+
+    save = str(tmp_path / "run")
+    results = run_worker(torchrun_command(2), {"two": schedule_argv + ["--save", save, "--exit-interval", "2"]},
+                         tmp_path)
+    assert results["two"]["iteration"] == [1, 2], results["two"]
+    resumed = run_configurations({"run": schedule_argv + ["--load", save]}, single_process)["run"]
+    assert resumed["iteration"] == [3, 4, 5, 6]
+    assert results["two"]["loss"] + resumed["loss"] == pytest.approx(uninterrupted["loss"], rel=1e-5)

@@ -421,3 +421,40 @@ def test_remaining_time_follows_the_recent_pace_not_the_slow_first_interval():
     for iteration in (40, 50, 60):
         remaining = estimate.update(iteration, 70.0 + (iteration - 30) * 2.0, 150)  # the pace halves
     assert remaining == pytest.approx(2.0 * 90)  # the last 3 intervals only
+
+
+def test_training_loss_per_dataset_is_each_datasets_mean_over_the_interval(single_process, tiny_mamba1_config,
+                                                                          sentencepiece_model, blend, tmp_path):
+    """--log-loss-per-dataset: the first iteration's loss of each dataset of the blend equals the mean
+    loss of that dataset's samples in the first global batch, computed by hand from the same model."""
+    import torch.nn.functional as F
+
+    from kotomamba.config import parse_run_config
+    from kotomamba.model import build_model
+    from kotomamba.train import build_datasets
+    from megatron_lm.tokenizer import build_tokenizer
+
+    argv = training_argv(tiny_mamba1_config, sentencepiece_model, blend) + [
+        "--log-interval", "1", "--log-loss-per-dataset", "--save", str(tmp_path / "save")]
+    result = run_configurations({"run": argv}, single_process)["run"]
+    assert "error" not in result, result
+    logged = plot.read_run(tmp_path / "save" / "metrics.jsonl")
+
+    config = parse_run_config(argv, 1)
+    tokenizer = build_tokenizer(config.tokenizer.tokenizer_type, config.tokenizer.tokenizer_model)
+    model = build_model(load_model_config(config.model.model, tokenizer.vocab_size), seed=config.data.seed)
+    train, _, _ = build_datasets(config)
+    names = metrics.blend_component_names(train)
+    sums: dict[int, list[float]] = {}
+    with torch.no_grad():
+        for k in range(GLOBAL_BATCH):
+            sample = train[k]
+            logits = model(torch.as_tensor(sample["tokens"]).long()[None]).logits[0]
+            loss = F.cross_entropy(logits, torch.as_tensor(sample["labels"]).long(), reduction="sum")
+            sums.setdefault(sample["dataset_id"], []).append(float(loss))
+    assert len(sums) == 2, "the first global batch should hold samples of both datasets"
+    for dataset_id, losses in sums.items():
+        expected = sum(losses) / (len(losses) * SEQ_LENGTH)
+        assert logged[f"train/{names[dataset_id]}/loss"][1] == pytest.approx(expected, rel=1e-5)
+    assert "train/loss" in logged and logged["train/loss"][1] == pytest.approx(
+        sum(sum(losses) for losses in sums.values()) / (GLOBAL_BATCH * SEQ_LENGTH), rel=1e-5)

@@ -374,3 +374,42 @@ def test_unknown_flag_is_refused(base_argv, capsys):
     code, err = run_pretrain(base_argv + ["--learning-rate", "1"], capsys)
     assert code == 2 and "--learning-rate" in err
 
+
+
+def test_a_fused_optimizer_skips_on_the_device_exactly_as_the_host_decides(single_process, tiny_mamba1_config,
+                                                                          sentencepiece_model, tokenized_corpus,
+                                                                          monkeypatch):
+    """fp16 overflows skip the first steps: fused AdamW told by found_inf (as on a GPU, no host read before
+    the step) gives the same losses, skips, loss scales and weights as the host's decision."""
+    import kotomamba.optim
+    import kotomamba.train
+
+    argv = ["--model", str(tiny_mamba1_config), "--tokenizer-type", "SentencePieceTokenizer",
+            "--tokenizer-model", str(sentencepiece_model), "--data-path", str(tokenized_corpus), "--split", "90,10,0",
+            "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "5",
+            "--lr", "2e-3", "--eval-iters", "0", "--num-workers", "0", "--seed", "7", "--fp16",
+            "--initial-loss-scale", str(2.0 ** 20), "--hysteresis", "1", "--grad-clip-norm", "0.05"]
+    build = kotomamba.optim.build_optimizer
+    monkeypatch.setattr(kotomamba.optim, "build_optimizer", lambda *a, **k: build(*a, **{**k, "fused": True}))
+    on_device = run_configurations({"run": argv}, single_process)["run"]
+    monkeypatch.setattr(kotomamba.train, "skips_on_device", lambda optimizer: False)
+    on_host = run_configurations({"run": argv}, single_process)["run"]
+    assert on_device["skipped"][:2] == [True, True] and not all(on_device["skipped"])
+    for key in ("loss", "grad_norm", "skipped", "loss_scale"):
+        assert on_device[key] == on_host[key], key
+
+
+def test_blocks_grouped_into_larger_fsdp_units_train_exactly_the_same(single_process, tiny_mamba1_config,
+                                                                     sentencepiece_model, tokenized_corpus, caplog):
+    import logging
+
+    argv = ["--model", str(tiny_mamba1_config), "--tokenizer-type", "SentencePieceTokenizer",
+            "--tokenizer-model", str(sentencepiece_model), "--data-path", str(tokenized_corpus), "--split", "90,10,0",
+            "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3",
+            "--lr", "2e-3", "--eval-iters", "0", "--num-workers", "0", "--seed", "7", "--bf16"]
+    with caplog.at_level(logging.INFO, logger="kotomamba"):
+        runs = run_configurations({"per_block": argv, "grouped": argv + ["--fsdp-blocks-per-unit", "2"]},
+                                  single_process)
+    assert runs["grouped"]["loss"] == runs["per_block"]["loss"] and len(runs["grouped"]["loss"]) == 3
+    units = [line for line in caplog.text.splitlines() if "FSDP: strategy=" in line]
+    assert "units=3 " in units[0] and "units=2 " in units[1]  # 2 blocks + root, then one unit of both + root

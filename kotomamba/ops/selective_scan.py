@@ -250,6 +250,32 @@ def _adjoint_step(G, decay_next, dA, h, a2, dt, dtu, u, dyg, keep, rows, part_ro
 
 
 @triton.jit
+def _write_tile_gradients(du_ptrs, ddelta_ptrs, dz_ptrs, out_z_ptrs, ddt, gb, y, u, dt, raw, dout, dyg, z, z_sigmoid,
+                          D, dD, dbias, mask, once, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          SOFTPLUS: tl.constexpr, STORE_OUT_Z: tl.constexpr, FAST_MATH: tl.constexpr):
+    """A tile's du, ddelta, dz (and the recomputed gated output) from its per-step sums (ddt: dL/d dt,
+    gb: sum_n G B, y: y - D u, each step's in its columns); returns dD and d delta_bias, accumulated."""
+    du = dt * gb
+    if HAS_D:
+        du += dyg * D
+        dD += tl.where(once, dyg * u, 0.0)
+    tl.store(du_ptrs, du, mask=mask & once)
+    if SOFTPLUS:
+        ddt = ddt * _sigmoid(raw, FAST_MATH)
+    ddt = tl.where(mask, ddt, 0.0)
+    tl.store(ddelta_ptrs, ddt, mask=mask & once)
+    if HAS_BIAS:
+        dbias += tl.where(once, ddt, 0.0)
+    if HAS_Z:
+        if HAS_D:
+            y += u * D
+        tl.store(dz_ptrs, dout * y * z_sigmoid * (1.0 + z * (1.0 - z_sigmoid)), mask=mask & once)
+        if STORE_OUT_Z:
+            tl.store(out_z_ptrs, y * z * z_sigmoid, mask=mask & once)
+    return dD, dbias
+
+
+@triton.jit
 def _selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, BC_ptr, D_ptr, z_ptr, bias_ptr, seq_idx_ptr, dout_ptr,
     du_ptr, ddelta_ptr, dz_ptr, out_z_ptr, dBC_part_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, states_ptr,
@@ -360,27 +386,15 @@ def _selective_scan_bwd_kernel(
                 DETERMINISTIC, HAS_SEQ_IDX)
             is_0, is_1, is_2 = step[None, :] == 0, step[None, :] == 1, step[None, :] == 2
             ddt = tl.where(is_0, ddt_0, tl.where(is_1, ddt_1, tl.where(is_2, ddt_2, ddt_3)))
-            du = dt * tl.where(is_0, gb_0, tl.where(is_1, gb_1, tl.where(is_2, gb_2, gb_3)))
-            if HAS_D:
-                du += dyg * D
-                dD += tl.where(once, dyg * u, 0.0)
-            tl.store(du_ptr + b * stride_du_b + d[:, None] * stride_du_d + t[None, :], du, mask=mask & once)
-            if SOFTPLUS:
-                ddt = ddt * _sigmoid(raw, FAST_MATH)
-            ddt = tl.where(mask, ddt, 0.0)
-            tl.store(ddelta_ptr + b * stride_ddelta_b + d[:, None] * stride_ddelta_d + t[None, :], ddt,
-                     mask=mask & once)
-            if HAS_BIAS:
-                dbias += tl.where(once, ddt, 0.0)
-            if HAS_Z:
-                y = tl.where(is_0, y_0, tl.where(is_1, y_1, tl.where(is_2, y_2, y_3)))
-                if HAS_D:
-                    y += u * D
-                dz = dout * y * z_sigmoid * (1.0 + z * (1.0 - z_sigmoid))
-                tl.store(dz_ptr + b * stride_dz_b + d[:, None] * stride_dz_d + t[None, :], dz, mask=mask & once)
-                if STORE_OUT_Z:
-                    tl.store(out_z_ptr + b * stride_out_z_b + d[:, None] * stride_out_z_d + t[None, :],
-                             y * z * z_sigmoid, mask=mask & once)
+            gb = tl.where(is_0, gb_0, tl.where(is_1, gb_1, tl.where(is_2, gb_2, gb_3)))
+            y = tl.where(is_0, y_0, tl.where(is_1, y_1, tl.where(is_2, y_2, y_3)))
+            dD, dbias = _write_tile_gradients(
+                du_ptr + b * stride_du_b + d[:, None] * stride_du_d + t[None, :],
+                ddelta_ptr + b * stride_ddelta_b + d[:, None] * stride_ddelta_d + t[None, :],
+                dz_ptr + b * stride_dz_b + d[:, None] * stride_dz_d + t[None, :] if HAS_Z else du_ptr,
+                out_z_ptr + b * stride_out_z_b + d[:, None] * stride_out_z_d + t[None, :] if STORE_OUT_Z else du_ptr,
+                ddt, gb, y, u, dt, raw, dout, dyg, z if HAS_Z else dout, z_sigmoid if HAS_Z else dout, D, dD, dbias,
+                mask, once, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, STORE_OUT_Z, FAST_MATH)
     # per batch row; torch.sum adds the batch rows
     tl.store(dA_part_ptr + (b * dim + d[:, None]) * dstate + n[None, :], dA, mask=mask_n)
     if HAS_D:
