@@ -522,6 +522,10 @@ def table_rows(runs: list[list[dict]]) -> list[tuple[int, Case, dict]]:
     return [(run, Case(**r["case"]), r["result"]) for run, records in enumerate(runs, start=1) for r in records]
 
 
+# The docs/benchmarks.md section of the plans that have their own (with --report-from, give the same --plan).
+SECTIONS = {"documents": "train_throughput_documents", "launch": "train_throughput_launch"}
+
+
 def write_report(runs: list[list[dict]], section: str = "train_throughput") -> None:
     """docs/benchmarks.md's section from the records of one or more runs (a live run is one); the
     documents plan has a section of its own."""
@@ -574,7 +578,7 @@ def main() -> None:
             parser.error(f"--report-from {error}")
         if not runs:
             parser.error(f"--report-from {' '.join(args.report_from)}: no results in these files")
-        write_report(runs)
+        write_report(runs, SECTIONS.get(args.plan, "train_throughput"))
         return
 
     import torch
@@ -605,8 +609,7 @@ def main() -> None:
     if args.no_report:
         print(summarize(table_rows([records]), facts.get("gpu", "cpu")))
     else:
-        write_report([records], {"documents": "train_throughput_documents",
-                                 "launch": "train_throughput_launch"}.get(args.plan, "train_throughput"))
+        write_report([records], SECTIONS.get(args.plan, "train_throughput"))
 
 
 if __name__ == "__main__":

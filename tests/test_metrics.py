@@ -272,6 +272,7 @@ def test_blend_components_are_named_by_their_prefixes_file_names():
 def metric_logger_flags(tensorboard: Path, **changes) -> LoggingSection:
     flags = dict(eval_interval=100, eval_iters=0, log_interval=1, wandb_entity=None, wandb_project="kotomamba-tests",
                  wandb_name="resumed", tensorboard_dir=str(tensorboard), optimizer_stats_interval=0, skip_batch=None,
+                 log_loss_per_dataset=False,
                  max_consecutive_skips=10)
     return LoggingSection(**{**flags, **changes})
 
