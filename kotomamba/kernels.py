@@ -136,8 +136,9 @@ SCAN_EXTENSION_MODULE = "mamba_ssm.ops.selective_scan_interface"
 
 # --reset-state-at-eod on mamba-ssm's CUDA kernels: the entry points that get the packed documents'
 # index (kotomamba.documents). Mamba-1's scan reads it in kotomamba's own extension stand-in; its
-# convolution, and Mamba-2's fused block (which takes seq_idx itself), through these wrappers. On the
-# reference backend the reference functions read it.
+# convolution runs on kotomamba's Triton kernel (kotomamba.ops.causal_conv1d) while documents are
+# packed; Mamba-2's fused block takes seq_idx itself. On the reference backend the reference functions
+# read it.
 DOCUMENT_ROUTING: tuple[tuple[str, str, str], ...] = (
     ("mamba_ssm.ops.selective_scan_interface", "causal_conv1d_fwd_function",
      _kotomamba("causal_conv1d_fwd_with_documents")),
@@ -602,33 +603,31 @@ def _split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, 
 
 
 def causal_conv1d_fwd_with_documents(x, weight, bias, seq_idx, initial_states, final_states_out, silu_activation):
-    """causal-conv1d's forward with the packed documents' index; its kernel takes one only in the
-    channel-last layout, so x is laid out that way first (the output comes back channel-last)."""
+    """causal-conv1d's forward, given the packed documents' index: kotomamba's channel-first Triton
+    convolution then (causal-conv1d takes an index only channel-last, and converting costs copies)."""
     seq_idx = seq_idx if seq_idx is not None else documents.active_document_index()
-    forward = _routed_originals["causal_conv1d_fwd_function"]
     if seq_idx is None:
-        return forward(x, weight, bias, None, initial_states, final_states_out, silu_activation)
-    return forward(_channel_last(x), weight, bias, seq_idx, initial_states, final_states_out, silu_activation)
+        return _routed_originals["causal_conv1d_fwd_function"](x, weight, bias, None, initial_states, final_states_out,
+                                                               silu_activation)
+    _reject("causal_conv1d_fwd with packed documents", initial_states=initial_states, final_states_out=final_states_out)
+    from kotomamba.ops.causal_conv1d import causal_conv1d_documents_fwd
+
+    return causal_conv1d_documents_fwd(x, weight, bias, seq_idx, bool(silu_activation))
 
 
 def causal_conv1d_bwd_with_documents(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx,
                                      return_dinitial_states, silu_activation):
     seq_idx = seq_idx if seq_idx is not None else documents.active_document_index()
-    backward = _routed_originals["causal_conv1d_bwd_function"]
     if seq_idx is None:
-        return backward(x, weight, bias, dout, None, initial_states, dfinal_states, dx, return_dinitial_states,
-                        silu_activation)
-    dx_channel_last, *rest = backward(_channel_last(x), weight, bias, _channel_last(dout), seq_idx, initial_states,
-                                      dfinal_states, None, return_dinitial_states, silu_activation)
-    if dx is None:
-        return (dx_channel_last, *rest)
-    dx.copy_(dx_channel_last)  # mamba-ssm hands in a slice of its own gradient buffer
-    return (dx, *rest)
+        return _routed_originals["causal_conv1d_bwd_function"](x, weight, bias, dout, None, initial_states,
+                                                               dfinal_states, dx, return_dinitial_states,
+                                                               silu_activation)
+    _reject("causal_conv1d_bwd with packed documents", initial_states=initial_states, dfinal_states=dfinal_states,
+            return_dinitial_states=return_dinitial_states)
+    from kotomamba.ops.causal_conv1d import causal_conv1d_documents_bwd
 
-
-def _channel_last(x: torch.Tensor) -> torch.Tensor:
-    """(batch, dim, seqlen) with dim the fastest-moving dimension."""
-    return x if x.stride(1) == 1 else x.transpose(1, 2).contiguous().transpose(1, 2)
+    dx, dweight, dbias = causal_conv1d_documents_bwd(x, weight, bias, dout, seq_idx, dx, bool(silu_activation))
+    return dx, dweight, dbias, None
 
 
 def mamba_split_conv1d_scan_combined_with_documents(*args, seq_idx=None, **kwargs):
