@@ -389,11 +389,12 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     # The peers run mamba-ssm's kernels as they ship; ours the scan its options ask for (as pretrain.py would).
-    scan = "mamba-ssm"
+    scan, documents = "mamba-ssm", False
     if case.runner == "kotomamba":
         options = case.options.split()
         scan = options[options.index("--selective-scan") + 1] if "--selective-scan" in options else "auto"
-    select_kernel_backend("cuda" if torch.cuda.is_available() else "cpu", selective_scan=scan)
+        documents = "--reset-state-at-eod" in options
+    select_kernel_backend("cuda" if torch.cuda.is_available() else "cpu", selective_scan=scan, documents=documents)
     profiler = StepProfiler(args.profile, case.label, args.warmup + args.steps, int(os.environ.get("RANK", "0")))
     if case.runner == "kotomamba":
         config = model_config(case.model)

@@ -18,6 +18,7 @@ from kotomamba.launcher import launcher_rank
 
 USAGE_ERROR = 2  # argparse's status for a bad command line
 INPUT_ERROR = 1  # the command line was fine; a file, value or the machine it names is not
+OTHER_RANKS_EXIT_DELAY_S = 2.0
 
 
 def report_error(program: str, error: BaseException | str, exit_code: int) -> int:
@@ -25,6 +26,9 @@ def report_error(program: str, error: BaseException | str, exit_code: int) -> in
     message = f"{program}: error: {error}"
     if launcher_rank() == 0:
         print(message, file=sys.stderr, flush=True)
+    else:
+        # mpirun ends the job at the first non-zero exit, output in flight included: let rank 0's line out.
+        time.sleep(OTHER_RANKS_EXIT_DELAY_S)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         record = {"message": {"message": message, "errorCode": exit_code,

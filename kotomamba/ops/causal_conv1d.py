@@ -89,8 +89,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, dx_ptr, dw_part_
             sig = tl.sigmoid(pre)
             dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
         dpre = tl.where(valid, dpre, 0.0)
-        k: tl.constexpr = WIDTH - 1 - j
-        dx += tl.load(w_ptr + d * stride_w_d + k, mask=mask_d, other=0.0).to(tl.float32)[:, None] * dpre
+        dx += tl.load(w_ptr + d * stride_w_d + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)[:, None] * dpre
         if j == 0:  # this tile's own outputs: their taps' weights and the bias
             for tap in tl.static_range(WIDTH):
                 source = t - (WIDTH - 1) + tap
