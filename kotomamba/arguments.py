@@ -798,17 +798,22 @@ def _dashed_option_names(argv: list[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- YAML config
 
-def _defaults_from_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+def read_yaml_file(path: str, flag: str) -> Any:
+    """The YAML document a flag names; ArgumentError naming the flag and the file when it cannot be read or parsed."""
     import yaml
 
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
-        raise ArgumentError(f"--config {path}: cannot read it ({error.strerror or error})") from None
+        raise ArgumentError(f"{flag} {path}: cannot read it ({error.strerror or error})") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ArgumentError(f"--config {path}: not valid YAML: {error}") from None
+        raise ArgumentError(f"{flag} {path}: not valid YAML: {error}") from None
+
+
+def _defaults_from_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    data = read_yaml_file(path, "--config")
     if data is None:
         return {}
     if not isinstance(data, dict):

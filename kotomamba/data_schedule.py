@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from kotomamba.arguments import ArgumentError, parse_blend
+from kotomamba.arguments import ArgumentError, parse_blend, read_yaml_file
 
 LENGTH_KEYS = ("tokens", "samples", "iterations")
 
@@ -90,16 +89,7 @@ def _stage(entry: Any, position: int, path: str, seq_length: int, global_batch_s
 
 def load_data_schedule(path: str, seq_length: int, global_batch_size: int) -> tuple[Stage, ...]:
     """The stages of `path`; ArgumentError naming the file, the stage and the key for anything malformed."""
-    import yaml
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        raise ArgumentError(f"--data-schedule {path}: cannot read it ({error.strerror or error})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ArgumentError(f"--data-schedule {path}: not valid YAML: {error}") from None
+    data = read_yaml_file(path, "--data-schedule")
     stages = data.get("stages") if isinstance(data, dict) else None
     if not isinstance(stages, list) or not stages:
         raise ArgumentError(f"--data-schedule {path}: expected a mapping with a non-empty list 'stages', got "

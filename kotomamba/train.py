@@ -80,10 +80,10 @@ def build_datasets(config: RunConfig, min_train_samples: int = 0):
                                     batch.global_batch_size)
     num_samples = (max(num_samples[0], min_train_samples), *num_samples[1:])
     config = DataConfig(
-        data_path=_listed(data.data_path),
-        train_data_path=_listed(data.train_data_path),
-        valid_data_path=_listed(data.valid_data_path),
-        test_data_path=_listed(data.test_data_path),
+        data_path=data.data_path,
+        train_data_path=data.train_data_path,
+        valid_data_path=data.valid_data_path,
+        test_data_path=data.test_data_path,
         split=data.split,
         seq_length=data.seq_length,
         seed=data.seed,
@@ -166,10 +166,6 @@ def check_token_ids(batch: dict, embedding_rows: int, split: str, tokenizer_name
             f"embedding of {embedding_rows} rows (tokenizer {tokenizer_name}): was {data_flags} tokenized with "
             f"another tokenizer?")
     return batch
-
-
-def _listed(values: tuple[str, ...] | None) -> list[str] | None:
-    return None if values is None else list(values)
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
@@ -450,10 +446,8 @@ class Trainer:
     def train_step(self, collect_optimizer_stats: bool = False) -> StepResult:
         """One global batch: accumulate micro-batches (gradient reduction on the last one only), then
         unscale, check, clip and step."""
-        from kotomamba.optim import clip_grad_norm
-
         from kotomamba.documents import packed_documents
-        from kotomamba.optim import scale_gradients_
+        from kotomamba.optim import clip_grad_norm, scale_gradients_
 
         ctx, accumulation, scaler = self.ctx, self.accumulation, self.scaler
         masked = self.documents is not None and self.documents.mask_loss
@@ -605,7 +599,7 @@ class Trainer:
 
 def log_training(state: TrainState, train_iters: int, meter: metrics.IntervalMeter, lr: float, ctx: DistributedContext,
                  metric_logger: MetricLogger, model_flops_per_token: float, peak: float | None, run_started: float,
-                 remaining_time: metrics.RemainingTime, data_consumed: Mapping[str, float]) -> None:
+                 remaining_time: metrics.RemainingTime, per_dataset: Mapping[str, float]) -> None:
     """The interval's metrics (see kotomamba.metrics) to the log line and the sinks, with each dataset's
     consumption and (--log-loss-per-dataset) training loss, to the sinks only; on every rank."""
     values = metrics.training_metrics(
@@ -613,7 +607,7 @@ def log_training(state: TrainState, train_iters: int, meter: metrics.IntervalMet
         skipped_steps_total=state.skipped_iterations, world_size=ctx.world_size,
         flops_per_token=model_flops_per_token, peak_flops=peak, device=ctx.device,
     )
-    values.update(data_consumed)
+    values.update(per_dataset)
     now = time.perf_counter()
     run_seconds = now - run_started
     remaining = remaining_time.update(state.iteration, now, train_iters)
