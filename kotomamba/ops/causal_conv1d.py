@@ -19,8 +19,32 @@ import torch
 import triton
 import triton.language as tl
 
+from kotomamba.errors import KotomambaError
+
 BLOCK_D = 16
 BLOCK_L = 128
+
+
+@triton.jit
+def _channel_bias(bias_ptr, d, mask_d, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    if HAS_BIAS:
+        return tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+    return tl.zeros((BLOCK_D,), tl.float32)
+
+
+@triton.jit
+def _tap_weight(w_ptr, stride_w_d, d, mask_d, k):
+    """weight[d, k] as fp32 [BLOCK_D, 1]."""
+    return tl.load(w_ptr + d * stride_w_d + k, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+
+
+@triton.jit
+def _tap_input(x_rows, seq_row, here, t, k, seqlen, mask_d, WIDTH: tl.constexpr):
+    """What tap k reads for outputs at t, fp32: x[t - (W-1) + k], zero outside t's document (seq_idx `here`)."""
+    source = t - (WIDTH - 1) + k
+    inside = (source >= 0) & (source < seqlen)
+    same = inside & (tl.load(seq_row + source, mask=inside, other=-2) == here)
+    return tl.load(x_rows + source[None, :], mask=mask_d[:, None] & same[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -30,11 +54,8 @@ def _preactivation(x_rows, seq_row, bias, w_ptr, stride_w_d, d, mask_d, t, seqle
     here = tl.load(seq_row + t, mask=t < seqlen, other=-1)
     acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32) + bias[:, None]
     for k in tl.static_range(WIDTH):
-        source = t - (WIDTH - 1) + k
-        inside = (source >= 0) & (source < seqlen)
-        same = inside & (tl.load(seq_row + source, mask=inside, other=-2) == here)
-        x = tl.load(x_rows + source[None, :], mask=mask_d[:, None] & same[None, :], other=0.0).to(tl.float32)
-        acc += tl.load(w_ptr + d * stride_w_d + k, mask=mask_d, other=0.0).to(tl.float32)[:, None] * x
+        acc += _tap_weight(w_ptr, stride_w_d, d, mask_d, k) * _tap_input(x_rows, seq_row, here, t, k, seqlen, mask_d,
+                                                                          WIDTH)
     return acc, here
 
 
@@ -47,8 +68,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, out_ptr, dim, seqlen,
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     b = tl.program_id(2)
     mask_d = d < dim
-    bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros((BLOCK_D,),
-                                                                                                    tl.float32)
+    bias = _channel_bias(bias_ptr, d, mask_d, HAS_BIAS, BLOCK_D)
     x_rows = x_ptr + b * stride_x_b + d[:, None] * stride_x_d
     pre, _ = _preactivation(x_rows, seq_ptr + b * stride_seq_b, bias, w_ptr, stride_w_d, d, mask_d, t, seqlen, WIDTH,
                             BLOCK_D, BLOCK_L)
@@ -70,8 +90,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, dx_ptr, dw_part_
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     b = tl.program_id(2)
     mask_d = d < dim
-    bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else tl.zeros((BLOCK_D,),
-                                                                                                    tl.float32)
+    bias = _channel_bias(bias_ptr, d, mask_d, HAS_BIAS, BLOCK_D)
     x_rows = x_ptr + b * stride_x_b + d[:, None] * stride_x_d
     dout_rows = dout_ptr + b * stride_dout_b + d[:, None] * stride_dout_d
     seq_row = seq_ptr + b * stride_seq_b
@@ -89,13 +108,10 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, dx_ptr, dw_part_
             sig = tl.sigmoid(pre)
             dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
         dpre = tl.where(valid, dpre, 0.0)
-        dx += tl.load(w_ptr + d * stride_w_d + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)[:, None] * dpre
+        dx += _tap_weight(w_ptr, stride_w_d, d, mask_d, WIDTH - 1 - j) * dpre
         if j == 0:  # this tile's own outputs: their taps' weights and the bias
             for tap in tl.static_range(WIDTH):
-                source = t - (WIDTH - 1) + tap
-                inside = (source >= 0) & (source < seqlen)
-                same = inside & (tl.load(seq_row + source, mask=inside, other=-2) == here)
-                x = tl.load(x_rows + source[None, :], mask=mask_d[:, None] & same[None, :], other=0.0).to(tl.float32)
+                x = _tap_input(x_rows, seq_row, here, t, tap, seqlen, mask_d, WIDTH)
                 tl.store(dw_part_ptr + (program * dim + d) * WIDTH + tap, tl.sum(dpre * x, axis=1), mask=mask_d)
             if HAS_BIAS:
                 tl.store(dbias_part_ptr + program * dim + d, tl.sum(dpre, axis=1), mask=mask_d)
@@ -103,14 +119,18 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, dx_ptr, dw_part_
              mask=mask_d[:, None] & (t < seqlen)[None, :])
 
 
+class CausalConv1dInputError(KotomambaError, ValueError):
+    """The inputs are outside what this kernel computes (shape or layout)."""
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor, seq_idx: torch.Tensor) -> None:
     if x.dim() != 3 or x.stride(-1) != 1:
-        raise ValueError(f"causal_conv1d: x must be (batch, dim, seqlen) with seqlen contiguous, got "
+        raise CausalConv1dInputError(f"causal_conv1d: x must be (batch, dim, seqlen) with seqlen contiguous, got "
                          f"{tuple(x.shape)} strides {x.stride()}")
     if weight.dim() != 2 or weight.shape[0] != x.shape[1] or weight.shape[1] > 4:
-        raise ValueError(f"causal_conv1d: weight must be (dim={x.shape[1]}, width <= 4), got {tuple(weight.shape)}")
+        raise CausalConv1dInputError(f"causal_conv1d: weight must be (dim={x.shape[1]}, width <= 4), got {tuple(weight.shape)}")
     if tuple(seq_idx.shape) != (x.shape[0], x.shape[2]):
-        raise ValueError(f"causal_conv1d: seq_idx must be (batch, seqlen) = {(x.shape[0], x.shape[2])}, got "
+        raise CausalConv1dInputError(f"causal_conv1d: seq_idx must be (batch, seqlen) = {(x.shape[0], x.shape[2])}, got "
                          f"{tuple(seq_idx.shape)}")
 
 
