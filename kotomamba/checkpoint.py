@@ -73,7 +73,8 @@ import torch
 import torch.distributed as dist
 
 from kotomamba.config import RunConfig, config_dict
-from kotomamba.checkpoint_layout import CHECKPOINT_BYTES, ITERATION_DIR, LATEST, METADATA, iteration_dir_name
+from kotomamba.checkpoint_layout import (CHECKPOINT_BYTES, ITERATION_DIR, LATEST, METADATA, iteration_dir_name,
+                                        saves_ahead)
 from kotomamba.version import __version__
 from megatron_lm.tokenizer import same_tokenizer, tokenizer_files
 from kotomamba.errors import KotomambaError
@@ -267,13 +268,6 @@ def _size(count: float) -> str:
         if count >= scale:
             return f"{count / scale:.1f} {unit}"
     return f"{count:.0f} B"
-
-
-def saves_ahead(iteration: int, train_iters: int, save_interval: int) -> int:
-    """Checkpoints a run at `iteration` still writes: one every --save-interval and the final one."""
-    if iteration >= train_iters:
-        return 0
-    return train_iters // save_interval - iteration // save_interval + (train_iters % save_interval > 0)
 
 
 def _discard_dir(path: Path) -> None:

@@ -17,6 +17,13 @@ ADAM_BYTES = 8
 CHECKPOINT_BYTES = MASTER_BYTES + ADAM_BYTES
 
 
+def saves_ahead(iteration: int, train_iters: int, save_interval: int) -> int:
+    """Checkpoints a run at `iteration` still writes: one every --save-interval and the final one."""
+    if iteration >= train_iters:
+        return 0
+    return train_iters // save_interval - iteration // save_interval + (train_iters % save_interval > 0)
+
+
 def iteration_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 

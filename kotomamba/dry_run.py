@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from kotomamba import arguments
 from kotomamba.arguments import ArgumentError
-from kotomamba.checkpoint_layout import ADAM_BYTES, CHECKPOINT_BYTES, MASTER_BYTES
+from kotomamba.checkpoint_layout import ADAM_BYTES, CHECKPOINT_BYTES, MASTER_BYTES, saves_ahead
 from kotomamba.config import RunConfig, build_run_config, config_dict
 from kotomamba.errors import KotomambaError
 from kotomamba.launcher import launcher_rank
@@ -527,7 +527,7 @@ def _save_free_bytes(config: RunConfig, checkpoint_bytes: int, warnings: list[st
     if existing is None or train_iters is None:
         return None
     free = shutil.disk_usage(existing).free
-    saves = train_iters // saving.save_interval + (train_iters % saving.save_interval > 0)
+    saves = saves_ahead(0, train_iters, saving.save_interval)
     at_once = saves if saving.keep_last_k is None else min(saves, saving.keep_last_k + 1)
     if at_once * checkpoint_bytes > free:
         warnings.append(f"--save {saving.save}: {_bytes(free)} free there now, the {at_once:,} checkpoints kept at once "
@@ -701,7 +701,7 @@ def format_plan(result: Plan) -> str:
         checkpoint_rows.append(("per rank", f"{_bytes(result.checkpoint_bytes / layout.world_size)} written by each of "
                                             f"{layout.world_size} ranks"))
     if saving.save is not None and train_iters is not None:
-        count = train_iters // saving.save_interval + (train_iters % saving.save_interval > 0)
+        count = saves_ahead(0, train_iters, saving.save_interval)
         kept = count if saving.keep_last_k is None else min(count, saving.keep_last_k)
         checkpoint_rows.append(("on disk", f"{count:,} saves every {saving.save_interval:,} iterations, {kept:,} kept: "
                                            f"{_bytes(kept * result.checkpoint_bytes)} in {saving.save}"

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from kotomamba import checkpoint as checkpoint_module
+from kotomamba import checkpoint_layout
 from kotomamba.config import config_dict, parse_run_config
 from kotomamba.model_loading import load_model_from_checkpoint
 
@@ -746,6 +747,6 @@ def test_the_run_is_refused_before_training_when_its_kept_checkpoints_cannot_fit
 
 
 def test_saves_ahead_counts_the_interval_saves_and_the_final_one():
-    assert checkpoint_module.saves_ahead(0, 4, 2) == 2 and checkpoint_module.saves_ahead(0, 5, 2) == 3
-    assert checkpoint_module.saves_ahead(2, 4, 2) == 1 and checkpoint_module.saves_ahead(4, 4, 2) == 0
-    assert checkpoint_module.saves_ahead(3, 10, 500) == 1
+    assert checkpoint_layout.saves_ahead(0, 4, 2) == 2 and checkpoint_layout.saves_ahead(0, 5, 2) == 3
+    assert checkpoint_layout.saves_ahead(2, 4, 2) == 1 and checkpoint_layout.saves_ahead(4, 4, 2) == 0
+    assert checkpoint_layout.saves_ahead(3, 10, 500) == 1
