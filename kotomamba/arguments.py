@@ -61,13 +61,16 @@ import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kotomamba.checkpoint_layout import is_training_checkpoint
 from kotomamba.errors import KotomambaError
 from kotomamba.lr_schedule import LR_DECAY_STYLES, WSD_DECAY_STYLES
 from kotomamba.presets import MODEL_PRESETS
 from megatron_lm.tokenizer import TOKENIZER_TYPES
+
+if TYPE_CHECKING:
+    from kotomamba.config import DataSection
 
 DEFAULT_MODEL = "130m"
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
@@ -1043,19 +1046,21 @@ def _validate_data(args: argparse.Namespace) -> None:
             parse_blend(value, flag)
 
 
-def check_data_files(args: argparse.Namespace) -> None:
-    """Every dataset prefix of the data flags names an existing PREFIX.bin and PREFIX.idx (Megatron's pair)."""
-    flags = {"--data-path": args.data_path, "--train-data-path": args.train_data_path,
-             "--valid-data-path": args.valid_data_path, "--test-data-path": args.test_data_path}
-    for flag, values in flags.items():
-        if values is None:
-            continue
-        for prefix in parse_blend(values, flag)[0]:
-            missing = [f"{prefix}{suffix}" for suffix in (".bin", ".idx") if not Path(f"{prefix}{suffix}").is_file()]
-            if missing:
-                raise ArgumentError(
-                    f"{flag} {prefix}: {' and '.join(missing)} not found (a dataset prefix names the PREFIX.bin and "
-                    f"PREFIX.idx that megatron_lm/tools/preprocess_data.py writes, without the extension)")
+def check_data_files(data: DataSection) -> None:
+    """Every dataset prefix of the data flags, and of the --data-schedule's stages (`data`: the run
+    configuration's data section), names an existing PREFIX.bin and PREFIX.idx (Megatron's pair)."""
+    flags = {"--data-path": data.data_path, "--train-data-path": data.train_data_path,
+             "--valid-data-path": data.valid_data_path, "--test-data-path": data.test_data_path}
+    prefixes = [(flag, prefix) for flag, values in flags.items() if values is not None
+                for prefix in parse_blend(values, flag)[0]]
+    prefixes += [(f"--data-schedule {data.data_schedule}: stage {stage.name}:", prefix)
+                 for stage in data.stages or () for prefix in stage.prefixes]
+    for flag, prefix in prefixes:
+        missing = [f"{prefix}{suffix}" for suffix in (".bin", ".idx") if not Path(f"{prefix}{suffix}").is_file()]
+        if missing:
+            raise ArgumentError(
+                f"{flag} {prefix}: {' and '.join(missing)} not found (a dataset prefix names the PREFIX.bin and "
+                f"PREFIX.idx that megatron_lm/tools/preprocess_data.py writes, without the extension)")
 
 
 def _validate_precision(args: argparse.Namespace) -> None:

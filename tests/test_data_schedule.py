@@ -230,3 +230,18 @@ def test_two_processes_train_the_same_stages_and_resume_on_one(schedule_argv, si
     resumed = run_configurations({"run": schedule_argv + ["--load", save]}, single_process)["run"]
     assert resumed["iteration"] == [3, 4, 5, 6]
     assert results["two"]["loss"] + resumed["loss"] == pytest.approx(uninterrupted["loss"], rel=1e-5)
+
+
+def test_a_missing_dataset_of_a_stage_is_named_before_training_starts(prefixes, tmp_path, capsys, monkeypatch):
+    import kotomamba.train
+    import pretrain
+
+    for variable in ("WORLD_SIZE", "RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(kotomamba.train, "pretrain", lambda *a, **k: pytest.fail("training started"))
+    missing = str(tmp_path / "absent_text_document")
+    path = write_schedule(tmp_path / "s.yaml", [{"name": "one", "samples": 8, "blend": prefixes[0]},
+                                                {"name": "two", "samples": 8, "blend": f"0.5 {prefixes[1]} 0.5 {missing}"}])
+    assert pretrain.main(["--data-schedule", path, "--lr", "1e-3", *NULL]) == 1
+    err = capsys.readouterr().err
+    assert f"--data-schedule {path}: stage two: {missing}: {missing}.bin and {missing}.idx not found" in err
