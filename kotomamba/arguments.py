@@ -61,16 +61,13 @@ import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from kotomamba.checkpoint_layout import is_training_checkpoint
 from kotomamba.errors import KotomambaError
 from kotomamba.lr_schedule import LR_DECAY_STYLES, WSD_DECAY_STYLES
 from kotomamba.presets import MODEL_PRESETS
 from megatron_lm.tokenizer import TOKENIZER_TYPES
-
-if TYPE_CHECKING:
-    from kotomamba.config import DataSection
 
 DEFAULT_MODEL = "130m"
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
@@ -1046,9 +1043,9 @@ def _validate_data(args: argparse.Namespace) -> None:
             parse_blend(value, flag)
 
 
-def check_data_files(data: DataSection) -> None:
+def check_data_files(data: Any) -> None:
     """Every dataset prefix of the data flags, and of the --data-schedule's stages (`data`: the run
-    configuration's data section), names an existing PREFIX.bin and PREFIX.idx (Megatron's pair)."""
+    configuration's data section, kotomamba.config.DataSection, which imports this module), names an existing PREFIX.bin and PREFIX.idx (Megatron's pair)."""
     flags = {"--data-path": data.data_path, "--train-data-path": data.train_data_path,
              "--valid-data-path": data.valid_data_path, "--test-data-path": data.test_data_path}
     prefixes = [(flag, prefix) for flag, values in flags.items() if values is not None
