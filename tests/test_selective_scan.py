@@ -183,6 +183,51 @@ def test_backward_variants_match_the_reference(name, scan, monkeypatch):
         assert relative_error(ours[2][grad_name], grad) < 1e-5, grad_name
 
 
+PARTS = {
+    # segment 8: backward parts of 16 steps (16, 16, 5); the forward unsplit
+    "backward in three parts": (dict(backward_parts=3), Case(seqlen=37)),
+    "forward and backward in three parts, groups": (dict(forward_parts=3, backward_parts=3), Case(seqlen=37, dim=8, groups=2)),
+    # backward parts of 16 steps, forward parts of two of them (32, 29)
+    "forward parts of two backward parts": (dict(forward_parts=2, backward_parts=4), Case(seqlen=61)),
+    "no D, z, bias or softplus, in parts": (dict(forward_parts=3, backward_parts=3),
+                                           Case(seqlen=37, has_D=False, has_z=False, has_bias=False, softplus=False)),
+    "deterministic, in parts": (dict(forward_parts=2, backward_parts=3, deterministic=True), Case(dim=8, groups=2)),
+}
+
+
+@pytest.mark.parametrize("name", PARTS)
+def test_sequence_split_into_parts_matches_the_reference(name, scan, monkeypatch):
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+
+    config, case = PARTS[name]
+    monkeypatch.setattr(scan, "DEFAULT_CONFIG", scan.ScanConfig(**dict(SMALL, **config)))
+    inputs = make_inputs(case)
+    upstream = torch.randn(case.batch, case.dim, case.seqlen, generator=torch.Generator().manual_seed(3))
+    ours = outputs_and_grads(scan.selective_scan_fn, inputs, case, upstream)
+    saved = scan.scan_forward(*(None if t is None else t.detach() for t in inputs.values()), case.softplus)[1]
+    assert saved.shape[2] == config["backward_parts"]  # a saved state per backward part
+    for label, function in (("selective_scan_ref", selective_scan_ref), ("float64", float64_scan)):
+        expected = outputs_and_grads(function, detached_copy(inputs), case, upstream)
+        assert relative_error(ours[0], expected[0]) < 1e-5, label
+        assert relative_error(ours[1], expected[1]) < 1e-5, label
+        for grad_name, grad in expected[2].items():
+            assert relative_error(ours[2][grad_name], grad) < 1e-5, (label, grad_name)
+
+
+def test_parts_are_picked_to_fill_the_gpus_warp_slots(scan, monkeypatch):
+    """The model behind parts=None, on a 132-multiprocessor GPU: 2.8b layers (5,120 channels, 8 per program)."""
+    monkeypatch.setattr(scan, "_multiprocessors", lambda device: 132)
+    config, gpu = scan.ScanConfig(), torch.device("cuda")
+    backward = {batch: scan._auto_parts("backward", 640 * batch, 2048, 1, gpu, config) for batch in (1, 8, 16)}
+    # batch 1: 640 programs leave 70% of the 2,112 slots empty; split into 13 parts they run in 4 full waves.
+    # batch 8: 2.4 waves; 2 parts fill 5 of the 6 half waves the rounding-up makes. batch 16: 4.85, no gain.
+    assert backward == {1: 13, 8: 2, 16: 1}
+    assert scan._auto_parts("forward", 640 * 8, 2048, 1, gpu, config) == 1  # running parts twice does not pay
+    assert scan._auto_parts("forward", 640, 2048, 1, gpu, config) == 14  # 3 full waves of 3,168 slots
+    assert scan._auto_parts("backward", 640, 256, 1, gpu, config) == 2  # parts of at least min_part_steps
+    assert scan._auto_parts("backward", 640, 2048, 1, torch.device("cpu"), config) == 1
+
+
 def test_backward_is_bitwise_deterministic(scan, monkeypatch):
     monkeypatch.setattr(scan, "DEFAULT_CONFIG", scan.ScanConfig(**dict(SMALL, deterministic=True)))
     case = Case(dim=8, groups=2)
@@ -311,11 +356,13 @@ def test_deterministic_choice_routes_to_the_partial_sum_backward():
     assert "selective scan: kotomamba's Triton kernel, deterministic backward" in completed.stdout
 
 
-@pytest.mark.parametrize("split", [8, 13])  # the document boundary: at a segment's edge, inside a tile
-def test_packed_documents_do_not_see_each_other(split, scan, small_tiles):
+@pytest.mark.parametrize("parts", [1, 4], ids=["one part", "four parts"])  # parts of 8 steps: 8, 16, 24
+@pytest.mark.parametrize("split", [8, 13])  # the document boundary: at a segment's (and part's) edge, inside a tile
+def test_packed_documents_do_not_see_each_other(split, parts, scan, monkeypatch):
     """With seq_idx, the second of two documents packed into one sequence gets exactly the outputs and
     gradients it gets alone (in float64 to the last bits the kernel's fp32 allows), and the first document's
     are those of the first document alone; without seq_idx they differ."""
+    monkeypatch.setattr(scan, "DEFAULT_CONFIG", scan.ScanConfig(**dict(SMALL, forward_parts=parts, backward_parts=parts)))
     case = Case(batch=2, dim=4, seqlen=29)
     inputs = make_inputs(case)
     seq_idx = torch.zeros(case.batch, case.seqlen, dtype=torch.int64)

@@ -96,7 +96,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, dx_ptr, dw_part_
     seq_row = seq_ptr + b * stride_seq_b
     here = tl.load(seq_row + t, mask=t < seqlen, other=-1)
     dx = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    program = (b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + pid_l
+    part_row = b * tl.num_programs(0) + pid_l  # programs along d write disjoint channels of one row
     for j in tl.static_range(WIDTH):
         # the output at t + j reads x[t] through tap k = W-1-j
         target = t + j
@@ -112,9 +112,9 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, dx_ptr, dw_part_
         if j == 0:  # this tile's own outputs: their taps' weights and the bias
             for tap in tl.static_range(WIDTH):
                 x = _tap_input(x_rows, seq_row, here, t, tap, seqlen, mask_d, WIDTH)
-                tl.store(dw_part_ptr + (program * dim + d) * WIDTH + tap, tl.sum(dpre * x, axis=1), mask=mask_d)
+                tl.store(dw_part_ptr + (part_row * dim + d) * WIDTH + tap, tl.sum(dpre * x, axis=1), mask=mask_d)
             if HAS_BIAS:
-                tl.store(dbias_part_ptr + program * dim + d, tl.sum(dpre, axis=1), mask=mask_d)
+                tl.store(dbias_part_ptr + part_row * dim + d, tl.sum(dpre, axis=1), mask=mask_d)
     tl.store(dx_ptr + b * stride_dx_b + d[:, None] * stride_dx_d + t[None, :], dx,
              mask=mask_d[:, None] & (t < seqlen)[None, :])
 
@@ -164,9 +164,10 @@ def causal_conv1d_documents_bwd(x: torch.Tensor, weight: torch.Tensor, bias: tor
     seq_idx = seq_idx.to(torch.int32).contiguous()
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if dx is None else dx
     grid = _grid(x)
-    programs = grid[0] * grid[1] * grid[2]
-    dw_part = torch.zeros(programs, x.shape[1], weight.shape[1], device=x.device, dtype=torch.float32)
-    dbias_part = torch.zeros(programs, x.shape[1], device=x.device, dtype=torch.float32) if bias is not None else None
+    # one row of partial sums per (batch row, block of positions), written whole by the programs along d
+    part_rows = grid[0] * grid[2]
+    dw_part = torch.empty(part_rows, x.shape[1], weight.shape[1], device=x.device, dtype=torch.float32)
+    dbias_part = torch.empty(part_rows, x.shape[1], device=x.device, dtype=torch.float32) if bias is not None else None
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _conv_bwd_kernel[grid](
             x, weight, bias, seq_idx, dout, dx, dw_part, dbias_part, x.shape[1], x.shape[2], x.stride(0), x.stride(1),

@@ -32,6 +32,16 @@ How the work is laid out, and why:
   to the program's own partial-sum rows that one ``torch.sum`` adds in a fixed order: a bitwise
   repeatable backward (mamba-ssm's accumulates dB/dC/dA with atomic adds and is not). A program is one
   warp by default: across warps, every step's sum would wait at a barrier.
+- A program walks its steps one at a time, so its time is the sequence's length whatever the GPU's load:
+  a small batch leaves warp slots empty, and any batch can end on a partial wave of programs. The
+  sequence can be split into parts run side by side (``ScanConfig.forward_parts``/``backward_parts``;
+  by default as many as a model of the GPU's warp slots says pay). The recurrence is linear, so a part
+  run from a zero state gives its end state up to its start state times the part's decay
+  ``exp(A sum dt)``: the forward runs its parts from zero, carries the states across parts (a short
+  sequential pass over parts), and runs them again from their true starts. It saves the state at the
+  end of each backward part (as mamba-ssm's CUDA kernel saves one per chunk of 2048), so the backward
+  needs only the adjoint carried in from the parts after it: a light pass runs the adjoint recurrence
+  backwards through each part from zero (it needs no state), and the same carry adds them up.
 - When ``z`` is given, the pre-gate output is not stored (mamba-ssm's interface keeps it only for
   its own backward); the backward recomputes it.
 """
@@ -39,6 +49,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import math
 import types
 
 import torch
@@ -113,15 +125,22 @@ def _at(tile, j: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                 FAST_MATH: tl.constexpr):
-    """u, dt and the raw delta (+ bias) that softplus saw, as step tiles; dt is 0 where masked, which keeps the state."""
-    u = tl.load(u_rows + t[None, :], mask=mask, other=0.0).to(tl.float32)
+def _step_dt(delta_rows, t, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_MATH: tl.constexpr):
+    """dt and the raw delta (+ bias) that softplus saw, as step tiles; dt is 0 where masked, which keeps the state."""
     raw = tl.load(delta_rows + t[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         raw += bias
     dt = _softplus(raw, FAST_MATH) if SOFTPLUS else raw
-    return u, tl.where(mask, dt, 0.0), raw
+    return tl.where(mask, dt, 0.0), raw
+
+
+@triton.jit
+def _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                 FAST_MATH: tl.constexpr):
+    """u, dt and the raw delta (+ bias), as step tiles (see _step_dt)."""
+    u = tl.load(u_rows + t[None, :], mask=mask, other=0.0).to(tl.float32)
+    dt, raw = _step_dt(delta_rows, t, mask, bias, HAS_BIAS, SOFTPLUS, FAST_MATH)
+    return u, dt, raw
 
 
 @triton.jit
@@ -177,15 +196,31 @@ def _channel_parameters(A_ptr, D_ptr, bias_ptr, d, mask_d, mask_n, n, stride_A_d
 
 
 @triton.jit
+def _part_decay(a2, dt_sum, keep_all, BLOCK_D: tl.constexpr):
+    """exp(A sum(dt)) over a part, the product of its steps' decays: as [channels, 16]. dt_sum and keep_all are
+    step tiles summed / multiplied over the part's tiles; each channel's 4 threads hold the same 4 columns."""
+    total_dt = tl.sum(dt_sum, axis=1)[:, None] * (1.0 / STATES * TILE)
+    return tl.exp2(a2 * total_dt) * tl.min(keep_all, axis=1)[:, None]
+
+
+@triton.jit
 def _selective_scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, BC_ptr, D_ptr, z_ptr, bias_ptr, seq_idx_ptr, out_ptr, out_z_ptr, last_state_ptr,
-    dim_per_group, n_groups, seqlen, dstate, padded_len,
+    u_ptr, delta_ptr, A_ptr, BC_ptr, D_ptr, z_ptr, bias_ptr, seq_idx_ptr, out_ptr, out_z_ptr,
+    saved_ptr, start_ptr, local_ptr, decay_ptr,
+    dim_per_group, n_groups, seqlen, dstate, padded_len, part_len, saved_len, n_saved,
     stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_A_d, stride_A_n,
     stride_z_b, stride_z_d, stride_seq_idx_b, stride_out_b, stride_out_d, stride_out_z_b, stride_out_z_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_SEQ_IDX: tl.constexpr, STORE_OUT: tl.constexpr, BLOCK_D: tl.constexpr, FAST_MATH: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, STORE_OUT: tl.constexpr, LOCAL: tl.constexpr, HAS_START: tl.constexpr,
+    BLOCK_D: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
+    """One part of the sequence (program_id 2) of BLOCK_D channels. LOCAL: from a zero state, only the part's
+    end state and decay (exp(A sum dt)) into local_ptr / decay_ptr, (batch, dim, parts, 16). Otherwise from
+    the part's start state (start_ptr, or zero) the outputs, and the state at the end of every saved_len
+    steps into saved_ptr, (batch, dim, n_saved, d_state)."""
     pid_bg = tl.program_id(1)
+    part = tl.program_id(2)
+    n_parts = tl.num_programs(2)
     b, local_d, mask_d, d = _program_rows(tl.program_id(0), pid_bg, n_groups, dim_per_group, BLOCK_D)
     dim = dim_per_group * n_groups
     n = tl.arange(0, STATES)
@@ -198,28 +233,120 @@ def _selective_scan_fwd_kernel(
     delta_rows = delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d
     bc_rows = BC_ptr + pid_bg * padded_len * ROW + n[None, :] + 0 * local_d[:, None]
     seq_rows = seq_idx_ptr + b * stride_seq_idx_b + 0 * local_d[:, None] if HAS_SEQ_IDX else u_rows
-    h = tl.zeros((BLOCK_D, STATES), dtype=tl.float32)
-    for t0 in range(0, seqlen, TILE):
+    part_cells = ((b * dim + d[:, None]) * n_parts + part) * STATES + n[None, :]  # [b, d, part, :] of (.., 16)
+    if HAS_START:
+        h = tl.load(start_ptr + part_cells, mask=mask_d[:, None], other=0.0)
+    else:
+        h = tl.zeros((BLOCK_D, STATES), dtype=tl.float32)
+    dt_sum = tl.zeros((BLOCK_D, STATES), dtype=tl.float32)
+    keep_all = tl.full((BLOCK_D, STATES), 1.0, dtype=tl.float32)
+    part_start = part * part_len
+    part_end = tl.minimum(part_start + part_len, seqlen)
+    for t0 in range(part_start, part_end, TILE):
         t = t0 + step
         mask = mask_d[:, None] & (t < seqlen)[None, :]
         u, dt, _ = _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS, SOFTPLUS, FAST_MATH)
         keep = _document_keep(seq_rows, t, mask) if HAS_SEQ_IDX else dt
-        dtu = dt * u
-        rows = bc_rows + t0 * ROW
-        y = tl.zeros((BLOCK_D, STATES), dtype=tl.float32)
-        for j in tl.static_range(TILE):
-            h = _state_after(h, j, a2, dt, dtu, keep, rows, BLOCK_D, HAS_SEQ_IDX)
-            y = tl.where(step[None, :] == j, tl.sum(h * tl.load(rows + (j * ROW + STATES)), axis=1)[:, None], y)
-        if HAS_D:
-            y += u * D
-        if STORE_OUT:
-            tl.store(out_ptr + b * stride_out_b + d[:, None] * stride_out_d + t[None, :], y, mask=mask & once)
+        if LOCAL:
+            h = _advance_tile(h, a2, dt, dt * u, keep, bc_rows + t0 * ROW, BLOCK_D, HAS_SEQ_IDX)
+            dt_sum += dt
+            if HAS_SEQ_IDX:
+                keep_all *= keep
+        else:
+            dtu = dt * u
+            rows = bc_rows + t0 * ROW
+            y = tl.zeros((BLOCK_D, STATES), dtype=tl.float32)
+            for j in tl.static_range(TILE):
+                h = _state_after(h, j, a2, dt, dtu, keep, rows, BLOCK_D, HAS_SEQ_IDX)
+                y = tl.where(step[None, :] == j, tl.sum(h * tl.load(rows + (j * ROW + STATES)), axis=1)[:, None], y)
+            if HAS_D:
+                y += u * D
+            if STORE_OUT:
+                tl.store(out_ptr + b * stride_out_b + d[:, None] * stride_out_d + t[None, :], y, mask=mask & once)
+            if HAS_Z:
+                z = tl.load(z_ptr + b * stride_z_b + d[:, None] * stride_z_d + t[None, :], mask=mask & once,
+                            other=0.0).to(tl.float32)
+                tl.store(out_z_ptr + b * stride_out_z_b + d[:, None] * stride_out_z_d + t[None, :],
+                         y * z * _sigmoid(z, FAST_MATH), mask=mask & once)
+            # the state at the end of each of the backward's parts (saved_len divides part_len)
+            end = t0 + TILE
+            if (end % saved_len == 0) | (end >= part_end):
+                saved = (end - 1) // saved_len
+                tl.store(saved_ptr + ((b * dim + d[:, None]) * n_saved + saved) * dstate + n[None, :], h, mask=mask_n)
+    if LOCAL:
+        tl.store(local_ptr + part_cells, h, mask=mask_d[:, None])
+        tl.store(decay_ptr + part_cells, _part_decay(a2, dt_sum, keep_all, BLOCK_D), mask=mask_d[:, None])
+
+
+@triton.jit
+def _carry_kernel(local_ptr, decay_ptr, carry_ptr, n_cells, n_parts, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """The state each part starts from, given each part's own end state from zero (local) and its decay:
+    carry_0 = 0, carry_{p+1} = local_p + decay_p * carry_p; REVERSE walks the parts from the last (the
+    adjoint's carry into each part from the parts after it). Tensors (cells, parts, 16), cells = batch x dim."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = e < n_cells * STATES
+    base = (e // STATES) * n_parts * STATES + e % STATES
+    carry = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(0, n_parts):
+        p = n_parts - 1 - k if REVERSE else k
+        tl.store(carry_ptr + base + p * STATES, carry, mask=mask)
+        carry = (tl.load(local_ptr + base + p * STATES, mask=mask, other=0.0)
+                 + tl.load(decay_ptr + base + p * STATES, mask=mask, other=0.0) * carry)
+
+
+@triton.jit
+def _adjoint_carry_kernel(
+    delta_ptr, A_ptr, BC_ptr, z_ptr, bias_ptr, seq_idx_ptr, dout_ptr, local_ptr, decay_ptr,
+    dim_per_group, n_groups, seqlen, dstate, padded_len, part_len,
+    stride_delta_b, stride_delta_d, stride_A_d, stride_A_n, stride_z_b, stride_z_d, stride_seq_idx_b,
+    stride_dout_b, stride_dout_d,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
+    BLOCK_D: tl.constexpr, FAST_MATH: tl.constexpr,
+):
+    """For part p = program_id(2) + 1, the adjoint's recurrence run backwards through the part from zero
+    (G_t = C_t dy_t + exp(dt_{t+1} A) G_{t+1}, which needs no state): exp(dt A) G at its first step into
+    local_ptr, and the part's decay into decay_ptr, (batch, dim, parts, 16)."""
+    pid_bg = tl.program_id(1)
+    part = tl.program_id(2) + 1
+    n_parts = tl.num_programs(2) + 1
+    b, local_d, mask_d, d = _program_rows(tl.program_id(0), pid_bg, n_groups, dim_per_group, BLOCK_D)
+    dim = dim_per_group * n_groups
+    n = tl.arange(0, STATES)
+    step = n % TILE
+    mask_n = mask_d[:, None] & (n < dstate)[None, :]
+    a2, no_D, bias = _channel_parameters(A_ptr, A_ptr, bias_ptr, d, mask_d, mask_n, n, stride_A_d, stride_A_n, False,
+                                         HAS_BIAS, BLOCK_D)
+    delta_rows = delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d
+    bc_rows = BC_ptr + pid_bg * padded_len * ROW + n[None, :] + 0 * local_d[:, None]
+    seq_rows = seq_idx_ptr + b * stride_seq_idx_b + 0 * local_d[:, None] if HAS_SEQ_IDX else delta_rows
+    G = tl.zeros((BLOCK_D, STATES), dtype=tl.float32)
+    decay = tl.full((BLOCK_D, STATES), 1.0, dtype=tl.float32)  # of the step after
+    dt_sum = tl.zeros((BLOCK_D, STATES), dtype=tl.float32)
+    keep_all = tl.full((BLOCK_D, STATES), 1.0, dtype=tl.float32)
+    start = part * part_len
+    n_tiles = tl.cdiv(tl.minimum(start + part_len, seqlen) - start, TILE)
+    for tile_back in range(0, n_tiles):
+        t0 = start + (n_tiles - 1 - tile_back) * TILE
+        t = t0 + step
+        mask = mask_d[:, None] & (t < seqlen)[None, :]
+        dt, raw = _step_dt(delta_rows, t, mask, bias, HAS_BIAS, SOFTPLUS, FAST_MATH)
+        keep = _document_keep(seq_rows, t, mask) if HAS_SEQ_IDX else dt
+        dyg = tl.load(dout_ptr + b * stride_dout_b + d[:, None] * stride_dout_d + t[None, :], mask=mask,
+                      other=0.0).to(tl.float32)
         if HAS_Z:
-            z = tl.load(z_ptr + b * stride_z_b + d[:, None] * stride_z_d + t[None, :], mask=mask & once,
+            z = tl.load(z_ptr + b * stride_z_b + d[:, None] * stride_z_d + t[None, :], mask=mask,
                         other=0.0).to(tl.float32)
-            tl.store(out_z_ptr + b * stride_out_z_b + d[:, None] * stride_out_z_d + t[None, :], y * z * _sigmoid(z, FAST_MATH),
-                     mask=mask & once)
-    tl.store(last_state_ptr + (b * dim + d[:, None]) * dstate + n[None, :], h, mask=mask_n)
+            dyg = dyg * z * _sigmoid(z, FAST_MATH)
+        rows = bc_rows + t0 * ROW
+        for back in tl.static_range(TILE):  # step TILE - 1 - back (no constexpr is reassigned in the loop)
+            G = decay * G + tl.load(rows + ((TILE - 1 - back) * ROW + STATES)) * _at(dyg, TILE - 1 - back, BLOCK_D)
+            decay = _decay(dt, keep, TILE - 1 - back, a2, BLOCK_D, HAS_SEQ_IDX)
+        dt_sum += dt
+        if HAS_SEQ_IDX:
+            keep_all *= keep
+    part_cells = ((b * dim + d[:, None]) * n_parts + part) * STATES + n[None, :]
+    tl.store(local_ptr + part_cells, decay * G, mask=mask_d[:, None])
+    tl.store(decay_ptr + part_cells, _part_decay(a2, dt_sum, keep_all, BLOCK_D), mask=mask_d[:, None])
 
 
 @triton.jit
@@ -279,16 +406,23 @@ def _write_tile_gradients(du_ptrs, ddelta_ptrs, dz_ptrs, out_z_ptrs, ddt, gb, y,
 def _selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, BC_ptr, D_ptr, z_ptr, bias_ptr, seq_idx_ptr, dout_ptr,
     du_ptr, ddelta_ptr, dz_ptr, out_z_ptr, dBC_part_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, states_ptr,
-    dim_per_group, n_groups, seqlen, dstate, padded_len, n_segments,
+    saved_ptr, carry_ptr,
+    dim_per_group, n_groups, seqlen, dstate, padded_len, n_segments, segments_per_part,
+    stride_saved_b, stride_saved_d, stride_saved_p, stride_saved_n,
     stride_u_b, stride_u_d, stride_delta_b, stride_delta_d, stride_A_d, stride_A_n,
     stride_z_b, stride_z_d, stride_seq_idx_b, stride_dout_b, stride_dout_d, stride_du_b, stride_du_d,
     stride_ddelta_b, stride_ddelta_d, stride_dz_b, stride_dz_d, stride_out_z_b, stride_out_z_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr, STORE_OUT_Z: tl.constexpr, BLOCK_D: tl.constexpr, SEGMENT: tl.constexpr,
-    DETERMINISTIC: tl.constexpr, FAST_MATH: tl.constexpr,
+    HAS_PARTS: tl.constexpr, DETERMINISTIC: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
+    """The backward of one part of the sequence (program_id 2; see ScanConfig.backward_parts): from the state
+    the forward saved at the part's start (saved_ptr, (batch, dim, parts, d_state); zero for the first) and the
+    adjoint carried in from the parts after it (carry_ptr, (batch, dim, parts, 16))."""
     pid_d = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    part = tl.program_id(2)
+    n_parts = tl.num_programs(2)
     program = pid_bg * tl.num_programs(0) + pid_d
     b, local_d, mask_d, d = _program_rows(pid_d, pid_bg, n_groups, dim_per_group, BLOCK_D)
     dim = dim_per_group * n_groups
@@ -304,18 +438,24 @@ def _selective_scan_bwd_kernel(
     seq_rows = seq_idx_ptr + b * stride_seq_idx_b + 0 * local_d[:, None] if HAS_SEQ_IDX else u_rows
     # dB/dC: this program's own partial-sum rows, or (not DETERMINISTIC) the one sum all programs add into
     part_rows = dBC_part_ptr + (program if DETERMINISTIC else pid_bg) * padded_len * ROW
-    # Saved states, [program, slot, channel, 16] fp32: slot s < n_segments holds the state before segment s,
-    # slot n_segments + k the state before tile k of the segment being worked on.
+    # Saved states, [program, part, slot, channel, 16] fp32: slot s < segments_per_part holds the state before
+    # the part's segment s, slot segments_per_part + k the state before tile k of the segment being worked on.
     tiles_per_segment: tl.constexpr = SEGMENT // TILE
     slot_size: tl.constexpr = BLOCK_D * STATES
-    slots = (states_ptr + program * (n_segments + tiles_per_segment) * slot_size
+    slots = (states_ptr + (program * n_parts + part) * (segments_per_part + tiles_per_segment) * slot_size
              + tl.arange(0, BLOCK_D)[:, None] * STATES + n[None, :])
-    tile_slots = slots + n_segments * slot_size
+    tile_slots = slots + segments_per_part * slot_size
     zero = tl.zeros((BLOCK_D, STATES), dtype=tl.float32)
+    first_segment = part * segments_per_part
+    end_segment = tl.minimum(first_segment + segments_per_part, n_segments)
 
     h = zero
-    for segment in range(0, n_segments):
-        tl.store(slots + segment * slot_size, h)
+    if HAS_PARTS:
+        if part > 0:
+            h = tl.load(saved_ptr + b * stride_saved_b + d[:, None] * stride_saved_d + (part - 1) * stride_saved_p
+                        + n[None, :] * stride_saved_n, mask=mask_n, other=0.0)
+    for segment in range(first_segment, end_segment):
+        tl.store(slots + (segment - first_segment) * slot_size, h)
         for t0 in range(segment * SEGMENT, (segment + 1) * SEGMENT, TILE):
             t = t0 + step
             mask = mask_d[:, None] & (t < seqlen)[None, :]
@@ -325,13 +465,17 @@ def _selective_scan_bwd_kernel(
 
     G = zero  # dL/dh of the step after
     decay = zero  # the decay of the step after
+    if HAS_PARTS:  # the carry is exp(dt A) G of the next part's first step
+        G = tl.load(carry_ptr + ((b * dim + d[:, None]) * n_parts + part) * STATES + n[None, :], mask=mask_d[:, None],
+                    other=0.0)
+        decay = tl.full((BLOCK_D, STATES), 1.0, dtype=tl.float32)
     dA = zero
     dD = zero  # summed over the columns that hold each step once
     dbias = zero
-    for segment_back in range(0, n_segments):
-        segment = n_segments - 1 - segment_back
+    for segment_back in range(0, end_segment - first_segment):
+        segment = end_segment - 1 - segment_back
         if SEGMENT > TILE:
-            h = tl.load(slots + segment * slot_size)
+            h = tl.load(slots + (segment - first_segment) * slot_size)
             for tile in range(0, tiles_per_segment):
                 tl.store(tile_slots + tile * slot_size, h)
                 t0 = segment * SEGMENT + tile * TILE
@@ -363,7 +507,7 @@ def _selective_scan_bwd_kernel(
             if SEGMENT > TILE:
                 s0 = tl.load(tile_slots + tile * slot_size)
             else:  # a segment is one tile: the first pass saved its state
-                s0 = tl.load(slots + segment * slot_size)
+                s0 = tl.load(slots + (segment - first_segment) * slot_size)
             s1 = _state_after(s0, 0, a2, dt, dtu, keep, rows, BLOCK_D, HAS_SEQ_IDX)
             s2 = _state_after(s1, 1, a2, dt, dtu, keep, rows, BLOCK_D, HAS_SEQ_IDX)
             s3 = _state_after(s2, 2, a2, dt, dtu, keep, rows, BLOCK_D, HAS_SEQ_IDX)
@@ -395,12 +539,13 @@ def _selective_scan_bwd_kernel(
                 out_z_ptr + b * stride_out_z_b + d[:, None] * stride_out_z_d + t[None, :] if STORE_OUT_Z else du_ptr,
                 ddt, gb, y, u, dt, raw, dout, dyg, z if HAS_Z else dout, z_sigmoid if HAS_Z else dout, D, dD, dbias,
                 mask, once, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, STORE_OUT_Z, FAST_MATH)
-    # per batch row; torch.sum adds the batch rows
-    tl.store(dA_part_ptr + (b * dim + d[:, None]) * dstate + n[None, :], dA, mask=mask_n)
+    # per batch row and part; torch.sum adds the rows
+    row = b * n_parts + part
+    tl.store(dA_part_ptr + (row * dim + d[:, None]) * dstate + n[None, :], dA, mask=mask_n)
     if HAS_D:
-        tl.store(dD_part_ptr + b * dim + d, tl.sum(dD, axis=1), mask=mask_d)
+        tl.store(dD_part_ptr + row * dim + d, tl.sum(dD, axis=1), mask=mask_d)
     if HAS_BIAS:
-        tl.store(dbias_part_ptr + b * dim + d, tl.sum(dbias, axis=1), mask=mask_d)
+        tl.store(dbias_part_ptr + row * dim + d, tl.sum(dbias, axis=1), mask=mask_d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,10 +570,61 @@ class ScanConfig:
     # in no fixed order); True writes per-program partial sums that one torch.sum adds in a fixed order:
     # bitwise repeatable, slower, and one fp32 (seqlen, 32) row per program (d_inner / 8 rows per batch row)
     deterministic: bool = False
+    # Parts of the sequence run side by side. A program walks its channels' steps one at a time, so a small
+    # batch or a long sequence leaves warp slots of the GPU empty, and any batch can end on a partial wave of
+    # programs. Split into parts, each part's program starts from the state the parts before it hand on
+    # (forward: each part first runs from zero to get its own end state and decay, then again from its true
+    # start; backward: the forward saved each part's start state, and a light pass carries the adjoint
+    # back across parts). None: as many as the model of warp slots below says pays; a number forces it.
+    forward_parts: int | None = None
+    backward_parts: int | None = None
+    min_part_steps: int = 128  # the shortest part that None picks
 
     def __post_init__(self):
         if self.segment <= 0 or self.segment % TILE_STEPS:
             raise ValueError(f"ScanConfig.segment must be a positive multiple of {TILE_STEPS}, got {self.segment}")
+        for name in ("forward_parts", "backward_parts"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"ScanConfig.{name} must be None or at least 1, got {getattr(self, name)}")
+
+
+# The warps of one kind of program that a multiprocessor holds at the default register use (64K registers):
+# the backward is capped at 128 registers per thread (16 warps); the forward uses ~80 (Nsight Compute showed
+# 23.7 active warps per multiprocessor on an H100).
+WARPS_PER_MULTIPROCESSOR = {"forward": 24, "backward": 16}
+# What splitting adds, relative to the unsplit pass: the forward runs each part twice (from zero, then from
+# its start); the backward adds the adjoint's carry pass, which keeps no state (about a tenth of its work).
+SPLIT_COST = {"forward": 0.7, "backward": 0.15}
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _auto_parts(kind: str, programs: int, seqlen: int, warps: int, device: torch.device, config: ScanConfig) -> int:
+    """The part count with the fewest waves of programs per unit of work, counting the split's own cost
+    (waves are rounded up: a partial wave takes as long as a full one, since each program is a serial walk)."""
+    if device.type != "cuda":
+        return 1
+    slots = max(1, _multiprocessors(device) * (WARPS_PER_MULTIPROCESSOR[kind] // warps))
+    costs = {parts: math.ceil(programs * parts / slots) / parts * (1 + (SPLIT_COST[kind] if parts > 1 else 0.0))
+             for parts in range(1, max(1, seqlen // config.min_part_steps) + 1)}
+    least = min(costs.values())
+    return min(parts for parts, cost in costs.items() if cost <= least * 1.03)  # the fewest parts near the least
+
+
+def _part_len(seqlen: int, parts: int, quantum: int) -> int:
+    return triton.cdiv(triton.cdiv(max(seqlen, 1), parts), quantum) * quantum
+
+
+def _saved_len(batch: int, dim_per_group: int, n_groups: int, seqlen: int, device: torch.device,
+               config: ScanConfig) -> int:
+    """The backward's part length: the forward saves the state at the end of every such part."""
+    parts = config.backward_parts or _auto_parts(
+        "backward", triton.cdiv(dim_per_group, config.backward_block_d) * batch * n_groups, seqlen,
+        config.backward_warps, device, config)
+    return _part_len(seqlen, parts, config.segment)
 
 
 DEFAULT_CONFIG = ScanConfig()
@@ -508,13 +704,25 @@ def _document_index(seq_idx: torch.Tensor | None, u: torch.Tensor) -> torch.Tens
     return seq_idx.to(torch.int32).contiguous()
 
 
+def _carry(local: torch.Tensor, decay: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """Each part's starting carry from the parts' local results and decays (see _carry_kernel)."""
+    batch, dim, parts, _ = local.shape
+    carry = torch.empty_like(local)
+    block = 256
+    with _device_context(local):
+        _carry_kernel[(triton.cdiv(batch * dim * MAX_STATES, block),)](local, decay, carry, batch * dim, parts,
+                                                                      REVERSE=reverse, BLOCK=block, num_warps=2)
+    return carry
+
+
 def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, store_out=True,
                  config: ScanConfig | None = None, seq_idx=None):
-    """Runs the forward kernel. Returns (out or None, last_state, out_z or None).
+    """Runs the forward kernel. Returns (out or None, saved_states, out_z or None).
 
-    ``last_state`` is (batch, dim, d_state) float32. ``out`` (before the z gate) is computed only when
-    ``store_out``; ``out_z`` only when ``z`` is given. ``seq_idx`` (batch, seqlen), integers, resets the
-    state where it changes: packed documents do not see each other.
+    ``saved_states`` is (batch, dim, parts, d_state) float32: the state at the end of each of the backward's
+    parts of the sequence (``ScanConfig.backward_parts``); the last is the final state. ``out`` (before the
+    z gate) is computed only when ``store_out``; ``out_z`` only when ``z`` is given. ``seq_idx`` (batch,
+    seqlen), integers, resets the state where it changes: packed documents do not see each other.
     """
     config = config or DEFAULT_CONFIG
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
@@ -528,30 +736,47 @@ def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     bc = _bc_table(B, C, padded_len)
     out = torch.empty_like(u, memory_format=torch.contiguous_format) if store_out else None
     out_z = torch.empty_like(u, memory_format=torch.contiguous_format) if z is not None else None
-    last_state = torch.empty(batch, dim, dstate, device=u.device, dtype=torch.float32)
-    grid = (triton.cdiv(dim_per_group, config.forward_block_d), batch * n_groups)
-    with _device_context(u):
-        _selective_scan_fwd_kernel[grid](
-            u, delta, A, bc, D, z, delta_bias, seq_idx, out, out_z, last_state,
-            dim_per_group, n_groups, seqlen, dstate, padded_len,
+    saved_len = _saved_len(batch, dim_per_group, n_groups, seqlen, u.device, config)
+    n_saved = triton.cdiv(max(seqlen, 1), saved_len)
+    saved = (torch.empty if seqlen else torch.zeros)(batch, dim, n_saved, dstate, device=u.device, dtype=torch.float32)
+    programs_d = triton.cdiv(dim_per_group, config.forward_block_d)
+    wanted = config.forward_parts or _auto_parts("forward", programs_d * batch * n_groups, seqlen,
+                                                 config.forward_warps, u.device, config)
+    saved_per_part = triton.cdiv(n_saved, min(wanted, n_saved))  # a forward part is whole backward parts
+    n_parts = triton.cdiv(n_saved, saved_per_part)
+
+    def launch(local: bool, start=None, local_states=None, decay=None):
+        _selective_scan_fwd_kernel[(programs_d, batch * n_groups, n_parts)](
+            u, delta, A, bc, D, z, delta_bias, seq_idx, out, out_z, saved, start, local_states, decay,
+            dim_per_group, n_groups, seqlen, dstate, padded_len, saved_per_part * saved_len, saved_len, n_saved,
             *_strides(u, 2), *_strides(delta, 2), *A.stride(), *_strides(z, 2), *_strides(seq_idx, 1), *_strides(out, 2),
             *_strides(out_z, 2),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-            HAS_SEQ_IDX=seq_idx is not None,
-            STORE_OUT=store_out, BLOCK_D=config.forward_block_d, FAST_MATH=u.is_cuda, num_warps=config.forward_warps,
-            **_register_cap(config.forward_max_registers, u),
+            HAS_D=D is not None, HAS_Z=z is not None and not local, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=bool(delta_softplus), HAS_SEQ_IDX=seq_idx is not None, STORE_OUT=store_out and not local,
+            LOCAL=local, HAS_START=start is not None, BLOCK_D=config.forward_block_d, FAST_MATH=u.is_cuda,
+            num_warps=config.forward_warps, **_register_cap(config.forward_max_registers, u),
         )
-    return out, last_state, out_z
+
+    with _device_context(u):
+        if n_parts == 1:
+            launch(local=False)
+        else:
+            local_states = torch.empty(batch, dim, n_parts, MAX_STATES, device=u.device, dtype=torch.float32)
+            decay = torch.empty_like(local_states)
+            launch(local=True, local_states=local_states, decay=decay)
+            launch(local=False, start=_carry(local_states, decay, reverse=False))
+    return out, saved, out_z
 
 
 def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus=False, dz=None,
-                  recompute_out_z=False, config: ScanConfig | None = None, seq_idx=None):
+                  recompute_out_z=False, config: ScanConfig | None = None, seq_idx=None, saved_states=None):
     """Runs the backward kernel and adds up its partial sums.
 
     Returns (du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z): du/ddelta/dz in the inputs' dtype,
     dA/dD/ddelta_bias float32, dB/dC in B's/C's dtype, None for what does not apply. ``dz`` may be a
     preallocated tensor to write into (any strides with the last one 1), as mamba-ssm's block passes.
-    ``seq_idx``: as the forward was given it.
+    ``seq_idx``: as the forward was given it. ``saved_states``: the forward's (any strides); its parts are the
+    backward's. Without it the backward runs the sequence as one part.
     """
     config = config or DEFAULT_CONFIG
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
@@ -585,22 +810,48 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus=Fals
         dBC_part = torch.empty(batch * n_groups, n_programs_d, padded_len, ROW_WIDTH, **float_options)
     else:
         dBC_part = torch.zeros(batch * n_groups, 1, padded_len, ROW_WIDTH, **float_options)
-    dA_part = torch.empty(batch, dim, dstate, **float_options)
-    dD_part = torch.empty(batch, dim, **float_options) if D is not None else None
-    dbias_part = torch.empty(batch, dim, **float_options) if delta_bias is not None else None
-    slots = n_segments + config.segment // TILE_STEPS
-    states = torch.empty(programs, slots, config.backward_block_d, MAX_STATES, **float_options)
-    grid = (n_programs_d, batch * n_groups)
+    if saved_states is None:
+        n_parts, part_len = 1, n_segments * config.segment
+    else:
+        n_parts = saved_states.shape[2]
+        part_len = _part_len(seqlen, n_parts, config.segment)
+        if tuple(saved_states.shape) != (batch, dim, n_parts, dstate) or triton.cdiv(max(seqlen, 1), part_len) != n_parts:
+            raise SelectiveScanInputError(
+                f"selective_scan backward: the forward's saved states {tuple(saved_states.shape)} do not fit "
+                f"(batch, dim, parts, d_state) = ({batch}, {dim}, parts, {dstate}) with segment {config.segment} "
+                f"(was the ScanConfig changed between forward and backward?)")
+    segments_per_part = part_len // config.segment
+    grid = (n_programs_d, batch * n_groups, n_parts)
+    dA_part = torch.empty(batch * n_parts, dim, dstate, **float_options)
+    dD_part = torch.empty(batch * n_parts, dim, **float_options) if D is not None else None
+    dbias_part = torch.empty(batch * n_parts, dim, **float_options) if delta_bias is not None else None
+    states = torch.empty(programs * n_parts, segments_per_part + config.segment // TILE_STEPS, config.backward_block_d,
+                         MAX_STATES, **float_options)
     with _device_context(u):
+        carry = None
+        if n_parts > 1:
+            local = torch.empty(batch, dim, n_parts, MAX_STATES, **float_options)
+            decay = torch.empty_like(local)
+            _adjoint_carry_kernel[(n_programs_d, batch * n_groups, n_parts - 1)](
+                delta, A, bc, z, delta_bias, seq_idx, dout, local, decay,
+                dim_per_group, n_groups, seqlen, dstate, padded_len, part_len,
+                *_strides(delta, 2), *A.stride(), *_strides(z, 2), *_strides(seq_idx, 1), *_strides(dout, 2),
+                HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+                HAS_SEQ_IDX=seq_idx is not None, BLOCK_D=config.backward_block_d, FAST_MATH=u.is_cuda,
+                num_warps=config.backward_warps, **_register_cap(config.backward_max_registers, u),
+            )
+            carry = _carry(local, decay, reverse=True)
         _selective_scan_bwd_kernel[grid](
             u, delta, A, bc, D, z, delta_bias, seq_idx, dout, du, ddelta, dz, out_z, dBC_part, dA_part, dD_part,
-            dbias_part, states, dim_per_group, n_groups, seqlen, dstate, padded_len, n_segments,
+            dbias_part, states, saved_states, carry,
+            dim_per_group, n_groups, seqlen, dstate, padded_len, n_segments, segments_per_part,
+            *_strides(saved_states, 4),
             *_strides(u, 2), *_strides(delta, 2), *A.stride(), *_strides(z, 2), *_strides(seq_idx, 1),
             *_strides(dout, 2), *_strides(du, 2),
             *_strides(ddelta, 2), *_strides(dz, 2), *_strides(out_z, 2),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
             HAS_SEQ_IDX=seq_idx is not None, STORE_OUT_Z=out_z is not None, BLOCK_D=config.backward_block_d,
-            SEGMENT=config.segment,
+            SEGMENT=config.segment, HAS_PARTS=n_parts > 1,
             DETERMINISTIC=config.deterministic, FAST_MATH=u.is_cuda,
             num_warps=config.backward_warps, **_register_cap(config.backward_max_registers, u),
         )
@@ -624,22 +875,23 @@ class SelectiveScanFn(torch.autograd.Function):
         squeeze_B, squeeze_C = B.dim() == 3, C.dim() == 3
         B = B.unsqueeze(1) if squeeze_B else B
         C = C.unsqueeze(1) if squeeze_C else C
-        out, last_state, out_z = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, store_out=z is None,
-                                              seq_idx=seq_idx)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx)
+        out, saved_states, out_z = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                store_out=z is None, seq_idx=seq_idx)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, saved_states)
         ctx.delta_softplus = delta_softplus
         ctx.squeeze = (squeeze_B, squeeze_C)
         result = out if z is None else out_z
         if not return_last_state:
             return result
+        last_state = saved_states[:, :, -1].contiguous()
         ctx.mark_non_differentiable(last_state)
         return result, last_state
 
     @staticmethod
     def backward(ctx, dout, *unused):
-        u, delta, A, B, C, D, z, delta_bias, seq_idx = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, seq_idx, saved_states = ctx.saved_tensors
         du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, _ = scan_backward(
-            u, delta, A, B, C, D, z, delta_bias, dout, ctx.delta_softplus, seq_idx=seq_idx)
+            u, delta, A, B, C, D, z, delta_bias, dout, ctx.delta_softplus, seq_idx=seq_idx, saved_states=saved_states)
         squeeze_B, squeeze_C = ctx.squeeze
         return (du, ddelta, dA, dB.squeeze(1) if squeeze_B else dB, dC.squeeze(1) if squeeze_C else dC,
                 dD, dz, ddelta_bias, None, None, None)
@@ -674,9 +926,10 @@ class SelectiveScanExtension(types.ModuleType):
 
     Calls this kernel does not cover (complex A, constant B/C) go to the real extension unchanged.
     With ``z``, ``fwd`` returns an empty tensor for the pre-gate output: mamba-ssm's callers only hand
-    it back to ``bwd``, which recomputes it. The intermediate ``x`` holds only the final state, in the
-    CUDA kernel's layout (batch, dim, 1, 2 d_state) with the state in the odd entries (where mamba-ssm's
-    ``SelectiveScanFn`` reads it); the backward recomputes everything else. Within
+    it back to ``bwd``, which recomputes it. The intermediate ``x`` holds the state at the end of each of the
+    backward's parts, in the CUDA kernel's layout (batch, dim, parts, 2 d_state) with the states in the odd
+    entries (the final state last, where mamba-ssm's ``SelectiveScanFn`` reads it); the backward recomputes
+    everything else. Within
     ``kotomamba.documents.packed_documents`` both reset the state at each packed document's start.
     """
 
@@ -693,10 +946,11 @@ class SelectiveScanExtension(types.ModuleType):
     def fwd(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         if not handles(A, B, C):
             return self._fallback("fwd")(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-        out, last_state, out_z = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                              store_out=z is None, seq_idx=active_document_index())
-        # mamba-ssm's x layout, (batch, dim, chunks, 2 d_state) with the state in the odd entries; one chunk
-        x = torch.stack((torch.zeros_like(last_state), last_state), dim=-1).flatten(-2).unsqueeze(2)
+        out, saved_states, out_z = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                store_out=z is None, seq_idx=active_document_index())
+        # mamba-ssm's x layout, (batch, dim, chunks, 2 d_state) with the states in the odd entries: one chunk per
+        # part of the backward, the final state last (where mamba-ssm's SelectiveScanFn reads it)
+        x = torch.stack((torch.zeros_like(saved_states), saved_states), dim=-1).flatten(-2)
         if z is None:
             return [out, x]
         return [u.new_empty(0), x, out_z]
@@ -707,7 +961,7 @@ class SelectiveScanExtension(types.ModuleType):
                                          recompute_out_z)
         du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = scan_backward(
             u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, dz=dz, recompute_out_z=recompute_out_z,
-            seq_idx=active_document_index())
+            seq_idx=active_document_index(), saved_states=x[..., 1::2])
         result = [du, ddelta, dA, dB, dC, dD, ddelta_bias]
         if z is not None:
             result.append(dz)
