@@ -127,6 +127,10 @@ def measure(model: str, batch: int, seqlen: int, ours, theirs, bandwidth: float,
         del forward, backward, grads
     (our_out, our_grads), (their_out, their_grads) = results["ours"], results["mamba"]
     names = ["du", "ddelta", "dA", "dB", "dC", "dD", "ddelta_bias", "dz", "out_z"]
+    from kotomamba.ops.selective_scan import partition
+
+    split = partition(batch, D_INNER[model], 1, seqlen, device)
+    row["parts"] = f"{split.forward_parts}/{split.backward_parts}"
     row["max_rel_diff"] = max([relative_error(our_out, their_out)]
                               + [relative_error(a, b) for a, b in zip(our_grads, their_grads)])
     row["worst"] = max(zip([relative_error(a, b) for a, b in zip(our_grads, their_grads)], names))[1]
@@ -136,7 +140,7 @@ def measure(model: str, batch: int, seqlen: int, ours, theirs, bandwidth: float,
 
 def table(rows: list[dict]) -> str:
     header = ["model", "batch", "seq", "fwd ours", "fwd mamba", "bwd ours", "bwd mamba", "fwd+bwd ours",
-              "fwd+bwd mamba", "speed-up", "floor mem / exp", "% of floor", "max rel diff"]
+              "fwd+bwd mamba", "speed-up", "parts fwd/bwd", "floor mem / exp", "% of floor", "max rel diff"]
     lines = []
     for r in rows:
         ours = r["ours_forward"] + r["ours_backward"]
@@ -144,7 +148,7 @@ def table(rows: list[dict]) -> str:
         floor = r["floor_forward"] + r["floor_backward"]
         lines.append([r["model"], r["batch"], r["seqlen"], f"{r['ours_forward']:.3f}", f"{r['mamba_forward']:.3f}",
                       f"{r['ours_backward']:.3f}", f"{r['mamba_backward']:.3f}", f"{ours:.3f}", f"{theirs:.3f}",
-                      f"{theirs / ours:.2f}x", f"{r['floor_memory_total']:.3f} / {r['floor_exp_total']:.3f}",
+                      f"{theirs / ours:.2f}x", r.get("parts", "1/1"), f"{r['floor_memory_total']:.3f} / {r['floor_exp_total']:.3f}",
                       f"{100 * floor / ours:.0f}%", f"{r['max_rel_diff']:.1e} ({r['worst']})"])
     return markdown_table(header, lines)
 

@@ -618,13 +618,31 @@ def _part_len(seqlen: int, parts: int, quantum: int) -> int:
     return triton.cdiv(triton.cdiv(max(seqlen, 1), parts), quantum) * quantum
 
 
-def _saved_len(batch: int, dim_per_group: int, n_groups: int, seqlen: int, device: torch.device,
-               config: ScanConfig) -> int:
-    """The backward's part length: the forward saves the state at the end of every such part."""
-    parts = config.backward_parts or _auto_parts(
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """How a scan's sequence is split: the backward's parts (the forward saves the state at the end of each)
+    and the forward's, each forward part a whole number of backward parts."""
+
+    backward_len: int
+    backward_parts: int
+    forward_len: int
+    forward_parts: int
+
+
+def partition(batch: int, dim: int, n_groups: int, seqlen: int, device: torch.device,
+              config: ScanConfig | None = None) -> Partition:
+    config = config or DEFAULT_CONFIG
+    dim_per_group = dim // n_groups
+    backward = config.backward_parts or _auto_parts(
         "backward", triton.cdiv(dim_per_group, config.backward_block_d) * batch * n_groups, seqlen,
         config.backward_warps, device, config)
-    return _part_len(seqlen, parts, config.segment)
+    backward_len = _part_len(seqlen, backward, config.segment)
+    backward_parts = triton.cdiv(max(seqlen, 1), backward_len)
+    forward = config.forward_parts or _auto_parts(
+        "forward", triton.cdiv(dim_per_group, config.forward_block_d) * batch * n_groups, seqlen,
+        config.forward_warps, device, config)
+    per_part = triton.cdiv(backward_parts, min(forward, backward_parts))
+    return Partition(backward_len, backward_parts, per_part * backward_len, triton.cdiv(backward_parts, per_part))
 
 
 DEFAULT_CONFIG = ScanConfig()
@@ -736,19 +754,17 @@ def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
     bc = _bc_table(B, C, padded_len)
     out = torch.empty_like(u, memory_format=torch.contiguous_format) if store_out else None
     out_z = torch.empty_like(u, memory_format=torch.contiguous_format) if z is not None else None
-    saved_len = _saved_len(batch, dim_per_group, n_groups, seqlen, u.device, config)
-    n_saved = triton.cdiv(max(seqlen, 1), saved_len)
-    saved = (torch.empty if seqlen else torch.zeros)(batch, dim, n_saved, dstate, device=u.device, dtype=torch.float32)
+    parts = partition(batch, dim, n_groups, seqlen, u.device, config)
+    saved = (torch.empty if seqlen else torch.zeros)(batch, dim, parts.backward_parts, dstate, device=u.device,
+                                                      dtype=torch.float32)
     programs_d = triton.cdiv(dim_per_group, config.forward_block_d)
-    wanted = config.forward_parts or _auto_parts("forward", programs_d * batch * n_groups, seqlen,
-                                                 config.forward_warps, u.device, config)
-    saved_per_part = triton.cdiv(n_saved, min(wanted, n_saved))  # a forward part is whole backward parts
-    n_parts = triton.cdiv(n_saved, saved_per_part)
+    n_parts = parts.forward_parts
 
     def launch(local: bool, start=None, local_states=None, decay=None):
         _selective_scan_fwd_kernel[(programs_d, batch * n_groups, n_parts)](
             u, delta, A, bc, D, z, delta_bias, seq_idx, out, out_z, saved, start, local_states, decay,
-            dim_per_group, n_groups, seqlen, dstate, padded_len, saved_per_part * saved_len, saved_len, n_saved,
+            dim_per_group, n_groups, seqlen, dstate, padded_len, parts.forward_len, parts.backward_len,
+            parts.backward_parts,
             *_strides(u, 2), *_strides(delta, 2), *A.stride(), *_strides(z, 2), *_strides(seq_idx, 1), *_strides(out, 2),
             *_strides(out_z, 2),
             HAS_D=D is not None, HAS_Z=z is not None and not local, HAS_BIAS=delta_bias is not None,
