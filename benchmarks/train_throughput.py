@@ -199,6 +199,10 @@ def plan(name: str) -> list[Case]:
                 Case("kotomamba", "mamba2-2.7b", 1, 2048, 4, "--fsdp-blocks-per-unit 4"),
                 Case("kotomamba", "mamba2-2.7b", 1, 2048, 4, "--fsdp-blocks-per-unit 16"),
                 Case("recipe", "mamba2-2.7b", 1, 2048, 4)]
+    if name == "memory":  # the dry run's peak memory estimate against the measured peak (tests/gpu)
+        chunked = "--cross-entropy-chunk-tokens 4096"
+        return [Case("kotomamba", "130m", 1, 2048, 16), Case("kotomamba", "370m", 1, 2048, 8, chunked),
+                Case("kotomamba", "790m", 1, 2048, 8), Case("kotomamba", "mamba2-370m", 1, 2048, 8, chunked)]
     if name == "quick":
         return [
             Case("kotomamba", "2.8b", 1, 2048, 4),
@@ -292,7 +296,15 @@ def run_kotomamba(case: Case, steps: int, warmup: int, data_prefix: str, config_
     finally:
         shutdown_distributed(completed)
     return {"step_s": (times[warmup + steps - 1] - times[warmup - 1]) / steps, "peak_gib": peak, "world": ctx.world_size,
-            "rank": ctx.rank}
+            "rank": ctx.rank, "estimate_gib": dry_run_estimate(argv)}
+
+
+def dry_run_estimate(argv: list[str]) -> float:
+    """What `pretrain.py --dry-run` says the same run's peak memory per GPU is, GiB (the launcher's layout)."""
+    from kotomamba import dry_run
+    from kotomamba.arguments import parse_args
+
+    return dry_run.plan(parse_args([*argv, "--dry-run"])).memory.total / 2**30
 
 
 def run_recipe(case: Case, steps: int, warmup: int, profiler: StepProfiler) -> dict:
@@ -457,7 +469,7 @@ def summarize(rows: list[tuple[int, Case, dict]], gpu_name: str) -> str:
         row = [run] if several_runs else []
         row += [case.runner, case.model, case.gpus, case.seq, case.micro_batch, case.options or "-"]
         if result.get("status") != "ok":
-            table.append((run, case, None, row + [result.get("status"), "", "", "", ""]))
+            table.append((run, case, None, row + [result.get("status"), "", "", "", "", ""]))
             continue
         tokens_per_gpu = case.micro_batch * case.seq / result["step_s"]
         flops = flops_per_token(model_config(case.model), case.seq)
@@ -466,15 +478,16 @@ def summarize(rows: list[tuple[int, Case, dict]], gpu_name: str) -> str:
             ours_by_shape.setdefault((run, case.model, case.seq, case.micro_batch, case.options), {})[case.gpus] = tokens_per_gpu
             key = (run, case.model, case.gpus, case.seq)
             ours_best[key] = max(tokens_per_gpu, ours_best.get(key, 0.0))
+        estimate = f"{result['estimate_gib']:.1f}" if "estimate_gib" in result else ""
         table.append((run, case, tokens_per_gpu, row + [f"{tokens_per_gpu:,.0f}", mfu, f"{result['peak_gib']:.1f}",
-                                                        f"{result['step_s']:.3f}", ""]))
+                                                        estimate, f"{result['step_s']:.3f}", ""]))
     for run, case, tokens_per_gpu, row in table:
         ours = ours_best.get((run, case.model, case.gpus, case.seq))
         if case.runner != "kotomamba" and ours and tokens_per_gpu:
             row[-1] = f"{ours / tokens_per_gpu:.2f}×"
     header = (["run"] if several_runs else []) + [
-        "runner", "model", "GPUs", "seq", "micro batch", "options", "tokens/s per GPU", "MFU", "peak GiB", "s/step",
-        "ours (best mb) ÷ this" + (" (same run)" if several_runs else "")]
+        "runner", "model", "GPUs", "seq", "micro batch", "options", "tokens/s per GPU", "MFU", "peak GiB", "dry-run GiB",
+        "s/step", "ours (best mb) ÷ this" + (" (same run)" if several_runs else "")]
     lines = [markdown_table(header, [row for _, _, _, row in table])]
     for (run, model, seq, micro_batch, options), per_gpu in ours_by_shape.items():
         if 1 in per_gpu and 2 in per_gpu:
@@ -547,7 +560,7 @@ def write_report(runs: list[list[dict]], section: str = "train_throughput") -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plan", default="standard", choices=("tiny", "quick", "scan", "documents", "launch", "standard"))
+    parser.add_argument("--plan", default="standard", choices=("tiny", "quick", "scan", "documents", "launch", "memory", "standard"))
     parser.add_argument("--only", default=None, help="Run only cases whose label contains this text.")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
