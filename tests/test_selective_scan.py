@@ -223,8 +223,9 @@ def test_parts_are_picked_to_fill_the_gpus_warp_slots(scan, monkeypatch):
     # batch 8: 2.4 waves; 2 parts fill 5 of the 6 half waves the rounding-up makes. batch 16: 4.85, no gain.
     assert backward == {1: 13, 8: 2, 16: 1}
     assert scan._auto_parts("forward", 640 * 8, 2048, 1, gpu, config) == 1  # running parts twice does not pay
-    assert scan._auto_parts("forward", 640, 2048, 1, gpu, config) == 14  # 3 full waves of 3,168 slots
-    assert scan._auto_parts("backward", 640, 256, 1, gpu, config) == 2  # parts of at least min_part_steps
+    assert scan._auto_parts("forward", 640, 2048, 1, gpu, config) == 1  # parts of at least 2048 steps
+    assert scan._auto_parts("forward", 640, 16384, 1, gpu, config) == 4  # 2,560 of 3,168 slots
+    assert scan._auto_parts("backward", 640, 256, 1, gpu, config) == 2  # parts of at least 128 steps
     assert scan._auto_parts("backward", 640, 2048, 1, torch.device("cpu"), config) == 1
 
 

@@ -578,7 +578,10 @@ class ScanConfig:
     # back across parts). None: as many as the model of warp slots below says pays; a number forces it.
     forward_parts: int | None = None
     backward_parts: int | None = None
-    min_part_steps: int = 128  # the shortest part that None picks
+    # The shortest parts that None picks. A forward split runs each part twice and adds two launches: on one H100
+    # it paid at 8k-16k steps (2.8b batch 1 at 16k: 3.7 -> 1.7 ms) but not reliably at 2k (docs/benchmarks.md).
+    min_backward_part_steps: int = 128
+    min_forward_part_steps: int = 2048
 
     def __post_init__(self):
         if self.segment <= 0 or self.segment % TILE_STEPS:
@@ -607,9 +610,10 @@ def _auto_parts(kind: str, programs: int, seqlen: int, warps: int, device: torch
     (waves are rounded up: a partial wave takes as long as a full one, since each program is a serial walk)."""
     if device.type != "cuda":
         return 1
+    min_steps = config.min_forward_part_steps if kind == "forward" else config.min_backward_part_steps
     slots = max(1, _multiprocessors(device) * (WARPS_PER_MULTIPROCESSOR[kind] // warps))
     costs = {parts: math.ceil(programs * parts / slots) / parts * (1 + (SPLIT_COST[kind] if parts > 1 else 0.0))
-             for parts in range(1, max(1, seqlen // config.min_part_steps) + 1)}
+             for parts in range(1, max(1, seqlen // min_steps) + 1)}
     least = min(costs.values())
     return min(parts for parts, cost in costs.items() if cost <= least * 1.03)  # the fewest parts near the least
 
