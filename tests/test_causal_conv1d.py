@@ -36,6 +36,7 @@ def per_document_reference(x, weight, bias, seq_idx, activation):
 @pytest.mark.parametrize("width, has_bias, silu", [(4, True, True), (2, False, False)])
 def test_each_document_is_convolved_alone(conv, monkeypatch, width, has_bias, silu):
     monkeypatch.setattr(conv, "BLOCK_L", 16)  # documents cross tile edges
+    monkeypatch.setattr(conv, "BACKWARD_BLOCK_L", 16)
     generator = torch.Generator().manual_seed(width)
     batch, dim, seqlen = 2, 5, 37
     x = torch.randn(batch, dim, seqlen, generator=generator, dtype=torch.float64, requires_grad=True)
