@@ -296,8 +296,8 @@ def activation_bytes(config: MambaConfig, micro_batch_size: int, seq_length: int
                      selective_scan: str = "auto") -> tuple[int, str]:
     """Activation memory of one micro-batch on one GPU, and the assumptions behind it.
 
-    ``selective_scan`` is the --selective-scan choice; "auto" counts as mamba-ssm's kernel, which it
-    is on every GPU today (kotomamba.kernels.SCAN_MEASURED_FASTER is empty)."""
+    ``selective_scan`` is the --selective-scan choice; "auto" counts as mamba-ssm's kernel, which keeps more
+    (the dry run does not know the GPU; where kotomamba.kernels.SCAN_MEASURED_FASTER puts ours, less is used)."""
     residual = 4 if config.residual_in_fp32 else compute
     own_scan = selective_scan.startswith("kotomamba")
     layers = [_layer_activation_bytes(config, i, compute, residual, seq_length, own_scan)

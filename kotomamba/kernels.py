@@ -118,10 +118,11 @@ REFERENCE_ROUTING: tuple[tuple[str, str, str], ...] = (
     ("mamba_ssm.modules.mamba3", "apply_rotary_qk_inference_fwd", NO_REFERENCE),
 )
 
-# Compute capabilities on which benchmarks/scan_kernels.py measured kotomamba's scan faster than
-# mamba-ssm's on every benchmarked shape (docs/benchmarks.md); "auto" picks it there only. None yet: on
-# an H100 (sm_90) it is 1.11-1.13x at micro batch 16 but 0.16-1.05x at smaller batches and long sequences.
-SCAN_MEASURED_FASTER: tuple[tuple[int, int], ...] = ()
+# Where "auto" runs kotomamba's scan: per compute capability that benchmarks/scan_kernels.py measured, the
+# fewest channels per call (batch x d_inner) from which ours was faster on every benchmarked shape
+# (docs/benchmarks.md); smaller calls run mamba-ssm's kernel. One H100 (sm_90): 1.12-1.13x at 65,536 channels
+# and more (1.4b and 2.8b at micro batch 16), 0.47-1.01x below.
+SCAN_MEASURED_FASTER: dict[tuple[int, int], int] = {(9, 0): 65536}
 
 # Where mamba-ssm looks up the selective scan, and what kotomamba's Triton scan puts there. The
 # compiled extension's stand-in carries mamba-ssm's own MambaInnerFn (Mamba-1's fused block: conv1d
@@ -169,8 +170,9 @@ def select_kernel_backend(device: torch.device | str | None = None, allow_refere
     too (logged): for checking the CUDA kernels against the reference on the same device.
 
     ``selective_scan`` (one of ``SELECTIVE_SCAN_CHOICES``, the ``--selective-scan`` flag) picks Mamba-1's
-    scan: kotomamba's Triton kernel, mamba-ssm's, or "auto": ours on the GPUs in
-    ``SCAN_MEASURED_FASTER``, else mamba-ssm's (on the reference backend, its reference function).
+    scan: kotomamba's Triton kernel, mamba-ssm's, or "auto": on the GPUs in ``SCAN_MEASURED_FASTER`` ours for
+    the calls it was measured faster on (resolved as "auto") and mamba-ssm's for the others, elsewhere
+    mamba-ssm's (on the reference backend, its reference function).
 
     ``documents`` (--reset-state-at-eod) routes the packed documents' index to the kernels; on a GPU it
     needs kotomamba's scan for Mamba-1 layers (mamba-ssm's has no such input), which "auto" then picks.
@@ -220,6 +222,8 @@ def select_kernel_backend(device: torch.device | str | None = None, allow_refere
         _install_reference_routing()
     if scan.startswith("kotomamba"):
         _install_scan_routing(deterministic=scan == "kotomamba-deterministic")
+    elif scan == "auto":
+        _install_scan_routing(deterministic=False, min_channels=_scan_min_channels(torch.device(device)))
     if documents and wanted == "cuda":
         _install_document_routing()
     _active_backend, _active_scan = wanted, scan
@@ -242,8 +246,12 @@ def _resolve_selective_scan(choice: str, device: torch.device, backend: str) -> 
             "interpreter, TRITON_INTERPRET=1, which is for tests: far too slow to train)"
         )
     if backend == "cuda" and torch.cuda.get_device_capability(device) in SCAN_MEASURED_FASTER:
-        return "kotomamba"
+        return "auto"
     return theirs
+
+
+def _scan_min_channels(device: torch.device) -> int:
+    return SCAN_MEASURED_FASTER[torch.cuda.get_device_capability(device)]
 
 
 def kernel_backend() -> str:
@@ -252,8 +260,8 @@ def kernel_backend() -> str:
 
 
 def selective_scan_kernel() -> str:
-    """Mamba-1's installed selective scan: "kotomamba", "kotomamba-deterministic", "mamba-ssm", "reference", or
-    "unselected"."""
+    """Mamba-1's installed selective scan: "kotomamba", "kotomamba-deterministic", "auto" (kotomamba's for large
+    calls, mamba-ssm's for the others), "mamba-ssm", "reference", or "unselected"."""
     return _active_scan or "unselected"
 
 
@@ -261,10 +269,19 @@ def kernel_summary() -> str:
     """The installed backend and selective scan, as the training log's setup line shows them."""
     if _active_backend is None:
         return "unselected"
-    scan = {"kotomamba": "kotomamba's Triton kernel",
-            "kotomamba-deterministic": "kotomamba's Triton kernel, deterministic backward",
-            "mamba-ssm": "mamba-ssm's CUDA kernel",
-            "reference": "mamba-ssm's reference function"}[_active_scan]
+    if _active_scan == "auto":
+        from kotomamba.ops.selective_scan import SelectiveScanExtension
+
+        interface = importlib.import_module(SCAN_EXTENSION_MODULE)
+        minimum = interface.selective_scan_cuda.min_channels if isinstance(
+            interface.selective_scan_cuda, SelectiveScanExtension) else None
+        scan = (f"kotomamba's Triton kernel for calls of {minimum:,} channels (batch x d_inner) or more, "
+                f"mamba-ssm's CUDA kernel below")
+    else:
+        scan = {"kotomamba": "kotomamba's Triton kernel",
+                "kotomamba-deterministic": "kotomamba's Triton kernel, deterministic backward",
+                "mamba-ssm": "mamba-ssm's CUDA kernel",
+                "reference": "mamba-ssm's reference function"}[_active_scan]
     return f"{_backend_description(_active_backend)}; selective scan: {scan}"
 
 
@@ -348,7 +365,9 @@ def _install_reference_routing() -> None:
         setattr(module, attribute, function)
 
 
-def _install_scan_routing(deterministic: bool) -> None:
+def _install_scan_routing(deterministic: bool, min_channels: int | None = None) -> None:
+    """kotomamba's scan under mamba-ssm's entry points; with ``min_channels`` only for calls of at least that
+    many channels (mamba-ssm's own selective_scan_fn then stays: it calls the extension too)."""
     import dataclasses
 
     from kotomamba.ops import selective_scan
@@ -357,7 +376,10 @@ def _install_scan_routing(deterministic: bool) -> None:
         selective_scan.DEFAULT_CONFIG = dataclasses.replace(selective_scan.DEFAULT_CONFIG, deterministic=True)
     interface = importlib.import_module(SCAN_EXTENSION_MODULE)
     extension = sys.modules.get("selective_scan_cuda")
-    interface.selective_scan_cuda = selective_scan.SelectiveScanExtension(None if _is_stand_in(extension) else extension)
+    interface.selective_scan_cuda = selective_scan.SelectiveScanExtension(None if _is_stand_in(extension) else extension,
+                                                                          min_channels)
+    if min_channels is not None:
+        return
     for module_name, attribute, replacement in SCAN_ROUTING:
         replacement_module, replacement_name = replacement.split(":")
         setattr(importlib.import_module(module_name), attribute,

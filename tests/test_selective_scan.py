@@ -388,3 +388,38 @@ def test_packed_documents_do_not_see_each_other(split, parts, scan, monkeypatch)
                                            msg=lambda m: f"{name}, row {row}, document {start}:{end}: {m}")
     unreset = scan.selective_scan_fn(**inputs, delta_softplus=True)
     assert not torch.allclose(unreset[0, :, split:], out[0, :, split:], atol=1e-3)
+
+
+def test_auto_runs_ours_only_for_calls_of_the_measured_size(scan, small_tiles):
+    """--selective-scan auto on a measured GPU: calls below min_channels (batch x dim) go to mamba-ssm's
+    extension, forward and backward alike; larger ones to the Triton kernels."""
+    calls = []
+
+    class Recording:
+        def fwd(self, *args):
+            calls.append(("fwd", tuple(args[0].shape)))
+            return ["mamba-ssm fwd"]
+
+        def bwd(self, *args):
+            calls.append(("bwd", tuple(args[0].shape)))
+            return ["mamba-ssm bwd"]
+
+    extension = scan.SelectiveScanExtension(Recording(), min_channels=12)
+    for case, ours in ((Case(batch=2, dim=6), True), (Case(batch=2, dim=4), False)):
+        values = [t.detach() if t is not None else None for t in make_inputs(case).values()]
+        forward = extension.fwd(*values, True)
+        x, out = (forward[1], forward[0]) if ours else (None, None)
+        backward = extension.bwd(*values, torch.randn(case.batch, case.dim, case.seqlen), x, out, None, True, False)
+        assert (forward == ["mamba-ssm fwd"]) == (not ours) and (backward == ["mamba-ssm bwd"]) == (not ours)
+    assert calls == [("fwd", (2, 4, 37)), ("bwd", (2, 4, 37))]
+
+
+def test_auto_resolves_per_call_on_measured_gpus_only(monkeypatch):
+    from kotomamba import kernels
+
+    monkeypatch.setattr(kernels.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert kernels._resolve_selective_scan("auto", torch.device("cuda"), "cuda") == "auto"
+    assert kernels._scan_min_channels(torch.device("cuda")) == kernels.SCAN_MEASURED_FASTER[(9, 0)]
+    monkeypatch.setattr(kernels.torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert kernels._resolve_selective_scan("auto", torch.device("cuda"), "cuda") == "mamba-ssm"
+    assert kernels._resolve_selective_scan("auto", torch.device("cpu"), "reference") == "reference"

@@ -944,7 +944,8 @@ def handles(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> bool:
 class SelectiveScanExtension(types.ModuleType):
     """Stands in for ``selective_scan_cuda`` (its ``fwd``/``bwd`` contract) with the Triton kernels.
 
-    Calls this kernel does not cover (complex A, constant B/C) go to the real extension unchanged.
+    Calls this kernel does not cover (complex A, constant B/C), and with ``min_channels`` calls of fewer
+    channels (batch x dim), go to the real extension unchanged.
     With ``z``, ``fwd`` returns an empty tensor for the pre-gate output: mamba-ssm's callers only hand
     it back to ``bwd``, which recomputes it. The intermediate ``x`` holds the state at the end of each of the
     backward's parts, in the CUDA kernel's layout (batch, dim, parts, 2 d_state) with the states in the odd
@@ -953,9 +954,13 @@ class SelectiveScanExtension(types.ModuleType):
     ``kotomamba.documents.packed_documents`` both reset the state at each packed document's start.
     """
 
-    def __init__(self, extension: types.ModuleType | None):
+    def __init__(self, extension: types.ModuleType | None, min_channels: int | None = None):
         super().__init__("selective_scan_cuda")
         self.extension = extension
+        self.min_channels = min_channels  # smaller calls (batch x dim) go to the real extension
+
+    def _ours(self, u, A, B, C) -> bool:
+        return handles(A, B, C) and (self.min_channels is None or u.shape[0] * u.shape[1] >= self.min_channels)
 
     def _fallback(self, name: str):
         if self.extension is None:
@@ -964,7 +969,7 @@ class SelectiveScanExtension(types.ModuleType):
         return getattr(self.extension, name)
 
     def fwd(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        if not handles(A, B, C):
+        if not self._ours(u, A, B, C):
             return self._fallback("fwd")(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         out, saved_states, out_z = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                                 store_out=z is None, seq_idx=active_document_index())
@@ -976,7 +981,7 @@ class SelectiveScanExtension(types.ModuleType):
         return [u.new_empty(0), x, out_z]
 
     def bwd(self, u, delta, A, B, C, D, z, delta_bias, dout, x, out, dz, delta_softplus, recompute_out_z):
-        if not handles(A, B, C):
+        if not self._ours(u, A, B, C):  # the same decision as the forward's: the same shapes
             return self._fallback("bwd")(u, delta, A, B, C, D, z, delta_bias, dout, x, out, dz, delta_softplus,
                                          recompute_out_z)
         du, ddelta, dA, dB, dC, dD, ddelta_bias, dz, out_z = scan_backward(
