@@ -33,7 +33,7 @@ def per_document_reference(x, weight, bias, seq_idx, activation):
     return torch.cat(rows)
 
 
-@pytest.mark.parametrize("width, has_bias, silu", [(4, True, True), (2, False, False)])
+@pytest.mark.parametrize("width, has_bias, silu", [(4, True, True), (3, True, False), (2, False, False)])
 def test_each_document_is_convolved_alone(conv, monkeypatch, width, has_bias, silu):
     monkeypatch.setattr(conv, "BLOCK_L", 16)  # documents cross tile edges
     monkeypatch.setattr(conv, "BACKWARD_BLOCK_L", 16)
