@@ -13,6 +13,7 @@ over the special-function units' rate (16 per multiprocessor per clock at the ma
 
     python benchmarks/scan_kernels.py                           # the shape plan below, on a GPU
     python benchmarks/scan_kernels.py --sweep                   # tile configurations at one 2.8b shape
+    python benchmarks/scan_kernels.py --parts-sweep             # the sequence in parts, at PARTS_SHAPES
     python benchmarks/scan_kernels.py --report docs/benchmarks.md
     ncu --clock-control none -k regex:_selective_scan python benchmarks/scan_kernels.py --once
 """
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(D_INNER), choices=list(D_INNER))
     parser.add_argument("--sweep", action="store_true", help="time tile configurations at one 2.8b shape instead")
+    parser.add_argument("--parts-sweep", action="store_true",
+                        help="time the sequence split into 1, 2, 4 and 8 parts and the default's choice at PARTS_SHAPES")
     parser.add_argument("--report", type=Path, default=None, help=f"write the section into this file ({BENCHMARKS_MD})")
     parser.add_argument("--shape", default=None, metavar="MODEL,BATCH,SEQ",
                         help=f"the sweep's shape (default {','.join(map(str, SWEEP_SHAPE))})")
@@ -196,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth, exp_rate = copy_bandwidth(device), exponential_rate(device)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, exponentials {exp_rate / 1e12:.2f} T/s", flush=True)
     rows = []
+    if args.parts_sweep:
+        print(parts_sweep(ours, selective_scan_cuda))
+        return 0
     if args.sweep:
         model, batch, seqlen = sweep_shape
         for config in sweep_configs():
@@ -227,6 +233,39 @@ def main(argv: list[str] | None = None) -> int:
                       "Selective-scan kernels: kotomamba's Triton scan vs mamba-ssm's CUDA kernel", body,
                       path=args.report)
     return 0
+
+
+PARTS_SHAPES = [("2.8b", 16, 2048), ("2.8b", 8, 2048), ("2.8b", 4, 2048), ("2.8b", 1, 2048), ("1.4b", 4, 2048),
+                ("130m", 16, 2048), ("130m", 4, 2048), ("130m", 1, 2048), ("2.8b", 1, 16384), ("1.4b", 2, 8192)]
+
+
+def parts_sweep(ours, theirs) -> str:
+    """Forward and backward times with the sequence in 1, 2, 4, 8 parts and as the default splits it."""
+    import triton
+
+    from kotomamba.ops import selective_scan
+
+    device = torch.device("cuda")
+    header = ["model", "batch", "seq", "parts fwd/bwd", "fwd ours", "bwd ours", "fwd mamba", "bwd mamba", "max rel diff"]
+    lines = []
+    for model, batch, seqlen in PARTS_SHAPES:
+        inputs = scan_inputs(D_INNER[model], batch, seqlen, device)
+        forward, backward, expected_out = runners(theirs, inputs)
+        expected = backward()
+        mamba = [triton.testing.do_bench(f, warmup=5, rep=30) for f in (forward, backward)]
+        for parts in (1, 2, 4, 8, None):
+            selective_scan.DEFAULT_CONFIG = selective_scan.ScanConfig(forward_parts=parts, backward_parts=parts)
+            split = selective_scan.partition(batch, D_INNER[model], 1, seqlen, device)
+            forward, backward, out = runners(ours, inputs)
+            grads = backward()
+            error = max([relative_error(out, expected_out)] + [relative_error(a, b) for a, b in zip(grads, expected)])
+            times = [triton.testing.do_bench(f, warmup=5, rep=30) for f in (forward, backward)]
+            label = f"{split.forward_parts}/{split.backward_parts}" + (" (default)" if parts is None else "")
+            lines.append([model, batch, seqlen, label, *(f"{t:.3f}" for t in times + mamba), f"{error:.1e}"])
+            print(" | ".join(map(str, lines[-1])), flush=True)
+        selective_scan.DEFAULT_CONFIG = selective_scan.ScanConfig()
+        torch.cuda.empty_cache()
+    return markdown_table(header, lines)
 
 
 def sweep_configs():
