@@ -423,3 +423,14 @@ def test_auto_resolves_per_call_on_measured_gpus_only(monkeypatch):
     monkeypatch.setattr(kernels.torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert kernels._resolve_selective_scan("auto", torch.device("cuda"), "cuda") == "mamba-ssm"
     assert kernels._resolve_selective_scan("auto", torch.device("cpu"), "reference") == "reference"
+
+
+def test_a_call_that_would_leave_kotomambas_scan_with_packed_documents_is_refused(scan, small_tiles):
+    from kotomamba.documents import packed_documents
+
+    extension = scan.SelectiveScanExtension(None, min_channels=10 ** 9)  # every call would go to mamba-ssm's
+    case = Case()
+    values = [t.detach() if t is not None else None for t in make_inputs(case).values()]
+    with packed_documents(torch.zeros(case.batch, case.seqlen, dtype=torch.int32)):
+        with pytest.raises(scan.SelectiveScanInputError, match="packed documents need kotomamba's scan"):
+            extension.fwd(*values, True)

@@ -18,7 +18,8 @@ How the work is laid out, and why:
   columns holds the channel's next 4 steps (one 8-byte load per thread), so picking a step's value
   is picking a register. B and C go to the kernels as one fp32 (batch x group, steps, 32) table: a
   step's B and C are two 16-byte loads per thread, at one address for all channels of a warp.
-- The forward keeps nothing for the backward but the final state (mamba-ssm keeps the same).
+- The forward keeps nothing for the backward but the state at the end of each part (below; one part: the
+  final state, as mamba-ssm keeps one per 2,048 steps).
 - The backward recomputes states instead of storing them: a first pass saves the state at the
   start of every ``segment`` steps; then, segment by segment from the last, it saves the state at
   the start of every 4 steps, and tile by tile from the last it recomputes the tile's 4 states and
@@ -963,6 +964,9 @@ class SelectiveScanExtension(types.ModuleType):
         return handles(A, B, C) and (self.min_channels is None or u.shape[0] * u.shape[1] >= self.min_channels)
 
     def _fallback(self, name: str):
+        if active_document_index() is not None:  # mamba-ssm's kernel would let documents see each other
+            raise SelectiveScanInputError(f"selective_scan_cuda.{name}: packed documents need kotomamba's scan for "
+                                          f"every call (this one would go to mamba-ssm's, which takes no seq_idx)")
         if self.extension is None:
             raise SelectiveScanInputError(f"selective_scan_cuda.{name}: complex A or constant B/C need mamba-ssm's "
                                           f"CUDA extension, which is not installed")
