@@ -145,6 +145,24 @@ def _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS: tl.constexpr, SOFT
 
 
 @triton.jit
+def _gated_dout(dout_rows, z_rows, t, mask, HAS_Z: tl.constexpr, FAST_MATH: tl.constexpr):
+    """dout, z, sigmoid(z) and dL/dy through the gate (dout * z * sigmoid(z)), as step tiles; without z all
+    four are dout."""
+    dout = tl.load(dout_rows + t[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_rows + t[None, :], mask=mask, other=0.0).to(tl.float32)
+        z_sigmoid = _sigmoid(z, FAST_MATH)
+        return dout, z, z_sigmoid, dout * z * z_sigmoid
+    return dout, dout, dout, dout
+
+
+@triton.jit
+def _part_cells(b, dim, d, n_parts, part, n):
+    """Offsets of [b, d, part, :] in a (batch, dim, parts, 16) tensor, as [channels, 16]."""
+    return ((b * dim + d[:, None]) * n_parts + part) * STATES + n[None, :]
+
+
+@triton.jit
 def _document_keep(seq_rows, t, mask):
     """A step tile of 1, and 0 where seq_idx changes (a step that starts another document: the state it
     inherits is dropped). Step 0 inherits nothing anyway."""
@@ -234,7 +252,7 @@ def _selective_scan_fwd_kernel(
     delta_rows = delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d
     bc_rows = BC_ptr + pid_bg * padded_len * ROW + n[None, :] + 0 * local_d[:, None]
     seq_rows = seq_idx_ptr + b * stride_seq_idx_b + 0 * local_d[:, None] if HAS_SEQ_IDX else u_rows
-    part_cells = ((b * dim + d[:, None]) * n_parts + part) * STATES + n[None, :]  # [b, d, part, :] of (.., 16)
+    part_cells = _part_cells(b, dim, d, n_parts, part, n)
     if HAS_START:
         h = tl.load(start_ptr + part_cells, mask=mask_d[:, None], other=0.0)
     else:
@@ -320,6 +338,8 @@ def _adjoint_carry_kernel(
     delta_rows = delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d
     bc_rows = BC_ptr + pid_bg * padded_len * ROW + n[None, :] + 0 * local_d[:, None]
     seq_rows = seq_idx_ptr + b * stride_seq_idx_b + 0 * local_d[:, None] if HAS_SEQ_IDX else delta_rows
+    dout_rows = dout_ptr + b * stride_dout_b + d[:, None] * stride_dout_d
+    z_rows = z_ptr + b * stride_z_b + d[:, None] * stride_z_d if HAS_Z else dout_rows
     G = tl.zeros((BLOCK_D, STATES), dtype=tl.float32)
     decay = tl.full((BLOCK_D, STATES), 1.0, dtype=tl.float32)  # of the step after
     dt_sum = tl.zeros((BLOCK_D, STATES), dtype=tl.float32)
@@ -332,12 +352,7 @@ def _adjoint_carry_kernel(
         mask = mask_d[:, None] & (t < seqlen)[None, :]
         dt, raw = _step_dt(delta_rows, t, mask, bias, HAS_BIAS, SOFTPLUS, FAST_MATH)
         keep = _document_keep(seq_rows, t, mask) if HAS_SEQ_IDX else dt
-        dyg = tl.load(dout_ptr + b * stride_dout_b + d[:, None] * stride_dout_d + t[None, :], mask=mask,
-                      other=0.0).to(tl.float32)
-        if HAS_Z:
-            z = tl.load(z_ptr + b * stride_z_b + d[:, None] * stride_z_d + t[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
-            dyg = dyg * z * _sigmoid(z, FAST_MATH)
+        _, _, _, dyg = _gated_dout(dout_rows, z_rows, t, mask, HAS_Z, FAST_MATH)
         rows = bc_rows + t0 * ROW
         for back in tl.static_range(TILE):  # step TILE - 1 - back (no constexpr is reassigned in the loop)
             G = decay * G + tl.load(rows + ((TILE - 1 - back) * ROW + STATES)) * _at(dyg, TILE - 1 - back, BLOCK_D)
@@ -345,7 +360,7 @@ def _adjoint_carry_kernel(
         dt_sum += dt
         if HAS_SEQ_IDX:
             keep_all *= keep
-    part_cells = ((b * dim + d[:, None]) * n_parts + part) * STATES + n[None, :]
+    part_cells = _part_cells(b, dim, d, n_parts, part, n)
     tl.store(local_ptr + part_cells, decay * G, mask=mask_d[:, None])
     tl.store(decay_ptr + part_cells, _part_decay(a2, dt_sum, keep_all, BLOCK_D), mask=mask_d[:, None])
 
@@ -437,6 +452,8 @@ def _selective_scan_bwd_kernel(
     delta_rows = delta_ptr + b * stride_delta_b + d[:, None] * stride_delta_d
     bc_rows = BC_ptr + pid_bg * padded_len * ROW + n[None, :] + 0 * local_d[:, None]
     seq_rows = seq_idx_ptr + b * stride_seq_idx_b + 0 * local_d[:, None] if HAS_SEQ_IDX else u_rows
+    dout_rows = dout_ptr + b * stride_dout_b + d[:, None] * stride_dout_d
+    z_rows = z_ptr + b * stride_z_b + d[:, None] * stride_z_d if HAS_Z else dout_rows
     # dB/dC: this program's own partial-sum rows, or (not DETERMINISTIC) the one sum all programs add into
     part_rows = dBC_part_ptr + (program if DETERMINISTIC else pid_bg) * padded_len * ROW
     # Saved states, [program, part, slot, channel, 16] fp32: slot s < segments_per_part holds the state before
@@ -467,8 +484,7 @@ def _selective_scan_bwd_kernel(
     G = zero  # dL/dh of the step after
     decay = zero  # the decay of the step after
     if HAS_PARTS:  # the carry is exp(dt A) G of the next part's first step
-        G = tl.load(carry_ptr + ((b * dim + d[:, None]) * n_parts + part) * STATES + n[None, :], mask=mask_d[:, None],
-                    other=0.0)
+        G = tl.load(carry_ptr + _part_cells(b, dim, d, n_parts, part, n), mask=mask_d[:, None], other=0.0)
         decay = tl.full((BLOCK_D, STATES), 1.0, dtype=tl.float32)
     dA = zero
     dD = zero  # summed over the columns that hold each step once
@@ -493,15 +509,7 @@ def _selective_scan_bwd_kernel(
             u, dt, raw = _step_inputs(u_rows, delta_rows, t, mask, bias, HAS_BIAS, SOFTPLUS, FAST_MATH)
             keep = _document_keep(seq_rows, t, mask) if HAS_SEQ_IDX else dt
             dtu = dt * u
-            dout = tl.load(dout_ptr + b * stride_dout_b + d[:, None] * stride_dout_d + t[None, :], mask=mask,
-                           other=0.0).to(tl.float32)
-            if HAS_Z:
-                z = tl.load(z_ptr + b * stride_z_b + d[:, None] * stride_z_d + t[None, :], mask=mask,
-                            other=0.0).to(tl.float32)
-                z_sigmoid = _sigmoid(z, FAST_MATH)
-                dyg = dout * z * z_sigmoid  # dL/dy through the gate
-            else:
-                dyg = dout
+            dout, z, z_sigmoid, dyg = _gated_dout(dout_rows, z_rows, t, mask, HAS_Z, FAST_MATH)
             rows = bc_rows + t0 * ROW
             part_row = part_rows + t0 * ROW
             # the tile's 4 states, recomputed from the one saved before it
@@ -538,7 +546,7 @@ def _selective_scan_bwd_kernel(
                 ddelta_ptr + b * stride_ddelta_b + d[:, None] * stride_ddelta_d + t[None, :],
                 dz_ptr + b * stride_dz_b + d[:, None] * stride_dz_d + t[None, :] if HAS_Z else du_ptr,
                 out_z_ptr + b * stride_out_z_b + d[:, None] * stride_out_z_d + t[None, :] if STORE_OUT_Z else du_ptr,
-                ddt, gb, y, u, dt, raw, dout, dyg, z if HAS_Z else dout, z_sigmoid if HAS_Z else dout, D, dD, dbias,
+                ddt, gb, y, u, dt, raw, dout, dyg, z, z_sigmoid, D, dD, dbias,
                 mask, once, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, STORE_OUT_Z, FAST_MATH)
     # per batch row and part; torch.sum adds the rows
     row = b * n_parts + part
@@ -636,7 +644,11 @@ class Partition:
 
 def partition(batch: int, dim: int, n_groups: int, seqlen: int, device: torch.device,
               config: ScanConfig | None = None) -> Partition:
-    config = config or DEFAULT_CONFIG
+    return _partition(batch, dim, n_groups, seqlen, torch.device(device), config or DEFAULT_CONFIG)
+
+
+@functools.lru_cache(maxsize=256)  # every layer's forward asks, with the same few shapes (~30 us each to decide)
+def _partition(batch: int, dim: int, n_groups: int, seqlen: int, device: torch.device, config: ScanConfig) -> Partition:
     dim_per_group = dim // n_groups
     backward = config.backward_parts or _auto_parts(
         "backward", triton.cdiv(dim_per_group, config.backward_block_d) * batch * n_groups, seqlen,
