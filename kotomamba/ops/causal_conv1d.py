@@ -46,6 +46,12 @@ def _tap_weight(w_ptr, stride_w_d, d, mask_d, slot: tl.constexpr, WIDTH: tl.cons
 
 
 @triton.jit
+def _tap_weights(w_ptr, stride_w_d, d, mask_d, WIDTH: tl.constexpr):
+    return (_tap_weight(w_ptr, stride_w_d, d, mask_d, 0, WIDTH), _tap_weight(w_ptr, stride_w_d, d, mask_d, 1, WIDTH),
+            _tap_weight(w_ptr, stride_w_d, d, mask_d, 2, WIDTH), _tap_weight(w_ptr, stride_w_d, d, mask_d, 3, WIDTH))
+
+
+@triton.jit
 def _shifted(x_rows, seq_row, t, shift: tl.constexpr, seqlen, mask_d):
     """x[t + shift] as fp32 [BLOCK_D, BLOCK_L] (zero outside the sequence) and seq_idx[t + shift] (-1 there)."""
     source = t + shift
@@ -83,10 +89,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, out_ptr, dim, seqlen,
     xm2, sm2 = _shifted(x_rows, seq_row, t, -2, seqlen, mask_d)
     xm1, sm1 = _shifted(x_rows, seq_row, t, -1, seqlen, mask_d)
     x0, s0 = _shifted(x_rows, seq_row, t, 0, seqlen, mask_d)
-    w0 = _tap_weight(w_ptr, stride_w_d, d, mask_d, 0, WIDTH)
-    w1 = _tap_weight(w_ptr, stride_w_d, d, mask_d, 1, WIDTH)
-    w2 = _tap_weight(w_ptr, stride_w_d, d, mask_d, 2, WIDTH)
-    w3 = _tap_weight(w_ptr, stride_w_d, d, mask_d, 3, WIDTH)
+    w0, w1, w2, w3 = _tap_weights(w_ptr, stride_w_d, d, mask_d, WIDTH)
     pre = _preactivation(bias, w0, w1, w2, w3, xm3, sm3, xm2, sm2, xm1, sm1, x0, s0)
     out = pre * tl.sigmoid(pre) if SILU else pre
     tl.store(out_ptr + b * stride_out_b + d[:, None] * stride_out_d + t[None, :], out,
@@ -129,10 +132,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, dx_ptr, dw_part_
     xp1, sp1 = _shifted(x_rows, seq_row, t, 1, seqlen, mask_d)
     xp2, sp2 = _shifted(x_rows, seq_row, t, 2, seqlen, mask_d)
     xp3, sp3 = _shifted(x_rows, seq_row, t, 3, seqlen, mask_d)
-    w0 = _tap_weight(w_ptr, stride_w_d, d, mask_d, 0, WIDTH)
-    w1 = _tap_weight(w_ptr, stride_w_d, d, mask_d, 1, WIDTH)
-    w2 = _tap_weight(w_ptr, stride_w_d, d, mask_d, 2, WIDTH)
-    w3 = _tap_weight(w_ptr, stride_w_d, d, mask_d, 3, WIDTH)
+    w0, w1, w2, w3 = _tap_weights(w_ptr, stride_w_d, d, mask_d, WIDTH)
     # the output at t + j reads x[t] through slot 3 - j
     g0 = _output_gradient(dout_rows, t, 0, seqlen, mask_d,
                           _preactivation(bias, w0, w1, w2, w3, xm3, sm3, xm2, sm2, xm1, sm1, x0, s0), s0, s0, SILU)
@@ -157,7 +157,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, dx_ptr, dw_part_
             source, source_document = xm1, sm1
         else:
             source, source_document = x0, s0
-        tl.store(dw_row + tap, tl.sum(g0 * tl.where((source_document == s0)[None, :], source, 0.0), axis=1), mask=mask_d)
+        tl.store(dw_row + tap, tl.sum(_tap(g0, source, source_document, s0), axis=1), mask=mask_d)
     if HAS_BIAS:
         tl.store(dbias_part_ptr + part_row * dim + d, tl.sum(g0, axis=1), mask=mask_d)
 
