@@ -152,6 +152,7 @@ _routed_originals: dict[str, object] = {}  # what DOCUMENT_ROUTING replaced, by 
 
 _active_backend: str | None = None
 _active_scan: str | None = None
+_auto_min_channels: int | None = None  # with _active_scan "auto": the calls that run kotomamba's
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def select_kernel_backend(device: torch.device | str | None = None, allow_refere
     ``documents`` (--reset-state-at-eod) routes the packed documents' index to the kernels; on a GPU it
     needs kotomamba's scan for Mamba-1 layers (mamba-ssm's has no such input), which "auto" then picks.
     """
-    global _active_backend, _active_scan
+    global _active_backend, _active_scan, _auto_min_channels
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = torch.device(device).type
@@ -223,7 +224,8 @@ def select_kernel_backend(device: torch.device | str | None = None, allow_refere
     if scan.startswith("kotomamba"):
         _install_scan_routing(deterministic=scan == "kotomamba-deterministic")
     elif scan == "auto":
-        _install_scan_routing(deterministic=False, min_channels=_scan_min_channels(torch.device(device)))
+        _auto_min_channels = _scan_min_channels(torch.device(device))
+        _install_scan_routing(deterministic=False, min_channels=_auto_min_channels)
     if documents and wanted == "cuda":
         _install_document_routing()
     _active_backend, _active_scan = wanted, scan
@@ -270,12 +272,7 @@ def kernel_summary() -> str:
     if _active_backend is None:
         return "unselected"
     if _active_scan == "auto":
-        from kotomamba.ops.selective_scan import SelectiveScanExtension
-
-        interface = importlib.import_module(SCAN_EXTENSION_MODULE)
-        minimum = interface.selective_scan_cuda.min_channels if isinstance(
-            interface.selective_scan_cuda, SelectiveScanExtension) else None
-        scan = (f"kotomamba's Triton kernel for calls of {minimum:,} channels (batch x d_inner) or more, "
+        scan = (f"kotomamba's Triton kernel for calls of {_auto_min_channels:,} channels (batch x d_inner) or more, "
                 f"mamba-ssm's CUDA kernel below")
     else:
         scan = {"kotomamba": "kotomamba's Triton kernel",
