@@ -154,6 +154,16 @@ def shutdown_distributed(completed: bool = False) -> None:
     dist.destroy_process_group()
 
 
+def new_host_group() -> dist.ProcessGroup | None:
+    """A gloo group over every rank, for the few numbers the training loop agrees on between steps (stop
+    decisions, logged figures): a collective on the GPU's group would wait for all the work queued before
+    it. Also on CPU runs, whose default group is gloo already: one code path, tested. None for one
+    process. Collective: every rank calls it at the same point."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo")
+
+
 def all_ranks_agree(ok: bool, device: torch.device) -> bool:
     """True only when `ok` holds on every rank; lets a check that fails on one rank stop all of them
     (instead of rank 0 raising while the others hang in the next collective)."""

@@ -41,8 +41,10 @@ Every --optimizer-stats-interval iterations: ``optimizer/<group>/<quantity>/<sta
 ``kotomamba.optimizer_stats``.
 
 Throughput is wall time measured across the whole interval, including data loading and all
-communication: on CUDA the clock is read only after synchronizing the device. Evaluation (and anything
-else run under ``IntervalMeter.paused()``) is excluded from it. Only iterations that ran forward and
+communication. The loop reads a step's numbers back from the device only after it has queued the next
+step, so the host's clock stops when the interval's last step has finished on the device: the interval
+covers its device work without draining the queue. Evaluation (and anything else run under
+``IntervalMeter.paused()``, which does synchronize) is excluded from it. Only iterations that ran forward and
 backward count as trained tokens; --skip-batch iterations do not.
 """
 from __future__ import annotations
@@ -103,36 +105,30 @@ class IntervalMeter:
     last_result: Any = None  # the latest training step's result (loss, grad_norm, skipped, loss_scale)
     started: float = field(default_factory=time.perf_counter)
 
-    def record(self, result: Any, tokens: int) -> None:
-        """One iteration that ran forward and backward over `tokens` tokens (its step may be skipped)."""
+    def record(self, result: Any, tokens: int, data_wait_seconds: float = 0.0) -> None:
+        """One iteration that ran forward and backward over `tokens` tokens (its step may be skipped),
+        having waited `data_wait_seconds` for its batches."""
         self.iterations += 1
         self.tokens += tokens
+        self.data_wait_seconds += data_wait_seconds
         if math.isfinite(result.loss):
             self.loss_sum += result.loss
             self.loss_count += 1
         self.skipped_steps += int(result.skipped)
         self.last_result = result
 
-    def record_skipped_batch(self) -> None:
+    def record_skipped_batch(self, data_wait_seconds: float = 0.0) -> None:
         """One --skip-batch iteration: data drawn, nothing computed."""
         self.iterations += 1
         self.skipped_batches += 1
+        self.data_wait_seconds += data_wait_seconds
 
     def mean_loss(self) -> float:
         return self.loss_sum / self.loss_count if self.loss_count else math.nan
 
     def elapsed(self) -> float:
-        """Training wall time of the interval: synchronized, pauses excluded."""
-        synchronize(self.device)
+        """Training wall time of the interval, pauses excluded (see the module's note on the clock)."""
         return time.perf_counter() - self.started - self.paused_seconds
-
-    @contextlib.contextmanager
-    def waiting_for_data(self) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.data_wait_seconds += time.perf_counter() - started
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -149,17 +145,18 @@ class IntervalMeter:
         self.__init__(device=self.device)
 
 
-def peak_memory_gib(device: torch.device) -> tuple[float, float] | None:
+def peak_memory_gib(device: torch.device, host_group: dist.ProcessGroup | None = None) -> tuple[float, float] | None:
     """Peak (allocated, reserved) CUDA memory since the start in GiB, the maximum over ranks; None on CPU.
-    A collective on CUDA: call it on every rank."""
+    A collective on CUDA: call it on every rank. With `host_group` (a gloo group) the maximum is taken on
+    the host, without waiting for the work queued on the GPU."""
     if device.type != "cuda":
         return None
     peaks = torch.tensor(
         [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)],
-        dtype=torch.float64, device=device,
+        dtype=torch.float64, device="cpu" if host_group is not None else device,
     )
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=host_group)
     allocated, reserved = (peaks / 1024**3).tolist()
     return allocated, reserved
 
@@ -181,7 +178,8 @@ def throughput(tokens: int, seconds: float, world_size: int, flops_per_token: fl
 
 def training_metrics(meter: IntervalMeter, *, lr: float, consumed_tokens: int, consumed_samples: int,
                      skipped_steps_total: int, world_size: int, flops_per_token: float,
-                     peak_flops: float | None, device: torch.device) -> dict[str, float]:
+                     peak_flops: float | None, device: torch.device,
+                     host_group: dist.ProcessGroup | None = None) -> dict[str, float]:
     """The interval's metrics under their stable names (see the table above). Call on every rank
     (the memory figure is reduced across ranks); `meter` must hold at least one training step."""
     elapsed = meter.elapsed()
@@ -202,7 +200,7 @@ def training_metrics(meter: IntervalMeter, *, lr: float, consumed_tokens: int, c
         "progress/consumed_tokens": consumed_tokens,
         "progress/consumed_samples": consumed_samples,
     }
-    memory = peak_memory_gib(device)
+    memory = peak_memory_gib(device, host_group)
     if memory is not None:
         values["memory/peak_allocated_gib"], values["memory/peak_reserved_gib"] = memory
     return values

@@ -154,7 +154,7 @@ def autocast_context(policy: PrecisionPolicy, device_type: str):
 
 
 class DynamicLossScaler:
-    """Megatron's ``DynamicGradScaler`` for fp16 training.
+    """Megatron's ``DynamicGradScaler`` for fp16 training, its state kept on the training device.
 
     Multiply the loss by ``scale`` before backward; ``unscale_`` divides the gradients by ``scale``.
     Whether a gradient overflowed the loop learns from the global gradient norm, which it computes
@@ -163,6 +163,11 @@ class DynamicLossScaler:
     uses up one unit of ``hysteresis``; once hysteresis is used up each further overflow multiplies
     the scale by ``backoff_factor`` (not below ``min_scale``). After ``growth_interval`` clean steps
     in a row the scale grows by ``growth_factor`` and hysteresis is refilled.
+
+    The scale and both counters are 0-dim tensors on ``device`` and ``update`` takes the overflow flag as
+    a tensor, so that a step never waits for the host to learn whether it overflowed. The scale is held in
+    float64, as a Python float would be: the values and their rounding are those of the host algorithm.
+    ``scale`` (a property) reads it back: for logs, tests and checkpoints, not inside a step.
     """
 
     def __init__(
@@ -173,6 +178,7 @@ class DynamicLossScaler:
         backoff_factor: float = 0.5,
         growth_interval: int = 1000,
         hysteresis: int = 2,
+        device: torch.device | str = "cpu",
     ) -> None:
         if not 0.0 < min_scale <= initial_scale:
             raise PrecisionConfigError(
@@ -187,21 +193,27 @@ class DynamicLossScaler:
             raise PrecisionConfigError(
                 f"need --loss-scale-window ({growth_interval}) > 0 and --hysteresis ({hysteresis}) > 0"
             )
-        self.scale = float(initial_scale)
         self.min_scale = float(min_scale)
         self.growth_factor = float(growth_factor)
         self.backoff_factor = float(backoff_factor)
         self.growth_interval = growth_interval
         self.hysteresis = hysteresis
-        self._growth_tracker = 0
-        self._hysteresis_tracker = hysteresis
+        self.device = torch.device(device)
+        self.scale_tensor = torch.tensor(float(initial_scale), dtype=torch.float64, device=self.device)
+        self._growth_tracker = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._hysteresis_tracker = torch.full((), hysteresis, dtype=torch.int64, device=self.device)
+
+    @property
+    def scale(self) -> float:
+        return float(self.scale_tensor)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.scale
+        # The scale rounded to the loss's dtype, as multiplying by a Python float rounds it.
+        return loss * self.scale_tensor.to(loss.dtype)
 
     def unscale_(self, parameters: Iterable[torch.Tensor]) -> None:
         """Divide the gradients by ``scale`` in place."""
-        scale_gradients_([p.grad for p in parameters if p.grad is not None], 1.0 / self.scale)
+        scale_gradients_([p.grad for p in parameters if p.grad is not None], 1.0 / self.scale_tensor)
 
     def is_calibrating(self, loss_scale: float) -> bool:
         """Whether an overflow at `loss_scale` is this scaler finding its level (the scale can still come
@@ -209,32 +221,32 @@ class DynamicLossScaler:
         at 2**32, the first ~15 steps of an fp16 run overflow this way."""
         return loss_scale > self.min_scale
 
-    def update(self, overflow: bool) -> None:
-        if overflow:
-            self._growth_tracker = 0
-            self._hysteresis_tracker -= 1
-            if self._hysteresis_tracker <= 0:
-                self.scale = max(self.scale * self.backoff_factor, self.min_scale)
-            return
-        self._growth_tracker += 1
-        if self._growth_tracker == self.growth_interval:
-            self._growth_tracker = 0
-            self._hysteresis_tracker = self.hysteresis
-            self.scale *= self.growth_factor
+    def update(self, overflow: bool | torch.Tensor) -> None:
+        """One step's outcome, on the device (a handful of scalar kernels, no host read)."""
+        overflow = torch.as_tensor(overflow, device=self.device).bool()
+        growth = torch.where(overflow, 0, self._growth_tracker + 1)
+        hysteresis = torch.where(overflow, self._hysteresis_tracker - 1, self._hysteresis_tracker)
+        backs_off = overflow & (hysteresis <= 0)
+        grows = growth == self.growth_interval
+        scale = torch.where(backs_off, (self.scale_tensor * self.backoff_factor).clamp(min=self.min_scale),
+                            self.scale_tensor)
+        self.scale_tensor.copy_(torch.where(grows, scale * self.growth_factor, scale))
+        self._growth_tracker.copy_(torch.where(grows, 0, growth))
+        self._hysteresis_tracker.copy_(torch.where(grows, self.hysteresis, hysteresis))
 
     def state_dict(self) -> dict:
         return {
             "scale": self.scale,
-            "growth_tracker": self._growth_tracker,
-            "hysteresis_tracker": self._hysteresis_tracker,
+            "growth_tracker": int(self._growth_tracker),
+            "hysteresis_tracker": int(self._hysteresis_tracker),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         scale = state_dict["scale"]
         # Megatron checkpoints store the scale as a 1-element tensor.
-        self.scale = float(scale.item() if isinstance(scale, torch.Tensor) else scale)
-        self._growth_tracker = int(state_dict["growth_tracker"])
-        self._hysteresis_tracker = int(state_dict["hysteresis_tracker"])
+        self.scale_tensor.fill_(float(scale.item() if isinstance(scale, torch.Tensor) else scale))
+        self._growth_tracker.fill_(int(state_dict["growth_tracker"]))
+        self._hysteresis_tracker.fill_(int(state_dict["hysteresis_tracker"]))
 
 
 class NoLossScaler:
@@ -242,6 +254,9 @@ class NoLossScaler:
     gradients still skip the step: the loop checks the global gradient norm.)"""
 
     scale = 1.0
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.scale_tensor = torch.ones((), dtype=torch.float64, device=device)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss
@@ -252,7 +267,7 @@ class NoLossScaler:
     def is_calibrating(self, loss_scale: float) -> bool:
         return False
 
-    def update(self, overflow: bool) -> None:
+    def update(self, overflow: bool | torch.Tensor) -> None:
         """Nothing to adapt."""
 
     def state_dict(self) -> dict:
@@ -262,6 +277,10 @@ class NoLossScaler:
         """Nothing to restore."""
 
 
-def build_loss_scaler(policy: PrecisionPolicy, **dynamic_options) -> DynamicLossScaler | NoLossScaler:
-    """``DynamicLossScaler(**dynamic_options)`` when ``policy`` needs loss scaling, else ``NoLossScaler``."""
-    return DynamicLossScaler(**dynamic_options) if policy.use_loss_scaling else NoLossScaler()
+def build_loss_scaler(policy: PrecisionPolicy, device: torch.device | str = "cpu",
+                      **dynamic_options) -> DynamicLossScaler | NoLossScaler:
+    """``DynamicLossScaler(**dynamic_options)`` on ``device`` when ``policy`` needs loss scaling, else
+    ``NoLossScaler``."""
+    if policy.use_loss_scaling:
+        return DynamicLossScaler(**dynamic_options, device=device)
+    return NoLossScaler(device)

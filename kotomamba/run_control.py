@@ -84,7 +84,8 @@ class RunControl:
     """
 
     def __init__(self, checkpointer: CheckpointManager, train_iters: int, save_interval: int | None,
-                 exit_interval: int | None, exit_duration_in_mins: float | None) -> None:
+                 exit_interval: int | None, exit_duration_in_mins: float | None,
+                 host_group: dist.ProcessGroup | None = None) -> None:
         self.checkpointer = checkpointer
         self.train_iters = train_iters
         self.save_interval = save_interval
@@ -92,19 +93,20 @@ class RunControl:
         self.exit_duration_in_mins = exit_duration_in_mins
         self.exited = False  # the loop stopped before --train-iters (signal or --exit-*)
         self._started = _exit_request.started or time.monotonic()
-        # The stop decision every iteration agrees over the CPU: a GPU collective would wait for all the
-        # training work queued before it (the optimizer step) instead of letting the next step start.
-        # Its own group also on CPU runs, whose default group is gloo already: one code path, tested.
-        distributed = dist.is_initialized() and dist.get_world_size() > 1
-        self._control_group = dist.new_group(backend="gloo") if distributed else None
+        # The stop decision every iteration agrees over the CPU (`host_group`, gloo; see
+        # kotomamba.distributed.new_host_group): a GPU collective would wait for all the training work
+        # queued before it (the optimizer step) instead of letting the next step start.
+        self._control_group = host_group
 
     def after_iteration(self, state: TrainState,
-                        pause: Callable[[], AbstractContextManager[object]] = nullcontext) -> bool:
+                        pause: Callable[[], AbstractContextManager[object]] = nullcontext,
+                        settle: Callable[[], None] = lambda: None) -> bool:
         """Publish a finished background save, save at --save-interval, and decide (the same on every
         rank) whether to stop now: SIGTERM/SIGUSR1 on any rank, --exit-duration-in-mins, --exit-interval.
         Returns True when the loop should stop (after saving, when --save is set). Saving and waiting for
         a save run inside `pause()` (the loop's meter stops its training clock); an iteration with
-        nothing to write does not enter it."""
+        nothing to write does not enter it. `settle()` runs first whenever the run saves or stops here:
+        the loop brings `state` up to date with the steps whose numbers are still on the device."""
         checkpointer, iteration = self.checkpointer, state.iteration
         over_time = (self.exit_duration_in_mins is not None
                      and time.monotonic() - self._started >= 60 * self.exit_duration_in_mins)
@@ -123,7 +125,10 @@ class RunControl:
         if reason is not None and not signum and iteration >= self.train_iters:
             reason = None  # the run is complete anyway: finish normally (final save, test evaluation)
         saving = checkpointer.save_dir is not None
-        if saving and (reason or iteration % self.save_interval == 0):
+        saves = saving and (reason is not None or iteration % self.save_interval == 0)
+        if saves or reason is not None:
+            settle()
+        if saves:
             with pause():
                 checkpointer.save(state)
         if reason is None:
@@ -137,11 +142,6 @@ class RunControl:
         else:
             logger.warning("exiting at iteration %d (%s) without a checkpoint: no --save", iteration, reason)
         return True
-
-    def close(self) -> None:
-        if self._control_group is not None:
-            dist.destroy_process_group(self._control_group)
-            self._control_group = None
 
     def _max_over_ranks(self, values: list[int]) -> list[int]:
         if self._control_group is None:

@@ -23,4 +23,5 @@ class StepResult:
     grad_norm: float  # global L2 norm before clipping, after unscaling
     skipped: bool  # non-finite loss or gradients: the optimizer did not step
     loss_scale: float  # the scale this step's backward used (1 without fp16)
+    next_loss_scale: float  # the scale after this step's update (what the next step uses)
     optimizer_stats: dict[str, float] | None = None  # every --optimizer-stats-interval (kotomamba.optimizer_stats)

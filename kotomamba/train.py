@@ -4,14 +4,20 @@
 iteration: accumulate micro-batches, reduce, check for non-finite gradients, clip, step, log,
 evaluate. Model building, parallelism, precision, optimization, data and metrics each live in their
 own module; this file only wires them together.
+
+A step never waits for the host: the skip decision, clipping and the loss scale live on the device,
+and the step's numbers (loss, gradient norm, skip) are read back one iteration late, after the next
+step has been queued (kotomamba.step_readback). Whatever needs them up to date (validation, a save,
+a stop, the end) first reports the steps still pending.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -24,6 +30,7 @@ from kotomamba.distributed import DistributedContext, init_distributed, raise_on
 from kotomamba.loss import IGNORE_INDEX, LossFunction, training_loss
 from kotomamba.sinks import MetricLogger
 from kotomamba.state import StepResult, TrainState
+from kotomamba.step_readback import QueuedStep
 from kotomamba.errors import KotomambaError
 
 logger = logging.getLogger("kotomamba")
@@ -179,6 +186,19 @@ def in_skip_ranges(iteration: int, ranges: tuple[tuple[int, int], ...] | None) -
     return any(first <= iteration <= last for first, last in ranges or ())
 
 
+@dataclasses.dataclass
+class PendingIteration:
+    """An iteration queued on the device but not yet reported: its counters as they stood after it, and
+    its step (None for --skip-batch), whose numbers are on their way to the host."""
+
+    iteration: int
+    consumed_samples: int
+    consumed_tokens: int
+    lr: float
+    data_wait_seconds: float
+    step: QueuedStep | None
+
+
 StepCallback = Callable[[TrainState, "StepResult | None"], None]
 
 
@@ -196,8 +216,9 @@ def pretrain(config: RunConfig, on_step: StepCallback | None = None) -> TrainSta
 
 
 def run_training(config: RunConfig, ctx: DistributedContext, on_step: StepCallback | None = None) -> TrainState:
-    """The whole run in an existing process group. `on_step(state, result)` is called after every
-    iteration (`result` is None for a --skip-batch iteration)."""
+    """The whole run in an existing process group. `on_step(state, result)` is called once for every
+    iteration, in order, when its numbers have reached the host (on a GPU, while the next iteration
+    runs): `state` as it stood after that iteration, `result` None for a --skip-batch iteration."""
     # Opened first so that a missing package or a bad W&B flag stops the run before the model is built;
     # closed (the W&B run marked failed on an exception) whichever way training ends.
     # SIGTERM/SIGUSR1 (a scheduler's warning) become a save-and-exit at the next iteration boundary.
@@ -223,17 +244,16 @@ def _train(config: RunConfig, ctx: DistributedContext, metric_logger: MetricLogg
     select_kernel_backend(ctx.device, selective_scan=config.kernels.selective_scan,
                           documents=config.data.reset_state_at_eod)
     logger.info("resolved config:\n%s", json.dumps(config_dict(config), indent=2, default=str))
-    trainer = Trainer(config, ctx, metric_logger)
+    trainer = Trainer(config, ctx, metric_logger, on_step)
     state = trainer.state
     trainer.start()
     while state.iteration < config.batch.train_iters:
-        result = trainer.run_iteration(state)
-        if on_step is not None:
-            on_step(state, result)
-        trainer.report(state, result)
+        # Queues this iteration, then reports the previous one, whose numbers arrived meanwhile.
+        trainer.run_iteration(state)
         trainer.validate_if_due(state)
         # Saves at --save-interval; True when the run must stop now (SIGTERM/SIGUSR1, --exit-*), after saving.
-        if trainer.run_control.after_iteration(state, pause=trainer.meter.paused):  # saving is not training time
+        if trainer.run_control.after_iteration(state, pause=trainer.meter.paused,  # saving is not training time
+                                               settle=lambda: trainer.report_pending(state)):
             break
     trainer.finish(state)
     return state
@@ -259,18 +279,21 @@ class Trainer:
     needs them (the checkpoint is restored before the loaders are built: they start at its data
     position); each step of the loop in `_train` is one method."""
 
-    def __init__(self, config: RunConfig, ctx: DistributedContext, metric_logger: MetricLogger) -> None:
+    def __init__(self, config: RunConfig, ctx: DistributedContext, metric_logger: MetricLogger,
+                 on_step: StepCallback | None = None) -> None:
         from kotomamba.checkpoint import CheckpointManager
+        from kotomamba.distributed import new_host_group
         from kotomamba.run_control import RunControl
 
-        self.config, self.ctx, self.metric_logger = config, ctx, metric_logger
+        self.config, self.ctx, self.metric_logger, self.on_step = config, ctx, metric_logger, on_step
         self.accumulation = config.batch.gradient_accumulation_steps
+        self.host_group = new_host_group()
         self._build_model_and_optimizer()
         self.checkpointer = CheckpointManager(config, ctx, self.model, self.optimizer, self.scaler, self.tokenizer,
                                               self.model_config)
         saving = config.checkpoint
         self.run_control = RunControl(self.checkpointer, config.batch.train_iters, saving.save_interval,
-                                      saving.exit_interval, saving.exit_duration_in_mins)
+                                      saving.exit_interval, saving.exit_duration_in_mins, self.host_group)
         self.train_ds, self.valid_ds, self.test_ds = build_datasets(config, self.checkpointer.train_samples_needed())
         self.state = self.checkpointer.load(TrainState(), self.train_ds)
         self.checkpointer.check_disk_space(self.state)
@@ -312,7 +335,7 @@ class Trainer:
             wsd_decay_style=opt.lr_wsd_decay_style, warmup_init_lr=opt.lr_warmup_init,
         )
         self.scaler = build_loss_scaler(
-            self.policy, initial_scale=precision.initial_loss_scale, min_scale=precision.min_loss_scale,
+            self.policy, ctx.device, initial_scale=precision.initial_loss_scale, min_scale=precision.min_loss_scale,
             growth_interval=precision.loss_scale_window, hysteresis=precision.hysteresis,
         )
 
@@ -388,8 +411,10 @@ class Trainer:
         self.meter = metrics.IntervalMeter(device=self.ctx.device)
         self.consumption = metrics.DataConsumption(self.train_ds, self.config.data.seq_length)
         blend = getattr(self.train_ds, "datasets", None)
-        self.dataset_losses = (torch.zeros(len(blend), 2, dtype=torch.float64, device=self.ctx.device)
+        # --log-loss-per-dataset: each dataset's (loss sum, target count) over the interval, on the host.
+        self.dataset_losses = (torch.zeros(len(blend), 2, dtype=torch.float64)
                                if self.config.logging.log_loss_per_dataset and blend else None)
+        self.pending: deque[PendingIteration] = deque()
         self.stage = None
         self._announce_stage(self.state)
         self.run_started = time.perf_counter()
@@ -403,30 +428,49 @@ class Trainer:
 
     # --- one iteration --------------------------------------------------------------------------
 
-    def run_iteration(self, state: TrainState) -> StepResult | None:
-        """Train on (or, for --skip-batch, step over) the next global batch and count it in `state`;
-        None for a skipped batch."""
+    def run_iteration(self, state: TrainState) -> None:
+        """Queue training on (or, for --skip-batch, step over) the next global batch and count it in
+        `state`; then report the iterations before it (their numbers are on the host by now)."""
         from kotomamba.optim import apply_lr
 
         logging_flags, iteration = self.config.logging, state.iteration + 1
-        self.lr = self.schedule.lr_at(state.iteration)
-        apply_lr(self.optimizer, self.lr)
+        lr = self.schedule.lr_at(state.iteration)
+        apply_lr(self.optimizer, lr)
         if in_skip_ranges(iteration, logging_flags.skip_batch):
-            self.skip_global_batch()
-            logger.info("iteration %d: global batch skipped (--skip-batch)", iteration)
-            self.meter.record_skipped_batch()
-            result = None
+            step, data_wait_seconds = None, self.skip_global_batch()
         else:
             stats_interval = logging_flags.optimizer_stats_interval
-            stats_due = stats_interval > 0 and iteration % stats_interval == 0
-            result = self.train_step(collect_optimizer_stats=stats_due)
-            self._count_skipped_step(state, result, iteration)
-            self.meter.record(result, self.tokens_per_iteration)
+            step = self.train_step(collect_optimizer_stats=stats_interval > 0 and iteration % stats_interval == 0)
+            data_wait_seconds = step.data_wait_seconds
         state.iteration = iteration
         state.consumed_samples += self.config.batch.global_batch_size
         state.consumed_tokens += self.tokens_per_iteration
-        self._announce_stage(state)
-        return result
+        self.report_pending(state)
+        self.pending.append(PendingIteration(iteration, state.consumed_samples, state.consumed_tokens, lr,
+                                             data_wait_seconds, step))
+
+    def report_pending(self, state: TrainState) -> None:
+        """Report every iteration still pending, oldest first: count its skip in `state`, log it, call
+        `on_step`. Waits for the device where the last step's numbers are not back yet."""
+        while self.pending:
+            self._report_iteration(state, self.pending.popleft())
+
+    def _report_iteration(self, state: TrainState, pending: PendingIteration) -> None:
+        result = pending.step.result() if pending.step is not None else None
+        if result is None:
+            logger.info("iteration %d: global batch skipped (--skip-batch)", pending.iteration)
+            self.meter.record_skipped_batch(pending.data_wait_seconds)
+        else:
+            self._count_skipped_step(state, result, pending.iteration)
+            self.meter.record(result, self.tokens_per_iteration, pending.data_wait_seconds)
+            if self.dataset_losses is not None:
+                self.dataset_losses.index_add_(0, pending.step.dataset_ids, pending.step.dataset_sums())
+        reported = dataclasses.replace(state, iteration=pending.iteration, consumed_samples=pending.consumed_samples,
+                                       consumed_tokens=pending.consumed_tokens)
+        if self.on_step is not None:
+            self.on_step(reported, result)
+        self.report(reported, result, pending.lr)
+        self._announce_stage(reported)
 
     def _announce_stage(self, state: TrainState) -> None:
         """--data-schedule: a log line when the next sample to train on is the first of another stage."""
@@ -443,18 +487,22 @@ class Trainer:
             logger.info("iteration %d: data stage %d/%d (%s) from sample %d: %s", state.iteration + 1, stage + 1,
                         len(stages), stages[stage].name, state.consumed_samples, blend)
 
-    def train_step(self, collect_optimizer_stats: bool = False) -> StepResult:
-        """One global batch: accumulate micro-batches (gradient reduction on the last one only), then
-        unscale, check, clip and step."""
+    def train_step(self, collect_optimizer_stats: bool = False) -> QueuedStep:
+        """One global batch, queued on the device without a read back to the host: accumulate micro-batches
+        (gradient reduction on the last one only), then unscale, check, clip, step and update the loss
+        scale. The returned QueuedStep brings the step's numbers to the host."""
         from kotomamba.documents import packed_documents
         from kotomamba.optim import clip_grad_norm, scale_gradients_
 
         ctx, accumulation, scaler = self.ctx, self.accumulation, self.scaler
         masked = self.documents is not None and self.documents.mask_loss
         totals = torch.zeros(2, device=ctx.device, dtype=torch.float32)  # loss (sum, or of means), target tokens
+        data_wait_seconds = 0.0
+        dataset_sums, dataset_ids = [], []  # --log-loss-per-dataset: per sample, (loss sum, target count)
         for micro_step in range(accumulation):
-            with self.meter.waiting_for_data():
-                batch = self.check(next(self.train_batches), "training")
+            waiting = time.perf_counter()
+            batch = self.check(next(self.train_batches), "training")
+            data_wait_seconds += time.perf_counter() - waiting
             tokens = batch["tokens"].to(ctx.device, non_blocking=True)
             labels = batch["labels"].to(ctx.device, non_blocking=True)
             labels, seq_idx = self.documents.prepare(tokens, labels) if self.documents else (labels, None)
@@ -465,7 +513,9 @@ class Trainer:
                     reduction = "sum" if masked else "mean"
                     if self.dataset_losses is not None:
                         loss, token_losses = self.compute_loss(tokens, labels, reduction=reduction, token_losses=True)
-                        self._count_dataset_losses(batch["dataset_id"], token_losses, labels)
+                        dataset_sums.append(torch.stack([token_losses.sum(dim=1),
+                                                         (labels != IGNORE_INDEX).sum(dim=1)], dim=1).double())
+                        dataset_ids.append(batch["dataset_id"])
                     else:
                         loss = self.compute_loss(tokens, labels, reduction=reduction)
                 scaler.scale_loss(loss / (labels.numel() * accumulation if masked else accumulation)).backward()
@@ -478,43 +528,38 @@ class Trainer:
             scale_gradients_([p.grad for p in self.parameters if p.grad is not None],
                              (accumulation * ctx.world_size * labels.numel() / totals[1].double().clamp(min=1.0)).float())
         scaler.unscale_(self.parameters)
-        grad_norm_tensor = clip_grad_norm(self.parameters, self.config.optimizer.grad_clip_norm)
+        grad_norm = clip_grad_norm(self.parameters, self.config.optimizer.grad_clip_norm).to(ctx.device)
+        loss_total, targets = totals.double().unbind()
+        mean_loss = loss_total / (targets if masked else accumulation * ctx.world_size)
+        # A global batch without a target (nothing but EODs under --eod-mask-loss): a non-finite loss, a skip.
+        mean_loss = torch.where(targets > 0, mean_loss, math.nan)
         # The norm is reduced over every shard and rank: one inf/nan gradient anywhere (an fp16 overflow)
-        # makes it non-finite everywhere, so every rank skips the same steps. A fused AdamW skips on the
-        # device (found_inf: no update, its step count kept), so the step is queued before the host waits.
-        on_device = skips_on_device(self.optimizer)
-        if on_device:
-            self.optimizer.found_inf = (~torch.isfinite(grad_norm_tensor) | ~torch.isfinite(totals[0])
-                                        | (totals[1] == 0)).float()
+        # makes it non-finite everywhere, so every rank skips the same steps.
+        skipped = ~torch.isfinite(grad_norm) | ~torch.isfinite(mean_loss)
+        if skips_on_device(self.optimizer):
+            # A fused AdamW skips on the device (found_inf: no update, its step count kept).
+            self.optimizer.found_inf = skipped.float()
             self.optimizer.step()
             del self.optimizer.found_inf
-        # The one read back to the host of a step.
-        loss_total, targets, grad_norm = torch.cat([totals, grad_norm_tensor.reshape(1).to(totals)]).tolist()
-        if masked:  # a global batch of nothing but EODs has no target: a non-finite loss, a skipped step
-            mean_loss = loss_total / targets if targets else math.nan
-        else:
-            mean_loss = loss_total / (accumulation * ctx.world_size)
-        skipped = not math.isfinite(grad_norm) or not math.isfinite(mean_loss)
-        if not on_device and not skipped:
+        elif not skipped.item():  # other optimizers (CPU runs, --fsdp-cpu-offload) need the host's word
             self.optimizer.step()
-        loss_scale = scaler.scale
+        loss_scale = scaler.scale_tensor.clone()
         scaler.update(skipped)
         # After the step (moments include it), before zero_grad (the gradients are still there).
         stats = self.optimizer_stats.compute() if collect_optimizer_stats else None
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(mean_loss, grad_norm, skipped, loss_scale, stats)
-
-    def _count_dataset_losses(self, dataset_ids: torch.Tensor, token_losses: torch.Tensor,
-                              labels: torch.Tensor) -> None:
-        """--log-loss-per-dataset: each sample's loss sum and target count, added on the device to its dataset's."""
-        sums = torch.stack([token_losses.sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)], dim=1).double()
-        self.dataset_losses.index_add_(0, dataset_ids.to(self.ctx.device, non_blocking=True), sums)
+        return QueuedStep(
+            mean_loss, grad_norm, skipped, loss_scale, scaler.scale_tensor, data_wait_seconds=data_wait_seconds,
+            optimizer_stats=stats, dataset_sums=torch.cat(dataset_sums) if dataset_sums else None,
+            dataset_ids=torch.cat(dataset_ids) if dataset_ids else None,
+        )
 
     def _dataset_loss_values(self) -> dict[str, float]:
         """Each dataset's mean training loss over the interval (all ranks), for the sinks; then restarts."""
         if self.dataset_losses is None:
             return {}
-        dist.all_reduce(self.dataset_losses)
+        if self.host_group is not None:
+            dist.all_reduce(self.dataset_losses, group=self.host_group)
         values = {}
         for dataset_id, (loss_sum, count) in enumerate(self.dataset_losses.tolist()):
             if count:
@@ -524,17 +569,19 @@ class Trainer:
         self.dataset_losses.zero_()
         return values
 
-    def skip_global_batch(self) -> None:
-        """--skip-batch: draw this iteration's samples without training on them."""
+    def skip_global_batch(self) -> float:
+        """--skip-batch: draw this iteration's samples without training on them; the seconds that took."""
+        started = time.perf_counter()
         for _ in range(self.accumulation):
             next(self.train_batches)
+        return time.perf_counter() - started
 
     def _count_skipped_step(self, state: TrainState, result: StepResult, iteration: int) -> None:
         if result.skipped and math.isfinite(result.loss) and self.scaler.is_calibrating(result.loss_scale):
             # fp16 gradients overflowed and the loss scale came down: the scaler at work, not a failing run.
             state.skipped_iterations += 1
             logger.info("iteration %d: gradients overflowed at loss scale %g: step skipped, loss scale now %g",
-                        iteration, result.loss_scale, self.scaler.scale)
+                        iteration, result.loss_scale, result.next_loss_scale)
         elif result.skipped:
             state.skipped_iterations += 1
             state.consecutive_skips += 1
@@ -543,9 +590,9 @@ class Trainer:
         else:
             state.consecutive_skips = 0
 
-    def report(self, state: TrainState, result: StepResult | None) -> None:
+    def report(self, state: TrainState, result: StepResult | None, lr: float) -> None:
         """Optimizer statistics when due, the log line at --log-interval; stops the run (TrainingError)
-        after --max-consecutive-skips non-finite steps."""
+        after --max-consecutive-skips non-finite steps. `state` and `lr` as they were at that iteration."""
         logging_flags, train_iters, iteration = self.config.logging, self.config.batch.train_iters, state.iteration
         if result is not None and result.optimizer_stats is not None:
             from kotomamba.optimizer_stats import summary_line
@@ -556,8 +603,9 @@ class Trainer:
         if self.meter.last_result is not None and (iteration % logging_flags.log_interval == 0
                                                    or iteration == train_iters or stopping):
             consumed = self.consumption.update(state.consumed_samples)
-            log_training(state, train_iters, self.meter, self.lr, self.ctx, self.metric_logger, self.flops_per_token,
-                         self.peak, self.run_started, self.remaining_time, {**consumed, **self._dataset_loss_values()})
+            log_training(state, train_iters, self.meter, lr, self.ctx, self.metric_logger, self.flops_per_token,
+                         self.peak, self.run_started, self.remaining_time, {**consumed, **self._dataset_loss_values()},
+                         self.host_group)
             if iteration % (CONSUMPTION_LINE_INTERVALS * logging_flags.log_interval) == 0 or iteration == train_iters:
                 logger.info("iteration %d: %s", iteration, self.consumption.line(consumed))
             self.meter.reset()
@@ -572,6 +620,7 @@ class Trainer:
         eval_iters = self.config.logging.eval_iters
         if self.valid_batches is None or state.iteration % self.config.logging.eval_interval != 0:
             return
+        self.report_pending(state)  # the training line of this iteration comes first
         with self.meter.paused():  # evaluation time is not training time
             evaluation = evaluate(self.model, self.compute_loss, self.valid_batches, eval_iters * self.accumulation,
                                   self.ctx, self.autocast, self.documents)
@@ -582,12 +631,15 @@ class Trainer:
     # --- the end ----------------------------------------------------------------------------------
 
     def finish(self, state: TrainState) -> None:
-        """The final checkpoint (any background write completed), then the test evaluation unless the run
-        stopped early."""
+        """The last iterations reported, the final checkpoint (any background write completed), then the
+        test evaluation unless the run stopped early."""
         from kotomamba import data as data_lib
 
+        self.report_pending(state)
         self.checkpointer.finish(state)
-        self.run_control.close()
+        if self.host_group is not None:
+            dist.destroy_process_group(self.host_group)
+            self.host_group = None
         if not self.evaluating or self.test_ds is None or self.run_control.exited:
             return
         test_batches = self.check.stream(cycle(data_lib.build_loader(self.test_ds, 0, **self.loader_options)), "test")
@@ -599,13 +651,14 @@ class Trainer:
 
 def log_training(state: TrainState, train_iters: int, meter: metrics.IntervalMeter, lr: float, ctx: DistributedContext,
                  metric_logger: MetricLogger, model_flops_per_token: float, peak: float | None, run_started: float,
-                 remaining_time: metrics.RemainingTime, per_dataset: Mapping[str, float]) -> None:
+                 remaining_time: metrics.RemainingTime, per_dataset: Mapping[str, float],
+                 host_group: dist.ProcessGroup | None = None) -> None:
     """The interval's metrics (see kotomamba.metrics) to the log line and the sinks, with each dataset's
     consumption and (--log-loss-per-dataset) training loss, to the sinks only; on every rank."""
     values = metrics.training_metrics(
         meter, lr=lr, consumed_tokens=state.consumed_tokens, consumed_samples=state.consumed_samples,
         skipped_steps_total=state.skipped_iterations, world_size=ctx.world_size,
-        flops_per_token=model_flops_per_token, peak_flops=peak, device=ctx.device,
+        flops_per_token=model_flops_per_token, peak_flops=peak, device=ctx.device, host_group=host_group,
     )
     values.update(per_dataset)
     now = time.perf_counter()

@@ -380,10 +380,11 @@ def test_resharding_async_saves_and_signals_with_two_processes(argv, single_proc
     # Saving in the background and resuming on 2 processes is exact.
     assert results["async2"]["iteration"] == [1, 2] and results["async2_resumed"]["iteration"] == [3, 4]
     assert results["async2"]["loss"] + results["async2_resumed"]["loss"] == results["reference2"]["loss"]
-    # A signal on one rank stops both at the same iteration, after saving.
-    assert results["sigterm"]["iteration"] == [1, 2]
-    assert (out / "sigterm" / "latest").read_text().strip() == "iter_0000002"
-    assert results["sigusr1"]["iteration"] == [1]  # no --save: exits without a checkpoint
+    # A signal on one rank stops both at the same iteration, after saving: the end of the iteration it
+    # arrived in (the hook sends it when iteration 2 is reported, while iteration 3 runs).
+    assert results["sigterm"]["iteration"] == [1, 2, 3]
+    assert (out / "sigterm" / "latest").read_text().strip() == "iter_0000003"
+    assert results["sigusr1"]["iteration"] == [1, 2]  # no --save: exits without a checkpoint
     assert results["bf16_first"]["loss"] + results["bf16_second"]["loss"] == results["bf16_reference"]["loss"]
 
     # 2 -> 1 process.

@@ -113,6 +113,47 @@ def test_loss_scaler_backoff_with_hysteresis_and_min_scale():
     assert scaler.scale == 4.0
 
 
+def megatron_scales(overflows: list[bool], initial: float, min_scale: float, growth: float, backoff: float,
+                    growth_interval: int, hysteresis: int) -> list[float]:
+    """Megatron's DynamicGradScaler.update, written out on the host: the scale after each step."""
+    scale, growth_tracker, hysteresis_tracker, scales = initial, 0, hysteresis, []
+    for found_inf in overflows:
+        if found_inf:
+            growth_tracker = 0
+            hysteresis_tracker -= 1
+            if hysteresis_tracker <= 0:
+                scale = max(scale * backoff, min_scale)
+        else:
+            growth_tracker += 1
+            if growth_tracker == growth_interval:
+                growth_tracker = 0
+                hysteresis_tracker = hysteresis
+                scale = scale * growth
+        scales.append(scale)
+    return scales
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_loss_scaler_on_the_device_decides_exactly_as_the_host_algorithm(seed):
+    """Random runs of overflows, given as device tensors (as the training step gives them), with factors
+    that are not powers of two: every scale equals the host algorithm's float, bit for bit."""
+    generator = torch.Generator().manual_seed(seed)
+    overflows = (torch.rand(300, generator=generator) < [0.1, 0.3, 0.6, 0.9][seed]).tolist()
+    options = dict(initial=1000.0, min_scale=0.7, growth=3.0, backoff=0.3, growth_interval=1 + seed, hysteresis=2 + seed % 2)
+    scaler = DynamicLossScaler(initial_scale=options["initial"], min_scale=options["min_scale"],
+                               growth_factor=options["growth"], backoff_factor=options["backoff"],
+                               growth_interval=options["growth_interval"], hysteresis=options["hysteresis"])
+    scales = []
+    for overflow in overflows:
+        scaler.update(torch.tensor(overflow))
+        scales.append(scaler.scale)
+    assert scales == megatron_scales(overflows, **options)
+    assert len(set(scales)) > 3  # it grew and backed off
+    # The multiply rounds the scale as a Python float would be rounded.
+    loss = torch.tensor(1.2345678)
+    assert torch.equal(scaler.scale_loss(loss), loss * scales[-1])
+
+
 def test_loss_scaler_unscales_every_gradient():
     scaler = DynamicLossScaler(initial_scale=4.0)
     parameters = [_parameter_with_grad([4.0, -8.0]), _parameter_with_grad([2.0]),

@@ -413,3 +413,60 @@ def test_blocks_grouped_into_larger_fsdp_units_train_exactly_the_same(single_pro
     assert runs["grouped"]["loss"] == runs["per_block"]["loss"] and len(runs["grouped"]["loss"]) == 3
     units = [line for line in caplog.text.splitlines() if "FSDP: strategy=" in line]
     assert "units=3 " in units[0] and "units=2 " in units[1]  # 2 blocks + root, then one unit of both + root
+
+
+def _logged_numbers(save_dir: Path) -> list[dict]:
+    """metrics.jsonl without the clock's figures (throughput, time), which no two runs share."""
+    lines = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if not k.startswith(("throughput/", "time/"))} for line in lines]
+
+
+def test_reading_each_steps_numbers_one_iteration_late_changes_no_number(base_argv, sentencepiece_model,
+                                                                         tokenized_corpus, tmp_path):
+    """Two processes (torchrun): fp16 whose first steps overflow (skipped on the scale's word, the scale backing
+    off, then growing), --eod-mask-loss, a blend with --log-loss-per-dataset (reduced over the host group),
+    validation and saves. Reporting each iteration one iteration late, as the loop does, or as soon as it is
+    queued: the same steps, skips, loss scales, logged metrics and saved progress, bit for bit."""
+    from conftest import mixed_texts, tokenize_to_prefix
+
+    extra = tokenize_to_prefix(mixed_texts(200, seed=5), sentencepiece_model, tmp_path / "extra_text_document")
+    data = base_argv.index("--data-path")
+    argv = [a for a in base_argv[:data] + base_argv[data + 2:] if a != "--fp32"] + [
+        "--data-path", "0.6", str(tokenized_corpus), "0.4", str(extra), "--micro-batch-size", "1",
+        "--train-iters", "7", "--fp16", "--initial-loss-scale", str(2.0**20), "--hysteresis", "1",
+        "--loss-scale-window", "2", "--eod-mask-loss", "--log-loss-per-dataset", "--log-interval", "2",
+        "--eval-interval", "3", "--eval-iters", "1", "--save-interval", "4"]
+    runs = {name: {"argv": argv + ["--save", str(tmp_path / name)], "report_at_once": name == "at_once"}
+            for name in ("late", "at_once")}
+    results = run_worker(torchrun_command(2), runs, tmp_path)
+    late, at_once = results["late"], results["at_once"]
+    assert "error" not in late and "error" not in at_once, results
+    assert late["iteration"] == list(range(1, 8))
+    assert late["skipped"][0] and not all(late["skipped"]), late["skipped"]  # the scale at work
+    assert len(set(late["loss_scale"])) > 2, late["loss_scale"]
+    assert late == at_once
+    assert _logged_numbers(tmp_path / "late") == _logged_numbers(tmp_path / "at_once")
+    logged = _logged_numbers(tmp_path / "late")
+    assert any("train/corpus_text_document/loss" in line for line in logged)
+    assert any("valid/loss" in line for line in logged)
+    for name in ("iter_0000004", "iter_0000007"):
+        saved = [json.loads((tmp_path / run / name / "checkpoint.json").read_text()) for run in runs]
+        assert saved[0]["loss_scaler"] == saved[1]["loss_scaler"]
+        assert saved[0]["train_state"] == saved[1]["train_state"]
+        assert saved[0]["train_state"]["iteration"] == int(name[5:])
+
+
+def test_a_steps_numbers_are_read_once_the_next_step_is_queued(base_argv, baseline, single_process, tmp_path,
+                                                                monkeypatch):
+    """The host reads iteration N's numbers after queueing N + 1, except where the run needs them now:
+    before a save (here at iteration 2) and at the end. The numbers are the baseline's."""
+    from kotomamba.step_readback import QueuedStep
+    from kotomamba.train import Trainer
+
+    events = []
+    queue, read = Trainer.train_step, QueuedStep.result
+    monkeypatch.setattr(Trainer, "train_step", lambda self, **k: events.append("queue") or queue(self, **k))
+    monkeypatch.setattr(QueuedStep, "result", lambda self: events.append("read") or read(self))
+    result = run_in_process(single_process, run=base_argv + ["--save", str(tmp_path / "run"), "--save-interval", "2"])
+    assert events == ["queue", "queue", "read", "read", "queue", "read"]
+    assert result["run"]["loss"] == baseline["loss"] and result["run"]["iteration"] == [1, 2, 3]

@@ -9,7 +9,12 @@ RUNS.json is {"name": [pretrain.py arguments...], ...}; rank 0 writes RESULTS.js
 {"name": {"error": "message"}} when a run raised one of the user-facing errors.
 
 A run may instead be {"argv": [...], ...} with test hooks:
-  "signal": [ITERATION, RANK, "SIGTERM"]  that rank sends itself the signal after that iteration;
+  "signal": [ITERATION, RANK, "SIGTERM"]  that rank sends itself the signal when that iteration is reported
+      (which, the loop reporting each iteration once it has queued the next, is during the next one);
+  "report_at_once": true  each iteration is reported as soon as it is queued (the loop's schedule before
+      step numbers were read back one iteration late), to compare the two;
+  "no_host_sync_after": ITERATION  (CUDA) every training step after that one runs under
+      torch.cuda.set_sync_debug_mode("error"): anything in it that makes the host wait for the GPU raises;
   "pause_before_publish": [ITERATION, MARKER]  the checkpoint of that iteration, fully written but not
       yet published, creates MARKER and waits there forever (for a test to SIGKILL the process).
 """
@@ -43,6 +48,43 @@ def _pause_before_publish(iteration: int, marker: str) -> None:
     checkpoint._publish = paused
 
 
+def _report_at_once():
+    """Make the loop report every iteration right after queueing it; returns what undoes that."""
+    from kotomamba.train import Trainer
+
+    queued_only = Trainer.run_iteration
+
+    def run_iteration(self, state) -> None:
+        queued_only(self, state)
+        self.report_pending(state)
+
+    Trainer.run_iteration = run_iteration
+    return lambda: setattr(Trainer, "run_iteration", queued_only)
+
+
+def _no_host_sync_after(iteration: int):
+    """Training steps after `iteration` (autotuning done) raise where they would wait for the GPU."""
+    import torch
+
+    from kotomamba.train import Trainer
+
+    step = Trainer.train_step
+    calls = []
+
+    def checked_step(self, **options):
+        calls.append(1)
+        if len(calls) <= iteration:
+            return step(self, **options)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return step(self, **options)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    Trainer.train_step = checked_step
+    return lambda: setattr(Trainer, "train_step", step)
+
+
 def run_configurations(runs: dict[str, list[str] | dict], ctx: DistributedContext) -> dict[str, dict]:
     from kotomamba.errors import KotomambaError
     from kotomamba.train import run_training
@@ -53,6 +95,8 @@ def run_configurations(runs: dict[str, list[str] | dict], ctx: DistributedContex
         record: dict = {"loss": [], "grad_norm": [], "skipped": [], "loss_scale": [], "iteration": []}
         if "pause_before_publish" in hooks:
             _pause_before_publish(*hooks["pause_before_publish"])
+        restores = [_report_at_once() if hooks.get("report_at_once") else (lambda: None),
+                    _no_host_sync_after(hooks["no_host_sync_after"]) if "no_host_sync_after" in hooks else (lambda: None)]
 
         def on_step(state, result, record=record, hooks=hooks) -> None:
             record["loss"].append(None if result is None else result.loss)
@@ -70,6 +114,9 @@ def run_configurations(runs: dict[str, list[str] | dict], ctx: DistributedContex
             run_training(parse_run_config(hooks["argv"], ctx.world_size), ctx, on_step)
         except KotomambaError as error:
             record = {"error": str(error)}
+        finally:
+            for restore in restores:
+                restore()
         results[name] = record
     return results
 

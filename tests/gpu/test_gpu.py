@@ -76,6 +76,20 @@ def test_two_gpus_match_one_gpu_in_bf16(gpu_argv, tmp_path):
     assert max(differences) < 0.05  # bf16 reductions in a different order; fp32 master weights
 
 
+def test_a_training_step_never_makes_the_host_wait_for_the_gpu(gpu_argv, tmp_path):
+    """After 3 warm-up steps (Triton autotuning), whole steps under torch.cuda.set_sync_debug_mode("error"):
+    bf16, and fp16 with overflows skipped and the loss scale adapting on the device, with gradient
+    accumulation. The numbers still arrive, one iteration late."""
+    common = ["--train-iters", "10", "--global-batch-size", "16", "--log-interval", "2"]
+    runs = {"bf16": {"argv": gpu_argv + ["--bf16", *common], "no_host_sync_after": 3},
+            "fp16": {"argv": gpu_argv + ["--fp16", "--initial-loss-scale", str(2.0**24), "--hysteresis", "1", *common],
+                     "no_host_sync_after": 3}}
+    results = launch(1, runs, tmp_path)
+    for name, result in results.items():
+        assert "error" not in result and len(result["loss"]) == 10, (name, result)
+    print(json.dumps({name: {"skipped": sum(r["skipped"]), "final_loss": r["loss"][-1]} for name, r in results.items()}))
+
+
 def test_fp16_preset_trains_200_steps_like_bf16_without_spikes(gpu_argv, tmp_path):
     runs = {p: gpu_argv + [f"--{p}", "--train-iters", "200"] for p in ("bf16", "fp16")}
     results = launch(1, runs, tmp_path)
