@@ -117,11 +117,10 @@ class IntervalMeter:
         self.skipped_steps += int(result.skipped)
         self.last_result = result
 
-    def record_skipped_batch(self, data_wait_seconds: float = 0.0) -> None:
+    def record_skipped_batch(self) -> None:
         """One --skip-batch iteration: data drawn, nothing computed."""
         self.iterations += 1
         self.skipped_batches += 1
-        self.data_wait_seconds += data_wait_seconds
 
     def mean_loss(self) -> float:
         return self.loss_sum / self.loss_count if self.loss_count else math.nan
@@ -151,11 +150,12 @@ def peak_memory_gib(device: torch.device, host_group: dist.ProcessGroup | None =
     the host, without waiting for the work queued on the GPU."""
     if device.type != "cuda":
         return None
+    several = dist.is_initialized() and dist.get_world_size() > 1
     peaks = torch.tensor(
         [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)],
-        dtype=torch.float64, device="cpu" if host_group is not None else device,
+        dtype=torch.float64, device=device if several and host_group is None else "cpu",
     )
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if several:
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=host_group)
     allocated, reserved = (peaks / 1024**3).tolist()
     return allocated, reserved

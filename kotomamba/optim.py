@@ -150,16 +150,17 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 def scale_gradients_(grads: Iterable[torch.Tensor], factor: float | torch.Tensor, foreach: bool | None = None) -> None:
     """Multiply gradients in place by ``factor`` (a number, or a 0-dim tensor on their device), each rank
     its local shard: one fused multiply per device and dtype (``foreach=False``: one per tensor). A tensor
-    factor is rounded to the precision the multiply computes in (fp32, fp64 for fp64 gradients), as a
-    Python number would be."""
+    factor goes to each group's device (offloaded gradients live on the CPU) and, for fp32 and fp64
+    gradients, is rounded to their dtype, as a Python number would be (half-precision gradients are
+    multiplied by the fp32 factor)."""
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for grad in grads:
         local = _local(grad)
         groups.setdefault((local.device, local.dtype), []).append(local)
-    for (_, dtype), group in groups.items():
+    for (device, dtype), group in groups.items():
         group_factor = factor
         if isinstance(factor, torch.Tensor):
-            group_factor = factor.to(torch.promote_types(dtype, torch.float32))
+            group_factor = factor.to(device=device, dtype=torch.promote_types(dtype, torch.float32))
         if foreach is False:
             for grad in group:
                 grad.mul_(group_factor)

@@ -277,10 +277,11 @@ class NoLossScaler:
         """Nothing to restore."""
 
 
-def build_loss_scaler(policy: PrecisionPolicy, device: torch.device | str = "cpu",
+def build_loss_scaler(policy: PrecisionPolicy, device: torch.device | str,
                       **dynamic_options) -> DynamicLossScaler | NoLossScaler:
-    """``DynamicLossScaler(**dynamic_options)`` on ``device`` when ``policy`` needs loss scaling, else
-    ``NoLossScaler``."""
+    """``DynamicLossScaler(**dynamic_options)`` on ``device``, the training device, when ``policy`` needs
+    loss scaling, else ``NoLossScaler`` (a scale kept elsewhere would cost every step a copy of its
+    overflow flag)."""
     if policy.use_loss_scaling:
         return DynamicLossScaler(**dynamic_options, device=device)
     return NoLossScaler(device)

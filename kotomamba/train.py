@@ -195,7 +195,6 @@ class PendingIteration:
     consumed_samples: int
     consumed_tokens: int
     lr: float
-    data_wait_seconds: float
     step: QueuedStep | None
 
 
@@ -437,17 +436,20 @@ class Trainer:
         lr = self.schedule.lr_at(state.iteration)
         apply_lr(self.optimizer, lr)
         if in_skip_ranges(iteration, logging_flags.skip_batch):
-            step, data_wait_seconds = None, self.skip_global_batch()
+            self.skip_global_batch()
+            step = None
         else:
             stats_interval = logging_flags.optimizer_stats_interval
-            step = self.train_step(collect_optimizer_stats=stats_interval > 0 and iteration % stats_interval == 0)
-            data_wait_seconds = step.data_wait_seconds
+            try:
+                step = self.train_step(collect_optimizer_stats=stats_interval > 0 and iteration % stats_interval == 0)
+            except KotomambaError:  # e.g. a batch of foreign token ids: the iterations before it still get their line
+                self.report_pending(state)
+                raise
         state.iteration = iteration
         state.consumed_samples += self.config.batch.global_batch_size
         state.consumed_tokens += self.tokens_per_iteration
         self.report_pending(state)
-        self.pending.append(PendingIteration(iteration, state.consumed_samples, state.consumed_tokens, lr,
-                                             data_wait_seconds, step))
+        self.pending.append(PendingIteration(iteration, state.consumed_samples, state.consumed_tokens, lr, step))
 
     def report_pending(self, state: TrainState) -> None:
         """Report every iteration still pending, oldest first: count its skip in `state`, log it, call
@@ -459,10 +461,10 @@ class Trainer:
         result = pending.step.result() if pending.step is not None else None
         if result is None:
             logger.info("iteration %d: global batch skipped (--skip-batch)", pending.iteration)
-            self.meter.record_skipped_batch(pending.data_wait_seconds)
+            self.meter.record_skipped_batch()
         else:
             self._count_skipped_step(state, result, pending.iteration)
-            self.meter.record(result, self.tokens_per_iteration, pending.data_wait_seconds)
+            self.meter.record(result, self.tokens_per_iteration, pending.step.data_wait_seconds)
             if self.dataset_losses is not None:
                 self.dataset_losses.index_add_(0, pending.step.dataset_ids, pending.step.dataset_sums())
         reported = dataclasses.replace(state, iteration=pending.iteration, consumed_samples=pending.consumed_samples,
@@ -531,7 +533,7 @@ class Trainer:
         grad_norm = clip_grad_norm(self.parameters, self.config.optimizer.grad_clip_norm).to(ctx.device)
         loss_total, targets = totals.double().unbind()
         mean_loss = loss_total / (targets if masked else accumulation * ctx.world_size)
-        # A global batch without a target (nothing but EODs under --eod-mask-loss): a non-finite loss, a skip.
+        # A global batch without a target (under --eod-mask-loss, nothing but EODs): a non-finite loss, a skip.
         mean_loss = torch.where(targets > 0, mean_loss, math.nan)
         # The norm is reduced over every shard and rank: one inf/nan gradient anywhere (an fp16 overflow)
         # makes it non-finite everywhere, so every rank skips the same steps.
@@ -569,12 +571,10 @@ class Trainer:
         self.dataset_losses.zero_()
         return values
 
-    def skip_global_batch(self) -> float:
-        """--skip-batch: draw this iteration's samples without training on them; the seconds that took."""
-        started = time.perf_counter()
+    def skip_global_batch(self) -> None:
+        """--skip-batch: draw this iteration's samples without training on them."""
         for _ in range(self.accumulation):
             next(self.train_batches)
-        return time.perf_counter() - started
 
     def _count_skipped_step(self, state: TrainState, result: StepResult, iteration: int) -> None:
         if result.skipped and math.isfinite(result.loss) and self.scaler.is_calibrating(result.loss_scale):
@@ -592,7 +592,8 @@ class Trainer:
 
     def report(self, state: TrainState, result: StepResult | None, lr: float) -> None:
         """Optimizer statistics when due, the log line at --log-interval; stops the run (TrainingError)
-        after --max-consecutive-skips non-finite steps. `state` and `lr` as they were at that iteration."""
+        after --max-consecutive-skips non-finite steps (the next step, already queued, is lost with the
+        rest: nothing is saved on that path). `state` and `lr` as they were at that iteration."""
         logging_flags, train_iters, iteration = self.config.logging, self.config.batch.train_iters, state.iteration
         if result is not None and result.optimizer_stats is not None:
             from kotomamba.optimizer_stats import summary_line
@@ -638,6 +639,7 @@ class Trainer:
         self.report_pending(state)
         self.checkpointer.finish(state)
         if self.host_group is not None:
+            dist.barrier(group=self.host_group)  # no rank tears the group down while a peer still uses it
             dist.destroy_process_group(self.host_group)
             self.host_group = None
         if not self.evaluating or self.test_ds is None or self.run_control.exited:

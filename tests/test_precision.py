@@ -32,7 +32,7 @@ def test_presets(preset, param, reduce, compute, scaling):
     policy = resolve_precision(preset)
     assert (policy.param_dtype, policy.reduce_dtype, policy.compute_dtype) == (param, reduce, compute)
     assert policy.use_loss_scaling is scaling
-    assert isinstance(build_loss_scaler(policy), DynamicLossScaler if scaling else NoLossScaler)
+    assert isinstance(build_loss_scaler(policy, "cpu"), DynamicLossScaler if scaling else NoLossScaler)
 
 
 def test_auto_is_fp32_on_cpu():

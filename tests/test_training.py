@@ -470,3 +470,27 @@ def test_a_steps_numbers_are_read_once_the_next_step_is_queued(base_argv, baseli
     result = run_in_process(single_process, run=base_argv + ["--save", str(tmp_path / "run"), "--save-interval", "2"])
     assert events == ["queue", "queue", "read", "read", "queue", "read"]
     assert result["run"]["loss"] == baseline["loss"] and result["run"]["iteration"] == [1, 2, 3]
+
+
+def test_an_error_in_a_step_still_reports_the_iterations_before_it(base_argv, baseline, single_process, monkeypatch):
+    """Iteration 2's second micro-batch is refused: iteration 1, still pending then, is reported before the error."""
+    from kotomamba.train import TokenIdCheck, TrainingError
+
+    checked = TokenIdCheck.__call__
+    calls = []
+
+    def refuse_the_fourth(self, batch, split):
+        calls.append(split)
+        if len(calls) == 4:
+            raise TrainingError("the training data holds token id 99999 (a test)")
+        return checked(self, batch, split)
+
+    monkeypatch.setattr(TokenIdCheck, "__call__", refuse_the_fourth)
+    recorded = []
+    from kotomamba.config import parse_run_config
+    from kotomamba.train import run_training
+
+    with pytest.raises(TrainingError, match="token id 99999"):
+        run_training(parse_run_config(base_argv, 1), single_process,
+                     lambda state, result: recorded.append((state.iteration, result.loss)))
+    assert recorded == [(1, baseline["loss"][0])]

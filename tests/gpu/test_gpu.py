@@ -84,6 +84,8 @@ def test_a_training_step_never_makes_the_host_wait_for_the_gpu(gpu_argv, tmp_pat
     runs = {"bf16": {"argv": gpu_argv + ["--bf16", *common], "no_host_sync_after": 3},
             "fp16": {"argv": gpu_argv + ["--fp16", "--initial-loss-scale", str(2.0**24), "--hysteresis", "1", *common],
                      "no_host_sync_after": 3}}
+    # Offloaded gradients live on the CPU, the loss scale on the GPU (this one reads the skip on the host).
+    runs["fp16_offload"] = gpu_argv + ["--fp16", "--fsdp-cpu-offload", *common]
     results = launch(1, runs, tmp_path)
     for name, result in results.items():
         assert "error" not in result and len(result["loss"]) == 10, (name, result)
