@@ -203,6 +203,8 @@ def clip_grad_norm(
     squared_sum = torch.zeros((), dtype=torch.float64, device=device)
     for (mesh, shard_dims), tensors in pieces.items():
         squared = torch.nn.utils.get_total_norm(tensors, norm_type=2.0, foreach=foreach).double() ** 2
+        if shard_dims and squared.device.type != mesh.device_type:  # offloaded gradients: NCCL takes GPU tensors
+            squared = squared.to(mesh.device_type)
         for dim in shard_dims:
             dist.all_reduce(squared, group=mesh.get_group(dim))
         squared_sum += squared.to(device)

@@ -80,15 +80,16 @@ def test_a_training_step_never_makes_the_host_wait_for_the_gpu(gpu_argv, tmp_pat
     """After 3 warm-up steps (Triton autotuning), whole steps under torch.cuda.set_sync_debug_mode("error"):
     bf16, and fp16 with overflows skipped and the loss scale adapting on the device, with gradient
     accumulation. The numbers still arrive, one iteration late."""
-    common = ["--train-iters", "10", "--global-batch-size", "16", "--log-interval", "2"]
+    common = ["--train-iters", "10", "--lr-warmup-iters", "2", "--global-batch-size", "16", "--log-interval", "2"]
+    fp16 = ["--fp16", "--initial-loss-scale", str(2.0**24), "--hysteresis", "1"]
     runs = {"bf16": {"argv": gpu_argv + ["--bf16", *common], "no_host_sync_after": 3},
-            "fp16": {"argv": gpu_argv + ["--fp16", "--initial-loss-scale", str(2.0**24), "--hysteresis", "1", *common],
-                     "no_host_sync_after": 3}}
-    # Offloaded gradients live on the CPU, the loss scale on the GPU (this one reads the skip on the host).
-    runs["fp16_offload"] = gpu_argv + ["--fp16", "--fsdp-cpu-offload", *common]
+            "fp16": {"argv": gpu_argv + [*fp16, *common], "no_host_sync_after": 3},
+            # Offloaded gradients live on the CPU, the loss scale on the GPU (this one reads the skip on the host).
+            "fp16_offload": gpu_argv + [*fp16, "--fsdp-cpu-offload", *common]}
     results = launch(1, runs, tmp_path)
     for name, result in results.items():
         assert "error" not in result and len(result["loss"]) == 10, (name, result)
+        assert not all(result["skipped"]), (name, result["skipped"])  # the scale came down and it trained
     print(json.dumps({name: {"skipped": sum(r["skipped"]), "final_loss": r["loss"][-1]} for name, r in results.items()}))
 
 
