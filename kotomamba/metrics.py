@@ -144,18 +144,15 @@ class IntervalMeter:
         self.__init__(device=self.device)
 
 
-def peak_memory_gib(device: torch.device, host_group: dist.ProcessGroup | None = None) -> tuple[float, float] | None:
+def peak_memory_gib(device: torch.device, host_group: dist.ProcessGroup | None) -> tuple[float, float] | None:
     """Peak (allocated, reserved) CUDA memory since the start in GiB, the maximum over ranks; None on CPU.
-    A collective on CUDA: call it on every rank. With `host_group` (a gloo group) the maximum is taken on
-    the host, without waiting for the work queued on the GPU."""
+    A collective on CUDA: call it on every rank. The maximum is taken on the host, over `host_group`
+    (kotomamba.distributed.new_host_group; None for one process), without waiting for the GPU."""
     if device.type != "cuda":
         return None
-    several = dist.is_initialized() and dist.get_world_size() > 1
-    peaks = torch.tensor(
-        [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)],
-        dtype=torch.float64, device=device if several and host_group is None else "cpu",
-    )
-    if several:
+    peaks = torch.tensor([torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)],
+                         dtype=torch.float64)
+    if host_group is not None:
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=host_group)
     allocated, reserved = (peaks / 1024**3).tolist()
     return allocated, reserved
@@ -179,7 +176,7 @@ def throughput(tokens: int, seconds: float, world_size: int, flops_per_token: fl
 def training_metrics(meter: IntervalMeter, *, lr: float, consumed_tokens: int, consumed_samples: int,
                      skipped_steps_total: int, world_size: int, flops_per_token: float,
                      peak_flops: float | None, device: torch.device,
-                     host_group: dist.ProcessGroup | None = None) -> dict[str, float]:
+                     host_group: dist.ProcessGroup | None) -> dict[str, float]:
     """The interval's metrics under their stable names (see the table above). Call on every rank
     (the memory figure is reduced across ranks); `meter` must hold at least one training step."""
     elapsed = meter.elapsed()

@@ -654,7 +654,7 @@ class Trainer:
 def log_training(state: TrainState, train_iters: int, meter: metrics.IntervalMeter, lr: float, ctx: DistributedContext,
                  metric_logger: MetricLogger, model_flops_per_token: float, peak: float | None, run_started: float,
                  remaining_time: metrics.RemainingTime, per_dataset: Mapping[str, float],
-                 host_group: dist.ProcessGroup | None = None) -> None:
+                 host_group: dist.ProcessGroup | None) -> None:
     """The interval's metrics (see kotomamba.metrics) to the log line and the sinks, with each dataset's
     consumption and (--log-loss-per-dataset) training loss, to the sinks only; on every rank."""
     values = metrics.training_metrics(
